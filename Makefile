@@ -1,0 +1,31 @@
+# Fresh machine: `make train` or `make test` creates .venv, installs, finds FashionMNIST, runs.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+DEBIAN_DATA := /usr/share/datasets/fashion-mnist
+
+.PHONY: train test lint data clean
+
+train: $(VENV)/.installed data
+	$(PY) -m fashion_lightning fit --config configs/sgd.yaml
+
+test: $(VENV)/.installed data lint
+	$(PY) -m pytest
+
+lint: $(VENV)/.installed
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+
+# Debian's dataset-fashion-mnist is the offline source of the data (root installs it here);
+# without it the project falls back to torchvision's download and then to a clear error.
+data:
+	@test -f $(DEBIAN_DATA)/train-images-idx3-ubyte.gz || [ "$$(id -u)" != 0 ] || \
+		{ apt-get update -qq && apt-get install -y -qq dataset-fashion-mnist; }
+
+$(VENV)/.installed: pyproject.toml constraints.txt
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --disable-pip-version-check -c constraints.txt -e '.[dev]'
+	touch $@
+
+clean:
+	rm -rf $(VENV) *.egg-info .pytest_cache .ruff_cache

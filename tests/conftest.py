@@ -1,0 +1,39 @@
+"""Shared fixtures: the real FashionMNIST files, decompressed once per test session."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+
+from fashion_lightning.data import DEBIAN_SOURCE_DIR, RAW_FILES, ensure_raw_files
+
+ROOT = Path(__file__).resolve().parents[1]
+SGD_CONFIG = ROOT / "configs" / "sgd.yaml"
+
+
+@pytest.fixture(scope="session")
+def debian_source() -> Path:
+    """Debian's FashionMNIST .gz files; the suite needs real data and fails (not skips) without it."""
+    source = Path(DEBIAN_SOURCE_DIR)
+    missing = [f.name for f in RAW_FILES if not (source / f"{f.name}.gz").is_file()]
+    if missing:
+        pytest.fail(f"{source} lacks {missing}: run `apt-get install -y dataset-fashion-mnist`")
+    return source
+
+
+@pytest.fixture(scope="session")
+def data_dir(tmp_path_factory, debian_source) -> Path:
+    """A data_dir holding the four verified raw files (shared: tests must not modify it)."""
+    root = tmp_path_factory.mktemp("data")
+    ensure_raw_files(root, debian_source, download=False)
+    return root
+
+
+@pytest.fixture
+def raw_copy(tmp_path, data_dir) -> Path:
+    """A private copy of the verified raw files that a test may damage; returns the data_dir."""
+    target = tmp_path / "data" / "FashionMNIST" / "raw"
+    shutil.copytree(data_dir / "FashionMNIST" / "raw", target)
+    return tmp_path / "data"

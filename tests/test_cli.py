@@ -1,0 +1,143 @@
+"""The command line, end to end: real training on FashionMNIST, logs, checkpoints, errors."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+from fashion_lightning.cli import main
+from tests.conftest import ROOT, SGD_CONFIG
+
+
+def _fit_args(data_dir, root, *extra: str) -> list[str]:
+    return [
+        "fit",
+        "--config",
+        str(SGD_CONFIG),
+        f"--data.data_dir={data_dir}",
+        f"--trainer.default_root_dir={root}",
+        "--trainer.enable_progress_bar=false",
+        *extra,
+    ]
+
+
+@pytest.mark.slow
+def test_fit_trains_logs_checkpoints_and_tests(data_dir, tmp_path, capsys):
+    main(
+        _fit_args(
+            data_dir,
+            tmp_path,
+            "--trainer.max_epochs=2",
+            "--trainer.limit_train_batches=150",
+            "--trainer.limit_val_batches=30",
+            "--trainer.log_every_n_steps=10",
+            # a larger step than the tutorial's so that 300 steps learn a lot
+            "--model.optimizer.init_args.lr=0.1",
+        )
+    )
+    run = tmp_path / "lightning_logs" / "version_0"
+    checkpoints = sorted(p.name for p in (run / "checkpoints").iterdir())
+    assert "last.ckpt" in checkpoints
+    assert any(name.startswith("epoch01-val_acc") for name in checkpoints), checkpoints
+    assert (run / "config.yaml").is_file() and (run / "hparams.yaml").is_file()
+
+    events = EventAccumulator(str(run))
+    events.Reload()
+    scalars = events.Tags()["scalars"]
+    for tag in ("train/loss", "val/loss", "val/acc", "test/loss", "test/acc"):
+        assert tag in scalars, scalars
+    train_loss = [e.value for e in events.Scalars("train/loss")]
+    assert len(train_loss) == 30  # every 10 of 300 steps
+    assert sum(train_loss[-5:]) / 5 < 0.6 * sum(train_loss[:3]) / 3
+    val_acc = [e.value for e in events.Scalars("val/acc")]
+    assert len(val_acc) == 2 and val_acc[-1] > 0.65  # chance is 0.10
+    test_acc = events.Scalars("test/acc")[-1].value
+    assert test_acc > 0.65
+    assert "test/acc" in capsys.readouterr().out  # the table the user reads
+
+
+@pytest.mark.slow
+def test_second_run_into_the_same_folder_keeps_both_configs(data_dir, tmp_path):
+    pinned = [
+        "--trainer.logger=TensorBoardLogger",
+        f"--trainer.logger.save_dir={tmp_path}",
+        "--trainer.logger.version=pinned",
+        "--trainer.max_epochs=1",
+        "--trainer.limit_train_batches=2",
+        "--trainer.limit_val_batches=2",
+        "--trainer.limit_test_batches=2",
+    ]
+    main(_fit_args(data_dir, tmp_path, *pinned))
+    main(_fit_args(data_dir, tmp_path, *pinned, "--data.batch_size=32"))
+    run = tmp_path / "lightning_logs" / "pinned"
+    assert "batch_size: 64" in (run / "config.yaml").read_text()
+    assert "batch_size: 32" in (run / "config-2.yaml").read_text()
+
+
+def test_help_documents_every_data_and_model_argument(capsys):
+    with pytest.raises(SystemExit) as exit_:
+        main(["fit", "--help"])
+    assert exit_.value.code == 0
+    text = " ".join(capsys.readouterr().out.split())
+    for phrase in (
+        "--data.data_dir",
+        "Folder that holds (or will hold)",
+        "--data.batch_size",
+        "--data.val_size",
+        "Training images held out for validation",
+        "--data.seed",
+        "--data.num_workers",
+        "--data.source_dir",
+        "--data.download",
+        "--model.hidden_size",
+        "Width of the MLP's two hidden layers",
+        "--model.optimizer",
+        "--checkpoint.monitor",
+    ):
+        assert phrase in text, phrase
+
+
+@pytest.mark.parametrize(
+    ("args", "phrase"),
+    [
+        (["--model.no_such_key=1"], "no_such_key"),
+        (["--data.batch_size=many"], "batch_size"),
+        (["--config=does-not-exist.yaml"], "does-not-exist.yaml"),
+    ],
+)
+def test_bad_input_is_jsonargparse_one_liner_with_exit_2(args, phrase, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        main(["fit", "--config", str(SGD_CONFIG), *args])
+    assert exit_.value.code == 2
+    error_lines = [line for line in capsys.readouterr().err.splitlines() if "error:" in line]
+    assert len(error_lines) == 1 and phrase in error_lines[0]
+
+
+def _run_cli(*args: str, cwd=ROOT) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "fashion_lightning", *args],
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+
+
+def test_missing_data_is_a_one_line_error_without_traceback(tmp_path):
+    result = _run_cli(
+        "fit",
+        "--config",
+        str(SGD_CONFIG),
+        f"--data.data_dir={tmp_path / 'data'}",
+        f"--data.source_dir={tmp_path / 'nothing'}",
+        "--data.download=false",
+        f"--trainer.default_root_dir={tmp_path}",
+    )
+    assert result.returncode == 1
+    assert "Traceback" not in result.stderr
+    last = result.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: FashionMNIST not found")
+    assert "apt-get install -y dataset-fashion-mnist" in last

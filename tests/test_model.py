@@ -1,0 +1,59 @@
+"""The network is the tutorial's, and the LightningModule trains and predicts with it."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from fashion_lightning.model import MLP, ImageClassifier
+
+
+class TutorialNeuralNetwork(nn.Module):
+    """Verbatim from the tutorial (``optimization_tutorial.md``)."""
+
+    def __init__(self):
+        super().__init__()
+        self.flatten = nn.Flatten()
+        self.linear_relu_stack = nn.Sequential(
+            nn.Linear(28 * 28, 512),
+            nn.ReLU(),
+            nn.Linear(512, 512),
+            nn.ReLU(),
+            nn.Linear(512, 10),
+        )
+
+    def forward(self, x):
+        x = self.flatten(x)
+        logits = self.linear_relu_stack(x)
+        return logits
+
+
+def test_tutorial_state_dict_loads_unchanged_and_gives_the_same_logits():
+    torch.manual_seed(0)
+    tutorial = TutorialNeuralNetwork()
+    mlp = MLP()
+    mlp.load_state_dict(tutorial.state_dict())  # strict: same names and shapes
+    images = torch.rand(8, 1, 28, 28)
+    assert torch.equal(mlp(images), tutorial(images))
+
+
+def test_logits_are_raw_not_passed_through_relu():
+    torch.manual_seed(0)
+    logits = MLP()(torch.rand(256, 1, 28, 28))
+    assert logits.shape == (256, 10)
+    assert (logits < 0).any()
+
+
+def test_default_optimizer_is_the_tutorials_sgd():
+    optimizer = ImageClassifier().configure_optimizers()
+    assert type(optimizer) is torch.optim.SGD
+    assert optimizer.defaults["lr"] == 1e-3 and optimizer.defaults["momentum"] == 0
+
+
+def test_predict_step_gives_class_index_and_its_probability():
+    model = ImageClassifier()
+    images = torch.rand(5, 1, 28, 28)
+    out = model.predict_step((images, torch.zeros(5, dtype=torch.long)), 0)
+    probabilities = model(images).softmax(-1)
+    assert torch.equal(out["label"], probabilities.argmax(-1))
+    assert torch.allclose(out["probability"], probabilities.max(-1).values)
