@@ -4,22 +4,34 @@ from __future__ import annotations
 
 import os
 import sys
+import warnings
+from pathlib import Path
 
+import torch
+from lightning.fabric.plugins import TorchCheckpointIO
+from lightning.pytorch import Trainer
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback
+from lightning.pytorch.loggers import TensorBoardLogger
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 
-from fashion_lightning.data import DataError, FashionMNISTDataModule
+from fashion_lightning.callbacks import LAST_CHECKPOINT, AtomicCheckpointIO, ResumableTraining
+from fashion_lightning.data import FashionMNISTDataModule, ensure_writable_dir
+from fashion_lightning.errors import CheckpointError, UserError
 from fashion_lightning.model import ImageClassifier
 
 DEBUG_ENV = "FASHION_LIGHTNING_DEBUG"
-# Errors a user can cause and fix; anything else is a bug and keeps its traceback.
-USER_ERRORS = (DataError,)
+# --ckpt_path values that name no file; "last" is resolved here, the others by Lightning
+SPECIAL_CKPT_PATHS = ("last", "best", "hpc", "registry")
+
+# ResumableTraining makes a mid-epoch resume exact; Lightning cannot see that and warns.
+warnings.filterwarnings("ignore", message="You're resuming from a checkpoint that ended before")
 
 
 class SaveRunConfig(SaveConfigCallback):
     """Saves the config into the run folder as ``config.yaml``, or ``config-2.yaml`` and so on
-    when one is there already (a pinned logger version), so a second run never fails or
-    overwrites the first run's record."""
+    when one is there already (a resumed run, a pinned logger version), so a second run never
+    fails and never overwrites the first run's record."""
 
     def setup(self, trainer, pl_module, stage: str) -> None:
         if not self.already_saved and trainer.log_dir is not None:
@@ -31,9 +43,60 @@ class SaveRunConfig(SaveConfigCallback):
         super().setup(trainer, pl_module, stage)
 
 
+def find_last_checkpoint(trainer: Trainer) -> Path | None:
+    """The newest ``last.ckpt`` of any earlier run under this trainer's log root.
+
+    Lightning's own ``ckpt_path="last"`` only looks in the *new* run's folder (a new
+    ``version_N``), so in a new process it silently trains from scratch.
+    """
+    callback = trainer.checkpoint_callback
+    if callback is not None and callback.dirpath:  # a folder the user chose
+        candidates = [Path(callback.dirpath) / LAST_CHECKPOINT]
+    elif trainer.logger is not None and getattr(trainer.logger, "root_dir", None):
+        candidates = Path(trainer.logger.root_dir).glob(f"*/checkpoints/{LAST_CHECKPOINT}")
+    else:
+        candidates = [Path(trainer.default_root_dir) / "checkpoints" / LAST_CHECKPOINT]
+    existing = [path for path in candidates if path.is_file()]
+    return max(existing, key=lambda path: path.stat().st_mtime, default=None)
+
+
+def read_checkpoint(path: Path) -> dict:
+    """Load the checkpoint at ``path``; CheckpointError if it is missing, empty or unreadable."""
+    if not path.is_file():
+        raise CheckpointError(
+            f"--ckpt_path {path}: no such file. Runs keep theirs in "
+            "lightning_logs/version_N/checkpoints/; --ckpt_path last takes the newest"
+        )
+    if path.stat().st_size == 0:
+        raise CheckpointError(f"--ckpt_path {path}: the file is empty; pick another checkpoint")
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:
+        raise CheckpointError(
+            f"--ckpt_path {path}: not a readable checkpoint, truncated or not a PyTorch file "
+            f"({type(err).__name__}); pick another checkpoint"
+        ) from None
+    if not isinstance(checkpoint, dict) or not isinstance(checkpoint.get("state_dict"), dict):
+        raise CheckpointError(f"--ckpt_path {path}: not a Lightning checkpoint (no state_dict)")
+    return checkpoint
+
+
+def check_checkpoint_fits(path: Path, checkpoint: dict, model: torch.nn.Module) -> None:
+    """CheckpointError unless the checkpoint's weights have the names and shapes of ``model``'s."""
+    expected = {name: tuple(t.shape) for name, t in model.state_dict().items()}
+    found = {name: tuple(getattr(t, "shape", ())) for name, t in checkpoint["state_dict"].items()}
+    if found != expected:
+        differences = sorted(set(expected.items()) ^ set(found.items()))[:3]
+        raise CheckpointError(
+            f"--ckpt_path {path}: a checkpoint of another model (differs in "
+            f"{', '.join(f'{name} {shape}' for name, shape in differences)}); "
+            "pass a checkpoint that this project's fit wrote"
+        )
+
+
 class FashionCLI(LightningCLI):
     """LightningCLI with this project's defaults: best-on-``val/acc`` and last checkpoints,
-    TensorBoard logs under ``lightning_logs/``, and a test pass after ``fit``."""
+    TensorBoard logs under ``lightning_logs/``, resumable runs, and a test pass after ``fit``."""
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
@@ -47,6 +110,86 @@ class FashionCLI(LightningCLI):
             }
         )
 
+    def _parse_ckpt_path(self) -> None:
+        """Check ``--ckpt_path`` before Lightning reads the model's hyperparameters from it
+        (Lightning's own read of a damaged file is a traceback)."""
+        subcommand = self.config.get("subcommand")
+        ckpt_path = self.config[subcommand].get("ckpt_path") if subcommand else None
+        if ckpt_path not in (None, *SPECIAL_CKPT_PATHS):
+            read_checkpoint(Path(ckpt_path))
+        super()._parse_ckpt_path()
+
+    def instantiate_trainer(self, **kwargs) -> Trainer:
+        trainer = super().instantiate_trainer(**kwargs)
+        trainer.callbacks.append(ResumableTraining())
+        if type(trainer.strategy.checkpoint_io) is TorchCheckpointIO:
+            trainer.strategy.checkpoint_io = AtomicCheckpointIO()
+        return trainer
+
+    def _check_inputs(self) -> None:
+        """Turn the expected failures after parsing into one-line errors, before any work."""
+        config = self.config_init[self.subcommand]
+        ckpt_path = config.get("ckpt_path")
+        if ckpt_path not in (None, *SPECIAL_CKPT_PATHS[1:]):
+            config["ckpt_path"] = str(self._checked_checkpoint(ckpt_path))
+        if self.subcommand == "fit":
+            self._check_log_root_writable()
+
+    def _checked_checkpoint(self, ckpt_path: str) -> Path:
+        """The checkpoint file ``--ckpt_path`` means, verified to be one of this model."""
+        if ckpt_path == "last":
+            path = find_last_checkpoint(self.trainer)
+            if path is None:
+                raise CheckpointError(
+                    f"--ckpt_path last: no last.ckpt under {self._log_root()} to resume; "
+                    "drop --ckpt_path to start a new run"
+                )
+        else:
+            path = Path(ckpt_path)
+        checkpoint = read_checkpoint(path)
+        check_checkpoint_fits(path, checkpoint, self.model)
+        if self.subcommand == "fit" and ckpt_path == "last":
+            self._continue_run_folder(path, checkpoint["global_step"])
+        return path
+
+    def _log_root(self) -> Path:
+        logger = self.trainer.logger
+        root = getattr(logger, "root_dir", None) if logger is not None else None
+        return Path(root or self.trainer.default_root_dir)
+
+    def _check_log_root_writable(self) -> None:
+        root = self._log_root()
+        try:
+            ensure_writable_dir(root)
+        except OSError as err:
+            raise UserError(
+                f"cannot write run outputs to {root} ({err}); pass a writable "
+                "--trainer.default_root_dir"
+            ) from None
+
+    def _continue_run_folder(self, checkpoint: Path, global_step: int) -> None:
+        """Log into the resumed run's own ``version_N`` so its curves continue in TensorBoard."""
+        logger = self.trainer.logger
+        run_dir = checkpoint.parent.parent
+        if not isinstance(logger, TensorBoardLogger) or run_dir.parent != Path(logger.root_dir):
+            return
+        # TensorBoardLogger only takes the version in its constructor; nothing has read it yet.
+        logger._version = run_dir.name
+        # Hide what the stopped run logged after this checkpoint, so no step appears twice.
+        logger._kwargs["purge_step"] = global_step + 1
+
+    def before_fit(self) -> None:
+        self._check_inputs()
+
+    def before_validate(self) -> None:
+        self._check_inputs()
+
+    def before_test(self) -> None:
+        self._check_inputs()
+
+    def before_predict(self) -> None:
+        self._check_inputs()
+
     def after_fit(self) -> None:
         """Evaluate the best checkpoint on the official test split, as the tutorial does."""
         if self.trainer.interrupted:
@@ -57,7 +200,11 @@ class FashionCLI(LightningCLI):
 
 
 def main(args: list[str] | None = None) -> None:
-    """Command-line entry point; ``args`` replaces ``sys.argv[1:]`` (tests pass a list)."""
+    """Command-line entry point; ``args`` replaces ``sys.argv[1:]`` (tests pass a list).
+
+    Errors a user can fix print one line and exit non-zero; set FASHION_LIGHTNING_DEBUG=1 for
+    the traceback.
+    """
     try:
         FashionCLI(
             ImageClassifier,
@@ -65,8 +212,12 @@ def main(args: list[str] | None = None) -> None:
             args=args,
             save_config_callback=SaveRunConfig,
         )
-    except USER_ERRORS as err:
+    except UserError as err:
         if os.environ.get(DEBUG_ENV):
             raise
         print(f"error: {err}", file=sys.stderr)
-        sys.exit(1)
+        sys.exit(err.exit_code)
+    except SIGTERMException:
+        # Lightning exits 0 on SIGTERM outside training; a scheduler would read that as success
+        print("error: stopped by SIGTERM", file=sys.stderr)
+        sys.exit(143)

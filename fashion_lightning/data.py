@@ -26,14 +26,12 @@ from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, Sampler
 from torchvision.datasets import FashionMNIST
 
+from fashion_lightning.errors import DataError
+
 DEBIAN_SOURCE_DIR = "/usr/share/datasets/fashion-mnist"
 APT_INSTALL = "apt-get install -y dataset-fashion-mnist"
 CLASS_NAMES = tuple(FashionMNIST.classes)
 IMAGE_SIZE = 28
-
-
-class DataError(RuntimeError):
-    """FashionMNIST cannot be found or is damaged; the message says which file and what to do."""
 
 
 @dataclass(frozen=True)
@@ -182,6 +180,8 @@ def ensure_raw_files(data_dir: str | Path, source_dir: str | Path, download: boo
     if not missing:
         return raw_dir
 
+    if download:
+        _make_dir(raw_dir)
     download_error = _download(data_dir) if download else "not tried (--data.download false)"
     if download_error is None:
         for expected in missing:
@@ -200,13 +200,22 @@ def ensure_raw_files(data_dir: str | Path, source_dir: str | Path, download: boo
 
 def _make_dir(path: Path) -> None:
     try:
-        path.mkdir(parents=True, exist_ok=True)
+        ensure_writable_dir(path)
     except OSError as err:
         raise DataError(
-            f"cannot create {path} ({err.strerror}); pass a writable --data.data_dir"
+            f"cannot write to {path} ({err}); pass a writable --data.data_dir"
         ) from None
-    if not os.access(path, os.W_OK):
-        raise DataError(f"{path} is not writable; pass a writable --data.data_dir")
+
+
+def ensure_writable_dir(path: Path) -> None:
+    """Create ``path`` if needed and prove that a file can be written there (raises OSError).
+
+    A real write, not ``os.access``: root passes every permission check but still cannot
+    write to a read-only file system or under a regular file.
+    """
+    path.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryFile(dir=path):
+        pass
 
 
 class InMemoryImages(Dataset):
@@ -247,16 +256,22 @@ class EpochShuffleSampler(Sampler[int]):
         self.size = size
         self.seed = seed
         self.epoch = 0
+        self._start = 0
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
+
+    def resume_within_epoch(self, start: int) -> None:
+        """Make the next pass begin at position ``start`` of this epoch's order (mid-epoch resume)."""
+        self._start = start
 
     def __len__(self) -> int:
         return self.size
 
     def __iter__(self):
+        start, self._start = self._start, 0
         generator = torch.Generator().manual_seed(self.seed + self.epoch)
-        return iter(torch.randperm(self.size, generator=generator).tolist())
+        return iter(torch.randperm(self.size, generator=generator)[start:].tolist())
 
 
 def to_float_images(images: Tensor) -> Tensor:

@@ -10,6 +10,7 @@ from torch import Tensor, nn
 from torchmetrics.classification import MulticlassAccuracy
 
 from fashion_lightning.data import CLASS_NAMES, IMAGE_SIZE
+from fashion_lightning.errors import NonFiniteLossError
 
 NUM_CLASSES = len(CLASS_NAMES)
 
@@ -62,8 +63,21 @@ class ImageClassifier(L.LightningModule):
     def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
         images, labels = batch
         loss = F.cross_entropy(self(images), labels)
+        if not torch.isfinite(loss):
+            self._stop_on_non_finite(loss, batch_idx)
         self.log("train/loss", loss, batch_size=len(labels))
         return loss
+
+    def _stop_on_non_finite(self, loss: Tensor, batch_idx: int) -> None:
+        """Stop before a NaN/inf loss is back-propagated into the weights."""
+        checkpoint = self.trainer.checkpoint_callback
+        kept = checkpoint.last_model_path if checkpoint is not None else ""
+        kept = f"the last good checkpoint is {kept}" if kept else "no checkpoint was written yet"
+        raise NonFiniteLossError(
+            f"training loss became {loss.item()} at step {self.global_step} "
+            f"(epoch {self.current_epoch}, batch {batch_idx}); {kept}. "
+            "Lower the learning rate (--model.optimizer.init_args.lr)"
+        )
 
     def _evaluate(self, batch: tuple[Tensor, Tensor], stage: str, accuracy: MulticlassAccuracy):
         images, labels = batch

@@ -9,9 +9,6 @@ import pytest
 
 from fashion_lightning.data import DEBIAN_SOURCE_DIR, RAW_FILES, ensure_raw_files
 
-ROOT = Path(__file__).resolve().parents[1]
-SGD_CONFIG = ROOT / "configs" / "sgd.yaml"
-
 
 @pytest.fixture(scope="session")
 def debian_source() -> Path:

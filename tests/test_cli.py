@@ -2,32 +2,17 @@
 
 from __future__ import annotations
 
-import subprocess
-import sys
-
 import pytest
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from fashion_lightning.cli import main
-from tests.conftest import ROOT, SGD_CONFIG
-
-
-def _fit_args(data_dir, root, *extra: str) -> list[str]:
-    return [
-        "fit",
-        "--config",
-        str(SGD_CONFIG),
-        f"--data.data_dir={data_dir}",
-        f"--trainer.default_root_dir={root}",
-        "--trainer.enable_progress_bar=false",
-        *extra,
-    ]
+from tests.helpers import SGD_CONFIG, fit_args, last_line, run_cli
 
 
 @pytest.mark.slow
 def test_fit_trains_logs_checkpoints_and_tests(data_dir, tmp_path, capsys):
     main(
-        _fit_args(
+        fit_args(
             data_dir,
             tmp_path,
             "--trainer.max_epochs=2",
@@ -70,8 +55,8 @@ def test_second_run_into_the_same_folder_keeps_both_configs(data_dir, tmp_path):
         "--trainer.limit_val_batches=2",
         "--trainer.limit_test_batches=2",
     ]
-    main(_fit_args(data_dir, tmp_path, *pinned))
-    main(_fit_args(data_dir, tmp_path, *pinned, "--data.batch_size=32"))
+    main(fit_args(data_dir, tmp_path, *pinned))
+    main(fit_args(data_dir, tmp_path, *pinned, "--data.batch_size=32"))
     run = tmp_path / "lightning_logs" / "pinned"
     assert "batch_size: 64" in (run / "config.yaml").read_text()
     assert "batch_size: 32" in (run / "config-2.yaml").read_text()
@@ -116,18 +101,8 @@ def test_bad_input_is_jsonargparse_one_liner_with_exit_2(args, phrase, capsys):
     assert len(error_lines) == 1 and phrase in error_lines[0]
 
 
-def _run_cli(*args: str, cwd=ROOT) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "-m", "fashion_lightning", *args],
-        cwd=cwd,
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
-
-
 def test_missing_data_is_a_one_line_error_without_traceback(tmp_path):
-    result = _run_cli(
+    result = run_cli(
         "fit",
         "--config",
         str(SGD_CONFIG),
@@ -138,6 +113,6 @@ def test_missing_data_is_a_one_line_error_without_traceback(tmp_path):
     )
     assert result.returncode == 1
     assert "Traceback" not in result.stderr
-    last = result.stderr.strip().splitlines()[-1]
+    last = last_line(result.stderr)
     assert last.startswith("error: FashionMNIST not found")
     assert "apt-get install -y dataset-fashion-mnist" in last

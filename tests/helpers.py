@@ -1,0 +1,64 @@
+"""Helpers shared by the tests, and callbacks that tests name on the command line."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from lightning.pytorch.callbacks import Callback
+
+ROOT = Path(__file__).resolve().parents[1]
+SGD_CONFIG = ROOT / "configs" / "sgd.yaml"
+
+
+def fit_args(data_dir, root, *extra: str) -> list[str]:
+    """``fit`` with the tutorial's config, into ``root``, quiet."""
+    return [
+        "fit",
+        "--config",
+        str(SGD_CONFIG),
+        f"--data.data_dir={data_dir}",
+        f"--trainer.default_root_dir={root}",
+        "--trainer.enable_progress_bar=false",
+        *extra,
+    ]
+
+
+def run_cli(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
+    """``python -m fashion_lightning ARGS`` in a new process, as a user runs it."""
+    return subprocess.run(
+        [sys.executable, "-m", "fashion_lightning", *args],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+
+
+def start_cli(*args: str) -> subprocess.Popen:
+    """Like :func:`run_cli`, without waiting (for tests that signal or kill it)."""
+    return subprocess.Popen(
+        [sys.executable, "-m", "fashion_lightning", *args],
+        cwd=ROOT,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+
+
+def last_line(text: str) -> str:
+    return text.strip().splitlines()[-1]
+
+
+class SendSignalAt(Callback):
+    """Sends a real signal to this process when training reaches ``step`` (deterministic timing)."""
+
+    def __init__(self, signum: int, step: int) -> None:
+        self.signum = signum
+        self.step = step
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        if trainer.global_step == self.step:
+            os.kill(os.getpid(), self.signum)

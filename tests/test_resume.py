@@ -1,0 +1,172 @@
+"""Runs survive being stopped: exact resume in a new process, signals, kill -9."""
+
+from __future__ import annotations
+
+import signal
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+from fashion_lightning.cli import main
+from tests.helpers import fit_args, last_line, run_cli, start_cli
+
+pytestmark = pytest.mark.slow
+
+SHORT_RUN = (
+    "--trainer.max_epochs=2",
+    "--trainer.limit_train_batches=30",
+    "--trainer.limit_val_batches=5",
+    "--trainer.limit_test_batches=5",
+    "--trainer.log_every_n_steps=5",
+    "--model.optimizer.init_args.lr=0.05",
+)
+COMPARED_SCALARS = ("train/loss", "val/loss", "val/acc")
+
+
+def _run_dir(root: Path) -> Path:
+    runs = sorted((root / "lightning_logs").iterdir())
+    assert [run.name for run in runs] == ["version_0"], "a resumed run must keep its folder"
+    return runs[0]
+
+
+def _final_state(root: Path) -> dict:
+    return torch.load(_run_dir(root) / "checkpoints" / "last.ckpt", weights_only=False)
+
+
+def _scalars(root: Path) -> dict[str, list[tuple[int, float]]]:
+    events = EventAccumulator(str(_run_dir(root)))
+    events.Reload()
+    return {
+        tag: [(e.step, e.value) for e in events.Scalars(tag)] for tag in events.Tags()["scalars"]
+    }
+
+
+def assert_same_run(expected_root: Path, resumed_root: Path) -> None:
+    """Bit-identical final weights and optimizer state, and the same logged curves."""
+    expected, resumed = _final_state(expected_root), _final_state(resumed_root)
+    assert resumed["global_step"] == expected["global_step"]
+    for name, tensor in expected["state_dict"].items():
+        assert torch.equal(resumed["state_dict"][name], tensor), name
+    expected_curves, resumed_curves = _scalars(expected_root), _scalars(resumed_root)
+    for tag in COMPARED_SCALARS:
+        assert resumed_curves[tag] == expected_curves[tag], tag
+    assert resumed_curves["test/acc"][-1] == expected_curves["test/acc"][-1]
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(data_dir, tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("uninterrupted")
+    main(fit_args(data_dir, root, *SHORT_RUN))
+    return root
+
+
+def test_resume_at_epoch_boundary_in_new_process_is_exact(data_dir, tmp_path, uninterrupted):
+    first = run_cli(*fit_args(data_dir, tmp_path, *SHORT_RUN, "--trainer.max_epochs=1"))
+    assert first.returncode == 0, first.stderr
+    resumed = run_cli(*fit_args(data_dir, tmp_path, *SHORT_RUN, "--ckpt_path=last"))
+    assert resumed.returncode == 0, resumed.stderr
+    assert "Restoring states from the checkpoint" in resumed.stderr
+    assert_same_run(uninterrupted, tmp_path)
+    run = _run_dir(tmp_path)
+    assert (run / "config.yaml").is_file() and (run / "config-2.yaml").is_file()
+
+
+@pytest.mark.parametrize(("signum", "exit_code"), [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
+def test_signal_mid_epoch_saves_exact_state_and_resume_is_exact(
+    data_dir, tmp_path, uninterrupted, signum, exit_code
+):
+    # the signal is real, sent by the process to itself at step 40 (epoch 1, batch 10)
+    stopped = run_cli(
+        *fit_args(data_dir, tmp_path, *SHORT_RUN),
+        "--trainer.callbacks+=tests.helpers.SendSignalAt",
+        f"--trainer.callbacks.signum={int(signum)}",
+        "--trainer.callbacks.step=40",
+    )
+    assert stopped.returncode == exit_code, stopped.stderr
+    assert "Traceback" not in stopped.stderr
+    name = signal.Signals(signum).name
+    assert last_line(stopped.stderr).startswith(
+        f"error: stopped by {name} at epoch 1, batch 10 (step 41); saved "
+    )
+    assert _final_state(tmp_path)["global_step"] == 41  # the batch in flight was finished
+
+    resumed = run_cli(*fit_args(data_dir, tmp_path, *SHORT_RUN, "--ckpt_path=last"))
+    assert resumed.returncode == 0, resumed.stderr
+    assert_same_run(uninterrupted, tmp_path)
+
+
+def _wait_for(predicate, process, timeout: float = 60) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert process.poll() is None, process.stderr.read()
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.001)
+
+
+def test_ctrl_c_from_outside_stops_with_130_and_the_run_completes(data_dir, tmp_path):
+    args = fit_args(
+        data_dir,
+        tmp_path,
+        "--trainer.max_epochs=2",
+        "--trainer.limit_train_batches=300",
+        "--trainer.limit_val_batches=5",
+        "--trainer.limit_test_batches=5",
+        "--checkpoint.every_n_train_steps=20",
+    )
+    last = tmp_path / "lightning_logs" / "version_0" / "checkpoints" / "last.ckpt"
+    process = start_cli(*args)
+    _wait_for(last.is_file, process)
+    process.send_signal(signal.SIGINT)
+    assert process.wait(timeout=60) == 130
+    assert "stopped by SIGINT" in last_line(process.stderr.read())
+    step = torch.load(last, weights_only=False)["global_step"]
+    assert 0 < step < 600
+
+    resumed = run_cli(*args, "--ckpt_path=last")
+    assert resumed.returncode == 0, resumed.stderr
+    assert torch.load(last, weights_only=False)["global_step"] == 600
+
+
+def test_kill_9_at_any_moment_leaves_a_loadable_last_ckpt(data_dir, tmp_path):
+    args = fit_args(
+        data_dir,
+        tmp_path,
+        "--trainer.max_epochs=3",
+        "--trainer.limit_train_batches=100",
+        "--trainer.limit_val_batches=5",
+        "--trainer.limit_test_batches=5",
+        # a checkpoint every step, so that a kill often lands in the middle of a write
+        "--checkpoint.every_n_train_steps=1",
+        "--checkpoint.monitor=null",
+    )
+    folder = tmp_path / "lightning_logs" / "version_0" / "checkpoints"
+    last = folder / "last.ckpt"
+
+    def writing() -> bool:
+        return any(folder.glob(".last.ckpt.*.part"))
+
+    steps = []
+    for moment in ("while writing", "while writing", "between writes"):
+        process = start_cli(*args, *(["--ckpt_path=last"] if steps else []))
+        start_mtime = last.stat().st_mtime_ns if last.exists() else None
+        _wait_for(lambda m=start_mtime: last.exists() and last.stat().st_mtime_ns != m, process)
+        if moment == "while writing":
+            _wait_for(writing, process)
+        else:
+            time.sleep(0.2)
+        process.kill()
+        assert process.wait(timeout=30) == -signal.SIGKILL
+        checkpoint = torch.load(last, weights_only=False)  # never a torn file
+        assert set(checkpoint["state_dict"]) == {
+            f"model.linear_relu_stack.{i}.{p}" for i in (0, 2, 4) for p in ("weight", "bias")
+        }
+        steps.append(checkpoint["global_step"])
+    assert steps == sorted(steps) and steps[0] > 0  # each run resumed and went further
+
+    finished = run_cli(*args, "--ckpt_path=last")
+    assert finished.returncode == 0, finished.stderr
+    assert torch.load(last, weights_only=False)["global_step"] == 300
+    assert not writing()  # the torn temporary files of the killed runs are gone
