@@ -4,13 +4,17 @@ VENV := .venv
 PY := $(VENV)/bin/python
 DEBIAN_DATA := /usr/share/datasets/fashion-mnist
 
-.PHONY: train test lint data clean
+.PHONY: train test lint data bench clean
 
 train: $(VENV)/.installed data
 	$(PY) -m fashion_lightning fit --config configs/sgd.yaml
 
 test: $(VENV)/.installed data lint
 	$(PY) -m pytest
+
+# Epoch time of the tutorial's loop, the bare-PyTorch floor and this project (minutes).
+bench: $(VENV)/.installed data
+	$(PY) benchmarks/epoch_time.py --epochs 3 --repeats 3
 
 lint: $(VENV)/.installed
 	$(VENV)/bin/ruff check .

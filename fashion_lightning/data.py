@@ -15,6 +15,7 @@ import hashlib
 import os
 import shutil
 import struct
+import sys
 import tempfile
 import zlib
 from dataclasses import dataclass
@@ -236,8 +237,11 @@ class InMemoryImages(Dataset):
         return self.images[index], self.labels[index]
 
     def __getitems__(self, indices: list[int]) -> tuple[Tensor, Tensor]:
-        index = torch.as_tensor(indices)
+        index = torch.as_tensor(indices, device=self.labels.device)
         return self.images[index], self.labels[index]
+
+    def to(self, device: torch.device) -> InMemoryImages:
+        return InMemoryImages(self.images.to(device), self.labels.to(device))
 
 
 def keep_batch(batch: tuple[Tensor, Tensor]) -> tuple[Tensor, Tensor]:
@@ -286,16 +290,20 @@ class FashionMNISTDataModule(L.LightningDataModule):
         self,
         data_dir: str = "data",
         batch_size: int = 64,
+        eval_batch_size: int = 1000,
         val_size: int = 5000,
         seed: int = 42,
         num_workers: int = 0,
         source_dir: str = DEBIAN_SOURCE_DIR,
         download: bool = True,
+        data_on_device: bool = True,
     ) -> None:
         """
         Args:
             data_dir: Folder that holds (or will hold) ``FashionMNIST/raw/*-ubyte``.
-            batch_size: Images per batch, for every stage.
+            batch_size: Images per training batch (one optimizer step each).
+            eval_batch_size: Images per batch for validation, test and predict. Any size
+                gives the same metrics; larger batches are faster.
             val_size: Training images held out for validation (seeded split); the official
                 10k test split is only used by ``test``.
             seed: Seed of the train/validation split and of the per-epoch training order.
@@ -303,30 +311,45 @@ class FashionMNISTDataModule(L.LightningDataModule):
             source_dir: Folder with the four FashionMNIST ``.gz`` files, used when the raw files
                 are missing (Debian's ``dataset-fashion-mnist`` package installs them here).
             download: Let torchvision download the files when no other source has them.
+            data_on_device: On a GPU, keep the whole data set (55 MB) in its memory, so that
+                each batch is indexed there instead of copied from the host.
         """
         super().__init__()
-        if batch_size < 1:
-            raise ValueError(f"batch_size must be at least 1, got {batch_size}")
+        if min(batch_size, eval_batch_size) < 1:
+            raise ValueError(f"batch sizes must be at least 1, got {batch_size}, {eval_batch_size}")
         if not 0 < val_size < 60000:
             raise ValueError(f"val_size must be between 1 and 59999, got {val_size}")
         self.save_hyperparameters()
         self.data_dir = data_dir
         self.batch_size = batch_size
+        self.eval_batch_size = eval_batch_size
         self.val_size = val_size
         self.seed = seed
         self.num_workers = num_workers
         self.source_dir = source_dir
         self.download = download
+        self.data_on_device = data_on_device
         self.train_set: InMemoryImages | None = None
         self.val_set: InMemoryImages | None = None
         self.test_set: InMemoryImages | None = None
 
     def prepare_data(self) -> None:
-        ensure_raw_files(self.data_dir, self.source_dir, self.download)
+        # Lightning calls this on one process per machine, before any setup()
+        raw_dir = ensure_raw_files(self.data_dir, self.source_dir, self.download)
+        print(f"FashionMNIST: verified raw files in {raw_dir}", file=sys.stderr)
 
     def _load(self, train: bool) -> InMemoryImages:
         split = FashionMNIST(root=self.data_dir, train=train, download=False)
-        return InMemoryImages(split.data.unsqueeze(1), split.targets)
+        return InMemoryImages(split.data.unsqueeze(1), split.targets).to(self._device())
+
+    def _device(self) -> torch.device:
+        """Where the data set lives: the accelerator when allowed, else host memory."""
+        trainer = self.trainer
+        device = trainer.strategy.root_device if trainer is not None else torch.device("cpu")
+        # worker processes cannot index a GPU tensor created in the parent
+        if not self.data_on_device or self.num_workers > 0:
+            return torch.device("cpu")
+        return device
 
     def setup(self, stage: str) -> None:
         if stage in ("fit", "validate") and self.train_set is None:
@@ -341,7 +364,7 @@ class FashionMNISTDataModule(L.LightningDataModule):
     def _loader(self, dataset: InMemoryImages, sampler: Sampler | None = None) -> DataLoader:
         return DataLoader(
             dataset,
-            batch_size=self.batch_size,
+            batch_size=self.batch_size if sampler is not None else self.eval_batch_size,
             sampler=sampler,
             collate_fn=keep_batch,
             num_workers=self.num_workers,

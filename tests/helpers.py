@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -62,3 +63,15 @@ class SendSignalAt(Callback):
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
         if trainer.global_step == self.step:
             os.kill(os.getpid(), self.signum)
+
+
+class RecordTrainOrder(Callback):
+    """Writes the training indices this process will see each epoch to ``folder`` (JSON)."""
+
+    def __init__(self, folder: str) -> None:
+        self.folder = folder
+
+    def on_train_epoch_start(self, trainer, pl_module) -> None:
+        indices = list(trainer.train_dataloader.sampler)
+        name = f"order-rank{trainer.global_rank}-epoch{trainer.current_epoch}.json"
+        Path(self.folder, name).write_text(json.dumps(indices))

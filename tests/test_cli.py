@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import pytest
+import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from fashion_lightning.cli import main
+from fashion_lightning.model import ImageClassifier
 from tests.helpers import SGD_CONFIG, fit_args, last_line, run_cli
 
 
@@ -116,3 +118,35 @@ def test_missing_data_is_a_one_line_error_without_traceback(tmp_path):
     last = last_line(result.stderr)
     assert last.startswith("error: FashionMNIST not found")
     assert "apt-get install -y dataset-fashion-mnist" in last
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    "extra",
+    [
+        ["--trainer.accelerator=auto"],
+        ["--trainer.accelerator=cpu", "--trainer.precision=bf16-mixed"],
+        ["--trainer.accelerator=cpu", "--model.compile=true"],
+    ],
+    ids=["auto", "bf16-mixed", "compile"],
+)
+def test_same_config_runs_with_accelerator_precision_and_compile_options(extra, data_dir, tmp_path):
+    main(
+        fit_args(
+            data_dir,
+            tmp_path,
+            *extra,
+            "--trainer.max_epochs=1",
+            "--trainer.limit_train_batches=20",
+            "--trainer.limit_val_batches=2",
+            "--trainer.limit_test_batches=2",
+            "--model.optimizer.init_args.lr=0.1",
+        )
+    )
+    checkpoint = torch.load(
+        tmp_path / "lightning_logs" / "version_0" / "checkpoints" / "last.ckpt", weights_only=True
+    )
+    assert checkpoint["global_step"] == 20
+    # compiled or not, the weights keep the tutorial's names and load into a plain model
+    model = ImageClassifier()
+    model.load_state_dict(checkpoint["state_dict"])

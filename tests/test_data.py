@@ -170,7 +170,7 @@ def test_batches_equal_the_tutorials_to_tensor(datamodule, data_dir):
     images, labels = next(iter(datamodule.test_dataloader()))
     images, labels = datamodule.on_after_batch_transfer((images, labels), 0)
     expected = torch.stack([tutorial[i][0] for i in range(len(labels))])
-    assert images.dtype == torch.float32 and images.shape == (64, 1, 28, 28)
+    assert images.dtype == torch.float32 and images.shape == (1000, 1, 28, 28)
     assert torch.equal(images, expected)
     assert labels.tolist() == [tutorial[i][1] for i in range(len(labels))]
 
@@ -208,9 +208,12 @@ def test_train_order_is_a_function_of_seed_and_epoch():
     assert sorted(order(42, 3)) == list(range(1000))
 
 
-def test_only_the_train_loader_shuffles_and_evaluation_keeps_the_last_batch(datamodule):
+def test_only_the_train_loader_shuffles_and_evaluation_keeps_the_last_batch(data_dir):
+    datamodule = FashionMNISTDataModule(data_dir=str(data_dir), batch_size=64, eval_batch_size=300)
+    datamodule.setup("fit")
+    datamodule.setup("test")
     train = datamodule.train_dataloader()
-    assert isinstance(train.sampler, EpochShuffleSampler)
+    assert isinstance(train.sampler, EpochShuffleSampler) and train.batch_size == 64
     for loader, size in (
         (datamodule.val_dataloader(), 5000),
         (datamodule.test_dataloader(), 10000),
@@ -219,4 +222,4 @@ def test_only_the_train_loader_shuffles_and_evaluation_keeps_the_last_batch(data
         assert isinstance(loader.sampler, torch.utils.data.SequentialSampler)
         batches = list(loader)
         assert sum(len(labels) for _, labels in batches) == size
-        assert len(batches[-1][1]) == size % 64
+        assert len(batches[-1][1]) == size % 300

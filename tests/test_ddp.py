@@ -1,0 +1,84 @@
+"""The same config on two CPU processes with DDP (gloo), for real."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from lightning.fabric.utilities.distributed import DistributedSamplerWrapper
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+from fashion_lightning.cli import main
+from fashion_lightning.data import EpochShuffleSampler
+from tests.helpers import fit_args, run_cli
+
+pytestmark = pytest.mark.slow
+
+
+def _scalars(run_dir, tag):
+    events = EventAccumulator(str(run_dir))
+    events.Reload()
+    return [e.value for e in events.Scalars(tag)]
+
+
+def test_ddp_on_two_cpu_processes(data_dir, tmp_path):
+    orders = tmp_path / "orders"
+    orders.mkdir()
+    result = run_cli(
+        *fit_args(
+            data_dir,
+            tmp_path,
+            "--trainer.strategy=ddp",
+            "--trainer.accelerator=cpu",
+            "--trainer.devices=2",
+            "--trainer.max_epochs=2",
+            "--trainer.limit_train_batches=40",
+            "--model.optimizer.init_args.lr=0.05",
+            "--trainer.callbacks+=tests.helpers.RecordTrainOrder",
+            f"--trainer.callbacks.folder={orders}",
+        )
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    # prepare_data ran on one process: once for fit and once for the test after it (4 if per rank)
+    assert result.stderr.count("FashionMNIST: verified raw files in") == 2
+
+    # each rank gets a disjoint half of the 55k training images, a new order each epoch,
+    # and that order is a function of (seed, epoch): Lightning's wrapper around our sampler
+    for epoch in (0, 1):
+        ranks = [
+            json.loads((orders / f"order-rank{r}-epoch{epoch}.json").read_text()) for r in (0, 1)
+        ]
+        assert len(ranks[0]) == len(ranks[1]) == 27500
+        assert not set(ranks[0]) & set(ranks[1])
+        assert set(ranks[0]) | set(ranks[1]) == set(range(55000))
+        for rank, seen in enumerate(ranks):
+            expected = DistributedSamplerWrapper(
+                EpochShuffleSampler(55000, seed=42), num_replicas=2, rank=rank, seed=42
+            )
+            expected.set_epoch(epoch)
+            assert seen == list(expected)
+    assert (
+        json.loads((orders / "order-rank0-epoch0.json").read_text())[:100]
+        != json.loads((orders / "order-rank0-epoch1.json").read_text())[:100]
+    )
+
+    # only rank 0 wrote: one run folder, one process's event files, one set of checkpoints
+    runs = list((tmp_path / "lightning_logs").iterdir())
+    assert [run.name for run in runs] == ["version_0"]
+    run = runs[0]
+    writers = {path.name.split(".")[-2] for path in run.glob("events.out.tfevents.*")}
+    assert len(writers) == 1, writers
+    checkpoints = sorted(path.name for path in (run / "checkpoints").iterdir())
+    assert len(checkpoints) == 2 and "last.ckpt" in checkpoints
+
+    # val/acc synchronized across ranks equals one process's on the same weights
+    ddp_val_acc = _scalars(run, "val/acc")[-1]
+    single = tmp_path / "single"
+    main(
+        [
+            "validate",
+            *fit_args(data_dir, single)[1:],
+            f"--ckpt_path={run / 'checkpoints' / 'last.ckpt'}",
+        ]
+    )
+    assert _scalars(single / "lightning_logs" / "version_0", "val/acc") == [ddp_val_acc]
