@@ -10,7 +10,7 @@ from pathlib import Path
 import torch
 from lightning.fabric.plugins import TorchCheckpointIO
 from lightning.pytorch import Trainer
-from lightning.pytorch.callbacks import ModelCheckpoint, TQDMProgressBar
+from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint, TQDMProgressBar
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback
 from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.utilities.exceptions import SIGTERMException
@@ -19,6 +19,8 @@ from fashion_lightning.callbacks import LAST_CHECKPOINT, AtomicCheckpointIO, Res
 from fashion_lightning.data import FashionMNISTDataModule, ensure_writable_dir
 from fashion_lightning.errors import CheckpointError, UserError
 from fashion_lightning.model import ImageClassifier
+from fashion_lightning.predict import PredictionWriter
+from fashion_lightning.visuals import ClassificationImages, HParamsSummary
 
 DEBUG_ENV = "FASHION_LIGHTNING_DEBUG"
 # --ckpt_path values that name no file; "last" is resolved here, the others by Lightning
@@ -101,6 +103,7 @@ class FashionCLI(LightningCLI):
     TensorBoard logs under ``lightning_logs/``, resumable runs, and a test pass after ``fit``."""
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
+        parser.add_lightning_class_args(ClassificationImages, "images")
         parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
         parser.set_defaults(
             {
@@ -124,6 +127,10 @@ class FashionCLI(LightningCLI):
     def instantiate_trainer(self, **kwargs) -> Trainer:
         trainer = super().instantiate_trainer(**kwargs)
         trainer.callbacks.append(ResumableTraining())
+        if trainer.logger is not None:
+            trainer.callbacks += [LearningRateMonitor(logging_interval="step"), HParamsSummary()]
+        if self.subcommand == "predict":
+            trainer.callbacks.append(PredictionWriter())
         self._slow_down_default_progress_bar(trainer)
         if type(trainer.strategy.checkpoint_io) is TorchCheckpointIO:
             trainer.strategy.checkpoint_io = AtomicCheckpointIO()

@@ -22,7 +22,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import lightning as L
+import numpy as np
 import torch
+from PIL import Image, ImageOps, UnidentifiedImageError
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, Sampler
 from torchvision.datasets import FashionMNIST
@@ -219,6 +221,61 @@ def ensure_writable_dir(path: Path) -> None:
         pass
 
 
+def to_fashion_mnist(picture: Image.Image) -> Tensor:
+    """Make a picture look like a FashionMNIST image: 28x28 grayscale, light garment on dark.
+
+    A dark-on-light photo is inverted; a picture of another size is cropped to the garment and
+    scaled so that its longer side is 28 pixels, centred, as Zalando made the data set.
+    Returns a (1, 28, 28) uint8 tensor.
+    """
+    gray = ImageOps.exif_transpose(picture).convert("L")
+    pixels = np.asarray(gray)
+    border = np.concatenate([pixels[0], pixels[-1], pixels[:, 0], pixels[:, -1]])
+    if np.median(border) > 127:
+        gray = ImageOps.invert(gray)
+    if gray.size != (IMAGE_SIZE, IMAGE_SIZE):
+        box = gray.point(lambda value: 255 if value > 40 else 0).getbbox()
+        if box:
+            gray = gray.crop(box)
+        scale = IMAGE_SIZE / max(gray.size)
+        size = tuple(max(1, round(side * scale)) for side in gray.size)
+        gray = gray.resize(size, Image.LANCZOS)
+        square = Image.new("L", (IMAGE_SIZE, IMAGE_SIZE), 0)
+        square.paste(gray, ((IMAGE_SIZE - size[0]) // 2, (IMAGE_SIZE - size[1]) // 2))
+        gray = square
+    return torch.from_numpy(np.array(gray, dtype=np.uint8)).unsqueeze(0)
+
+
+def load_pictures(folder: str | Path) -> tuple[Tensor, list[str]]:
+    """All readable pictures in ``folder`` (sorted by name) as FashionMNIST-like images.
+
+    Files that cannot be read as images are listed on stderr with the reason and skipped.
+
+    Raises:
+        DataError: the folder does not exist or holds no readable picture.
+    """
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise DataError(f"--data.predict_dir {folder}: no such folder")
+    images, names, skipped = [], [], []
+    for path in sorted(p for p in folder.iterdir() if p.is_file()):
+        try:
+            with Image.open(path) as picture:
+                images.append(to_fashion_mnist(picture))
+            names.append(path.name)
+        except (UnidentifiedImageError, OSError, ValueError) as err:
+            reason = "not an image" if isinstance(err, UnidentifiedImageError) else str(err)
+            skipped.append(f"{path.name}: {reason}")
+    for line in skipped:
+        print(f"skipped {line}", file=sys.stderr)
+    if not images:
+        raise DataError(
+            f"--data.predict_dir {folder}: no readable picture ({len(skipped)} files skipped); "
+            "put PNG or JPEG files there"
+        )
+    return torch.stack(images), names
+
+
 class InMemoryImages(Dataset):
     """Images and labels held as tensors; a whole batch is fetched with one index.
 
@@ -226,9 +283,10 @@ class InMemoryImages(Dataset):
     under DDP) ask for a batch of indices at once, instead of one PIL conversion per sample.
     """
 
-    def __init__(self, images: Tensor, labels: Tensor) -> None:
+    def __init__(self, images: Tensor, labels: Tensor, names: list[str] | None = None) -> None:
         self.images = images  # uint8, (N, 1, 28, 28)
-        self.labels = labels  # int64, (N,)
+        self.labels = labels  # int64, (N,); -1 where unknown
+        self.names = names  # file names, for pictures of your own
 
     def __len__(self) -> int:
         return len(self.labels)
@@ -241,7 +299,7 @@ class InMemoryImages(Dataset):
         return self.images[index], self.labels[index]
 
     def to(self, device: torch.device) -> InMemoryImages:
-        return InMemoryImages(self.images.to(device), self.labels.to(device))
+        return InMemoryImages(self.images.to(device), self.labels.to(device), self.names)
 
 
 def keep_batch(batch: tuple[Tensor, Tensor]) -> tuple[Tensor, Tensor]:
@@ -297,6 +355,7 @@ class FashionMNISTDataModule(L.LightningDataModule):
         source_dir: str = DEBIAN_SOURCE_DIR,
         download: bool = True,
         data_on_device: bool = True,
+        predict_dir: str | None = None,
     ) -> None:
         """
         Args:
@@ -313,13 +372,16 @@ class FashionMNISTDataModule(L.LightningDataModule):
             download: Let torchvision download the files when no other source has them.
             data_on_device: On a GPU, keep the whole data set (55 MB) in its memory, so that
                 each batch is indexed there instead of copied from the host.
+            predict_dir: A folder of your own PNG/JPEG pictures (any size) for ``predict``
+                to classify; they are made to look like FashionMNIST (28x28 grayscale, light
+                garment on dark). Unset: ``predict`` classifies the official test split.
         """
         super().__init__()
         if min(batch_size, eval_batch_size) < 1:
             raise ValueError(f"batch sizes must be at least 1, got {batch_size}, {eval_batch_size}")
         if not 0 < val_size < 60000:
             raise ValueError(f"val_size must be between 1 and 59999, got {val_size}")
-        self.save_hyperparameters()
+        self.save_hyperparameters(logger=False)  # HParamsSummary logs them
         self.data_dir = data_dir
         self.batch_size = batch_size
         self.eval_batch_size = eval_batch_size
@@ -329,12 +391,19 @@ class FashionMNISTDataModule(L.LightningDataModule):
         self.source_dir = source_dir
         self.download = download
         self.data_on_device = data_on_device
+        self.predict_dir = predict_dir
         self.train_set: InMemoryImages | None = None
         self.val_set: InMemoryImages | None = None
         self.test_set: InMemoryImages | None = None
+        self.predict_set: InMemoryImages | None = None
+
+    def _predicting_own_pictures(self) -> bool:
+        return self.predict_dir is not None and self.trainer is not None and self.trainer.predicting
 
     def prepare_data(self) -> None:
         # Lightning calls this on one process per machine, before any setup()
+        if self._predicting_own_pictures():
+            return  # classifying your own pictures needs no FashionMNIST files
         raw_dir = ensure_raw_files(self.data_dir, self.source_dir, self.download)
         print(f"FashionMNIST: verified raw files in {raw_dir}", file=sys.stderr)
 
@@ -358,8 +427,15 @@ class FashionMNISTDataModule(L.LightningDataModule):
             val_index, train_index = order[: self.val_size], order[self.val_size :]
             self.train_set = InMemoryImages(full.images[train_index], full.labels[train_index])
             self.val_set = InMemoryImages(full.images[val_index], full.labels[val_index])
+        if stage == "predict" and self._predicting_own_pictures():
+            images, names = load_pictures(self.predict_dir)
+            unknown = torch.full((len(images),), -1, dtype=torch.long)
+            self.predict_set = InMemoryImages(images, unknown, names).to(self._device())
+            return
         if stage in ("test", "predict") and self.test_set is None:
             self.test_set = self._load(train=False)
+        if stage == "predict":
+            self.predict_set = self.test_set
 
     def _loader(self, dataset: InMemoryImages, sampler: Sampler | None = None) -> DataLoader:
         return DataLoader(
@@ -381,7 +457,7 @@ class FashionMNISTDataModule(L.LightningDataModule):
         return self._loader(self.test_set)
 
     def predict_dataloader(self) -> DataLoader:
-        return self._loader(self.test_set)
+        return self._loader(self.predict_set)
 
     def on_after_batch_transfer(self, batch, dataloader_idx: int):
         images, labels = batch

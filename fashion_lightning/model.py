@@ -55,12 +55,16 @@ class ImageClassifier(L.LightningModule):
                 the first steps are slow while it compiles). See the README for its effect.
         """
         super().__init__()
-        self.save_hyperparameters()
+        # HParamsSummary writes TensorBoard's HParams entry once, with the data and trainer
+        # values too; Lightning's own write would come first and hide those
+        self.save_hyperparameters(logger=False)
         self.optimizer = optimizer
         self.compile = compile
         self.model = MLP(hidden_size)
         # one metric object per stage; torchmetrics also syncs them across DDP processes
         self.val_loss, self.test_loss = MeanMetric(), MeanMetric()
+        self.train_acc = MulticlassAccuracy(NUM_CLASSES, average="micro")
+        self.train_acc.persistent(True)  # in checkpoints, so a mid-epoch resume counts on
         self.val_acc = MulticlassAccuracy(NUM_CLASSES, average="micro")
         self.test_acc = MulticlassAccuracy(NUM_CLASSES, average="micro")
 
@@ -73,12 +77,20 @@ class ImageClassifier(L.LightningModule):
 
     def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
         images, labels = batch
-        loss = F.cross_entropy(self(images), labels)
+        logits = self(images)
+        loss = F.cross_entropy(logits, labels)
         if not torch.isfinite(loss):
             self._stop_on_non_finite(loss, batch_idx)
+        self.train_acc.update(logits.detach(), labels)
         if self._step_is_logged():
             self.log("train/loss", loss, batch_size=len(labels))
         return loss
+
+    def on_train_epoch_start(self) -> None:
+        self.train_acc.reset()  # not called when resuming mid-epoch: the counts carry on
+
+    def on_train_epoch_end(self) -> None:
+        self.log("train/acc", self.train_acc)
 
     def _step_is_logged(self) -> bool:
         """Whether Lightning writes this step's metrics (every ``log_every_n_steps`` steps).
@@ -101,34 +113,36 @@ class ImageClassifier(L.LightningModule):
             "Lower the learning rate (--model.optimizer.init_args.lr)"
         )
 
-    def _evaluate(self, batch: tuple[Tensor, Tensor], loss: MeanMetric, accuracy: Metric) -> None:
-        # metrics accumulate per batch and are logged once per epoch (see _log_epoch)
+    def _evaluate(self, batch: tuple[Tensor, Tensor], loss: MeanMetric, accuracy: Metric) -> Tensor:
+        """Update the stage's metrics (logged once per epoch); the logits go to callbacks."""
         images, labels = batch
         logits = self(images)
         loss.update(F.cross_entropy(logits, labels), weight=len(labels))
         accuracy.update(logits, labels)
+        return logits
 
     def _log_epoch(self, stage: str, loss: MeanMetric, accuracy: Metric) -> None:
         self.log(f"{stage}/loss", loss)
         self.log(f"{stage}/acc", accuracy, prog_bar=True)
 
-    def validation_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
-        self._evaluate(batch, self.val_loss, self.val_acc)
+    def validation_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
+        return self._evaluate(batch, self.val_loss, self.val_acc)
 
     def on_validation_epoch_end(self) -> None:
         self._log_epoch("val", self.val_loss, self.val_acc)
 
-    def test_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
-        self._evaluate(batch, self.test_loss, self.test_acc)
+    def test_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
+        return self._evaluate(batch, self.test_loss, self.test_acc)
 
     def on_test_epoch_end(self) -> None:
         self._log_epoch("test", self.test_loss, self.test_acc)
 
     def predict_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> dict[str, Tensor]:
-        """Predicted class index and its softmax probability for each image."""
-        images, _ = batch
+        """Predicted class index and its softmax probability for each image, with the true
+        label (-1 where unknown)."""
+        images, labels = batch
         probability, label = self(images).softmax(dim=-1).max(dim=-1)
-        return {"label": label, "probability": probability}
+        return {"label": label, "probability": probability, "target": labels}
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
         return self.optimizer(self.parameters())

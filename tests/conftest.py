@@ -34,3 +34,23 @@ def raw_copy(tmp_path, data_dir) -> Path:
     target = tmp_path / "data" / "FashionMNIST" / "raw"
     shutil.copytree(data_dir / "FashionMNIST" / "raw", target)
     return tmp_path / "data"
+
+
+@pytest.fixture(scope="session")
+def trained_run(data_dir, tmp_path_factory) -> Path:
+    """The run folder of a short real training (2 epochs of 100 batches) through the CLI."""
+    from fashion_lightning.cli import main
+    from tests.helpers import fit_args
+
+    root = tmp_path_factory.mktemp("trained")
+    main(
+        fit_args(
+            data_dir,
+            root,
+            "--trainer.max_epochs=2",
+            "--trainer.limit_train_batches=100",
+            "--trainer.log_every_n_steps=10",
+            "--model.optimizer.init_args.lr=0.05",
+        )
+    )
+    return root / "lightning_logs" / "version_0"

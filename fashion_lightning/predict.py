@@ -1,0 +1,56 @@
+"""``predict`` writes its results as a CSV file, for the test split or your own pictures."""
+
+from __future__ import annotations
+
+import csv
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+from lightning.pytorch.callbacks import BasePredictionWriter
+
+from fashion_lightning.data import CLASS_NAMES
+
+PREDICTIONS_FILE = "predictions.csv"
+
+
+class PredictionWriter(BasePredictionWriter):
+    """Writes ``predict``'s results to ``predictions.csv`` in the run folder, and prints where
+    and, when the true labels are known, the accuracy they imply."""
+
+    def __init__(self) -> None:
+        super().__init__(write_interval="epoch")
+
+    def write_on_epoch_end(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, predictions: Any, batch_indices: Any
+    ) -> None:
+        indices = [i for batch in batch_indices[0] for i in batch]
+        labels = torch.cat([p["label"] for p in predictions]).tolist()
+        probabilities = torch.cat([p["probability"] for p in predictions]).tolist()
+        targets = torch.cat([p["target"] for p in predictions]).tolist()
+        names = getattr(trainer.predict_dataloaders.dataset, "names", None)
+        suffix = "" if trainer.world_size == 1 else f"-rank{trainer.global_rank}"
+        path = Path(trainer.log_dir or trainer.default_root_dir) / PREDICTIONS_FILE.replace(
+            ".csv", f"{suffix}.csv"
+        )
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with path.open("w", newline="") as f:
+            writer = csv.writer(f)
+            if names is None:
+                writer.writerow(
+                    ["index", "true_label", "predicted_label", "class_name", "probability"]
+                )
+            else:
+                writer.writerow(["file", "predicted_label", "class_name", "probability"])
+            for index, label, probability, target in sorted(
+                zip(indices, labels, probabilities, targets, strict=True)
+            ):
+                row = [index, target] if names is None else [names[index]]
+                writer.writerow([*row, label, CLASS_NAMES[label], f"{probability:.6f}"])
+        if names is None:
+            correct = sum(label == target for label, target in zip(labels, targets, strict=True))
+            summary = f"{len(labels)} test images, accuracy {correct / len(labels):.2%}"
+        else:
+            summary = f"{len(labels)} pictures"
+        print(f"predictions: {summary} -> {path}")

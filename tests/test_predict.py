@@ -1,0 +1,111 @@
+"""predict: a CSV over the test split, and your own pictures."""
+
+from __future__ import annotations
+
+import csv
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image, ImageOps
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+from torchvision.datasets import FashionMNIST
+
+from fashion_lightning.cli import main
+from fashion_lightning.data import to_fashion_mnist
+from tests.helpers import fit_args
+
+pytestmark = pytest.mark.slow
+
+
+def _predict(data_dir, root, checkpoint, *extra) -> list[dict[str, str]]:
+    main(["predict", *fit_args(data_dir, root)[1:], f"--ckpt_path={checkpoint}", *extra])
+    with (root / "lightning_logs" / "version_0" / "predictions.csv").open() as f:
+        return list(csv.DictReader(f))
+
+
+@pytest.fixture(scope="module")
+def test_split_rows(trained_run, data_dir, tmp_path_factory):
+    root = tmp_path_factory.mktemp("predict")
+    return _predict(data_dir, root, trained_run / "checkpoints" / "last.ckpt")
+
+
+def test_csv_over_the_test_split_agrees_with_test_acc(
+    test_split_rows, trained_run, data_dir, tmp_path, capsys
+):
+    rows = test_split_rows
+    assert len(rows) == 10000
+    assert [int(row["index"]) for row in rows] == list(range(10000))
+    truth = FashionMNIST(str(data_dir), train=False).targets.tolist()
+    assert [int(row["true_label"]) for row in rows] == truth
+    assert all(0.1 <= float(row["probability"]) <= 1 for row in rows)
+    assert {row["class_name"] for row in rows if row["predicted_label"] == "7"} == {"Sneaker"}
+    accuracy = sum(row["true_label"] == row["predicted_label"] for row in rows) / len(rows)
+
+    main(
+        [
+            "test",
+            *fit_args(data_dir, tmp_path)[1:],
+            f"--ckpt_path={trained_run}/checkpoints/last.ckpt",
+        ]
+    )
+    events = EventAccumulator(str(tmp_path / "lightning_logs" / "version_0"))
+    events.Reload()
+    assert events.Scalars("test/acc")[-1].value == pytest.approx(accuracy, abs=1e-6)
+
+
+def test_own_pictures_are_classified_and_broken_files_skipped(
+    test_split_rows, trained_run, data_dir, tmp_path, capsys
+):
+    test_set = FashionMNIST(str(data_dir), train=False)
+    pictures = tmp_path / "pictures"
+    pictures.mkdir()
+    test_set[0][0].save(pictures / "a_test_image_0.png")  # 28x28, as in the test split
+    ImageOps.invert(test_set[1][0]).resize((140, 140)).save(pictures / "b_photo.jpg", quality=90)
+    rng = np.random.default_rng(0)
+    Image.fromarray(rng.integers(0, 255, (30, 50, 3), dtype=np.uint8)).save(pictures / "c.png")
+    (pictures / "d_broken.png").write_bytes(b"\x89PNG\r\n\x1a\n not really")
+    (pictures / "e_notes.txt").write_text("not a picture")
+
+    rows = _predict(
+        data_dir,
+        tmp_path,
+        trained_run / "checkpoints" / "last.ckpt",
+        f"--data.predict_dir={pictures}",
+    )
+    assert [row["file"] for row in rows] == ["a_test_image_0.png", "b_photo.jpg", "c.png"]
+    assert rows[0]["predicted_label"] == test_split_rows[0]["predicted_label"]
+    assert float(rows[0]["probability"]) == pytest.approx(
+        float(test_split_rows[0]["probability"]), abs=1e-5
+    )
+    err = capsys.readouterr().err
+    assert "skipped d_broken.png: " in err and "skipped e_notes.txt: not an image" in err
+
+
+def test_a_dark_on_light_photo_becomes_a_fashion_mnist_image(data_dir):
+    original = FashionMNIST(str(data_dir), train=False)[9][0]  # a sneaker as wide as the image
+    photo = ImageOps.invert(original).resize((280, 280), Image.NEAREST)
+    image = to_fashion_mnist(photo)
+    assert image.shape == (1, 28, 28) and image.dtype == torch.uint8
+    # inverted back (dark background), and scaled back to the original's extent
+    difference = (image.float() - torch.from_numpy(np.array(original)).float()).abs().mean()
+    assert difference < 8  # of 255: resampling only
+
+
+def test_a_folder_without_pictures_is_a_one_line_error(trained_run, data_dir, tmp_path, capsys):
+    (tmp_path / "only_broken.jpg").write_bytes(b"nope")
+    with pytest.raises(SystemExit) as exit_:
+        main(
+            [
+                "predict",
+                *fit_args(data_dir, tmp_path / "runs")[1:],
+                f"--ckpt_path={trained_run}/checkpoints/last.ckpt",
+                f"--data.predict_dir={tmp_path}",
+            ]
+        )
+    assert exit_.value.code == 1
+    last = capsys.readouterr().err.strip().splitlines()[-1]
+    assert last == (
+        f"error: --data.predict_dir {tmp_path}: no readable picture (1 files skipped); "
+        "put PNG or JPEG files there"
+    )
