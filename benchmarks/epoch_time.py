@@ -51,6 +51,7 @@ PROJECT_VARIANTS = {
     "project-bf16": ["--trainer.precision=bf16-mixed"],
     "project-compile": ["--model.compile=true"],
     "project-no-bar": ["--trainer.enable_progress_bar=false"],
+    "project-no-images": ["--images.every_n_epochs=0"],
 }
 VARIANTS = ("tutorial", "floor", *PROJECT_VARIANTS)
 DEFAULT_VARIANTS = "tutorial,floor,project"

@@ -24,6 +24,7 @@ from pathlib import Path
 import lightning as L
 import numpy as np
 import torch
+import torch.nn.functional as F
 from PIL import Image, ImageOps, UnidentifiedImageError
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, Sampler
@@ -336,6 +337,25 @@ class EpochShuffleSampler(Sampler[int]):
         return iter(torch.randperm(self.size, generator=generator)[start:].tolist())
 
 
+def augment(images: Tensor, flip: bool, max_shift: int, generator: torch.Generator) -> Tensor:
+    """Random horizontal flips and shifts of up to ``max_shift`` pixels, per image, applied
+    to a whole batch of float images at once (no per-sample PIL); ``generator`` decides."""
+    count = len(images)
+    if flip:
+        flipped = torch.rand(count, generator=generator, device=images.device) < 0.5
+        images = torch.where(flipped[:, None, None, None], images.flip(-1), images)
+    if max_shift > 0:
+        shifts = torch.randint(
+            -max_shift, max_shift + 1, (count, 2), generator=generator, device=images.device
+        )
+        theta = torch.zeros(count, 2, 3, device=images.device)
+        theta[:, 0, 0] = theta[:, 1, 1] = 1
+        theta[:, :, 2] = shifts.to(images.dtype) * (2 / IMAGE_SIZE)  # whole pixels
+        grid = F.affine_grid(theta, list(images.shape), align_corners=False)
+        images = F.grid_sample(images, grid, mode="nearest", align_corners=False)
+    return images
+
+
 def to_float_images(images: Tensor) -> Tensor:
     """uint8 -> float32 in [0, 1]: exactly what torchvision's ``ToTensor()`` gives."""
     return images.float().div_(255)
@@ -356,6 +376,8 @@ class FashionMNISTDataModule(L.LightningDataModule):
         download: bool = True,
         data_on_device: bool = True,
         predict_dir: str | None = None,
+        augment_flip: bool = False,
+        augment_shift: int = 0,
     ) -> None:
         """
         Args:
@@ -375,6 +397,10 @@ class FashionMNISTDataModule(L.LightningDataModule):
             predict_dir: A folder of your own PNG/JPEG pictures (any size) for ``predict``
                 to classify; they are made to look like FashionMNIST (28x28 grayscale, light
                 garment on dark). Unset: ``predict`` classifies the official test split.
+            augment_flip: Flip half of the training images left-right (a garment mirrored is
+                the same garment). Validation and test images are never changed.
+            augment_shift: Shift each training image by up to this many pixels in x and y.
+                Augmentation draws from ``seed`` and the step, so runs and resumes repeat.
         """
         super().__init__()
         if min(batch_size, eval_batch_size) < 1:
@@ -392,6 +418,8 @@ class FashionMNISTDataModule(L.LightningDataModule):
         self.download = download
         self.data_on_device = data_on_device
         self.predict_dir = predict_dir
+        self.augment_flip = augment_flip
+        self.augment_shift = augment_shift
         self.train_set: InMemoryImages | None = None
         self.val_set: InMemoryImages | None = None
         self.test_set: InMemoryImages | None = None
@@ -461,4 +489,11 @@ class FashionMNISTDataModule(L.LightningDataModule):
 
     def on_after_batch_transfer(self, batch, dataloader_idx: int):
         images, labels = batch
-        return to_float_images(images), labels
+        images = to_float_images(images)
+        trainer = self.trainer
+        if trainer is not None and trainer.training and (self.augment_flip or self.augment_shift):
+            generator = torch.Generator(device=images.device)
+            # a function of (seed, process, step): a resumed run draws the same
+            generator.manual_seed(hash((self.seed, trainer.global_rank, trainer.global_step)))
+            images = augment(images, self.augment_flip, self.augment_shift, generator)
+        return images, labels

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+from typing import Any, Literal
+
 import lightning as L
 import torch
 import torch.nn.functional as F
-from lightning.pytorch.cli import OptimizerCallable
+from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from torch import Tensor, nn
 from torchmetrics import MeanMetric, Metric
 from torchmetrics.classification import MulticlassAccuracy
@@ -19,17 +21,21 @@ NUM_CLASSES = len(CLASS_NAMES)
 class MLP(nn.Module):
     """The tutorial's ``NeuralNetwork``: Flatten -> 784-512-512-10 with ReLU, raw logits out.
 
-    Module names match the tutorial, so its ``state_dict`` loads unchanged.
+    Module names match the tutorial, so its ``state_dict`` loads unchanged. ``dropout`` > 0
+    adds a Dropout after each ReLU (and so shifts the layer numbers).
     """
 
-    def __init__(self, hidden_size: int = 512) -> None:
+    def __init__(self, hidden_size: int = 512, dropout: float = 0.0) -> None:
         super().__init__()
         self.flatten = nn.Flatten()
+        regularize = [nn.Dropout(dropout)] if dropout > 0 else []
         self.linear_relu_stack = nn.Sequential(
             nn.Linear(IMAGE_SIZE * IMAGE_SIZE, hidden_size),
             nn.ReLU(),
+            *regularize,
             nn.Linear(hidden_size, hidden_size),
             nn.ReLU(),
+            *regularize,
             nn.Linear(hidden_size, NUM_CLASSES),
         )
 
@@ -44,13 +50,25 @@ class ImageClassifier(L.LightningModule):
         self,
         hidden_size: int = 512,
         optimizer: OptimizerCallable = torch.optim.SGD,
+        lr_scheduler: LRSchedulerCallable | None = None,
+        scheduler_interval: Literal["step", "epoch"] = "epoch",
+        dropout: float = 0.0,
+        label_smoothing: float = 0.0,
         compile: bool = False,
     ) -> None:
         """
         Args:
             hidden_size: Width of the MLP's two hidden layers (the tutorial: 512).
             optimizer: Optimizer class and its arguments, e.g. ``torch.optim.SGD`` with
-                ``lr: 1e-3`` (the tutorial; also torch's default lr for SGD).
+                ``lr: 1e-3`` (the tutorial; also torch's default lr for SGD). Weight decay is
+                an optimizer argument (``weight_decay``).
+            lr_scheduler: Learning-rate scheduler class and its arguments (none: constant).
+                ``OneCycleLR`` without ``total_steps`` spans the whole run.
+            scheduler_interval: Step the scheduler after every optimizer ``step`` or every
+                ``epoch``.
+            dropout: Dropout probability after each hidden ReLU (the tutorial: 0, none).
+            label_smoothing: Label smoothing of the training loss (validation and test losses
+                stay plain cross-entropy, so that runs compare).
             compile: Compile the network with ``torch.compile`` (needs a C++ compiler on CPU;
                 the first steps are slow while it compiles). See the README for its effect.
         """
@@ -59,8 +77,11 @@ class ImageClassifier(L.LightningModule):
         # values too; Lightning's own write would come first and hide those
         self.save_hyperparameters(logger=False)
         self.optimizer = optimizer
+        self.lr_scheduler = lr_scheduler
+        self.scheduler_interval = scheduler_interval
+        self.label_smoothing = label_smoothing
         self.compile = compile
-        self.model = MLP(hidden_size)
+        self.model = MLP(hidden_size, dropout)
         # one metric object per stage; torchmetrics also syncs them across DDP processes
         self.val_loss, self.test_loss = MeanMetric(), MeanMetric()
         self.train_acc = MulticlassAccuracy(NUM_CLASSES, average="micro")
@@ -78,7 +99,7 @@ class ImageClassifier(L.LightningModule):
     def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
         images, labels = batch
         logits = self(images)
-        loss = F.cross_entropy(logits, labels)
+        loss = F.cross_entropy(logits, labels, label_smoothing=self.label_smoothing)
         if not torch.isfinite(loss):
             self._stop_on_non_finite(loss, batch_idx)
         self.train_acc.update(logits.detach(), labels)
@@ -144,5 +165,16 @@ class ImageClassifier(L.LightningModule):
         probability, label = self(images).softmax(dim=-1).max(dim=-1)
         return {"label": label, "probability": probability, "target": labels}
 
-    def configure_optimizers(self) -> torch.optim.Optimizer:
-        return self.optimizer(self.parameters())
+    def configure_optimizers(self) -> Any:
+        optimizer = self.optimizer(self.parameters())
+        if self.lr_scheduler is None:
+            return optimizer
+        extra = {}
+        given = getattr(self.lr_scheduler, "keywords", {})  # jsonargparse gives a partial
+        if "total_steps" in given and given["total_steps"] is None and given.get("epochs") is None:
+            extra["total_steps"] = self.trainer.estimated_stepping_batches  # OneCycleLR
+        scheduler = self.lr_scheduler(optimizer, **extra)
+        return {
+            "optimizer": optimizer,
+            "lr_scheduler": {"scheduler": scheduler, "interval": self.scheduler_interval},
+        }

@@ -75,3 +75,12 @@ class RecordTrainOrder(Callback):
         indices = list(trainer.train_dataloader.sampler)
         name = f"order-rank{trainer.global_rank}-epoch{trainer.current_epoch}.json"
         Path(self.folder, name).write_text(json.dumps(indices))
+
+
+class RecordLearningRate(Callback):
+    """Keeps the optimizer's learning rate at every training step in ``RecordLearningRate.seen``."""
+
+    seen: list[float] = []  # noqa: RUF012 - read by the test that runs it in this process
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        RecordLearningRate.seen.append(trainer.optimizers[0].param_groups[0]["lr"])
