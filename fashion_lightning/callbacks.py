@@ -84,11 +84,6 @@ class ResumableTraining(Callback):
         self._batches_done = 0
         self._resume_at: tuple[int, int] | None = None
 
-    @property
-    def stop_signal(self) -> int | None:
-        """The signal that asked training to stop, if any."""
-        return self._signal
-
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         self._signal = None
         if stage == "fit" and threading.current_thread() is threading.main_thread():

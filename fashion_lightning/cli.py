@@ -15,7 +15,12 @@ from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveCon
 from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
-from fashion_lightning.callbacks import LAST_CHECKPOINT, AtomicCheckpointIO, ResumableTraining
+from fashion_lightning.callbacks import (
+    LAST_CHECKPOINT,
+    AtomicCheckpointIO,
+    ResumableTraining,
+    last_checkpoint_path,
+)
 from fashion_lightning.data import FashionMNISTDataModule, ensure_writable_dir
 from fashion_lightning.errors import CheckpointError, UserError
 from fashion_lightning.model import ImageClassifier
@@ -54,12 +59,11 @@ def find_last_checkpoint(trainer: Trainer) -> Path | None:
     ``version_N``), so in a new process it silently trains from scratch.
     """
     callback = trainer.checkpoint_callback
-    if callback is not None and callback.dirpath:  # a folder the user chose
-        candidates = [Path(callback.dirpath) / LAST_CHECKPOINT]
-    elif trainer.logger is not None and getattr(trainer.logger, "root_dir", None):
+    user_folder = callback is not None and callback.dirpath
+    if not user_folder and trainer.logger is not None and getattr(trainer.logger, "root_dir", None):
         candidates = Path(trainer.logger.root_dir).glob(f"*/checkpoints/{LAST_CHECKPOINT}")
-    else:
-        candidates = [Path(trainer.default_root_dir) / "checkpoints" / LAST_CHECKPOINT]
+    else:  # a folder the user chose, or no logger: the one place this run would write it
+        candidates = [last_checkpoint_path(trainer)]
     existing = [path for path in candidates if path.is_file()]
     return max(existing, key=lambda path: path.stat().st_mtime, default=None)
 

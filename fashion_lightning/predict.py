@@ -12,8 +12,6 @@ from lightning.pytorch.callbacks import BasePredictionWriter
 
 from fashion_lightning.data import CLASS_NAMES
 
-PREDICTIONS_FILE = "predictions.csv"
-
 
 class PredictionWriter(BasePredictionWriter):
     """Writes ``predict``'s results to ``predictions.csv`` in the run folder, and prints where
@@ -31,9 +29,7 @@ class PredictionWriter(BasePredictionWriter):
         targets = torch.cat([p["target"] for p in predictions]).tolist()
         names = getattr(trainer.predict_dataloaders.dataset, "names", None)
         suffix = "" if trainer.world_size == 1 else f"-rank{trainer.global_rank}"
-        path = Path(trainer.log_dir or trainer.default_root_dir) / PREDICTIONS_FILE.replace(
-            ".csv", f"{suffix}.csv"
-        )
+        path = Path(trainer.log_dir or trainer.default_root_dir) / f"predictions{suffix}.csv"
         path.parent.mkdir(parents=True, exist_ok=True)
         with path.open("w", newline="") as f:
             writer = csv.writer(f)
