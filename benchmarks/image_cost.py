@@ -20,8 +20,9 @@ import lightning as L
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from fashion_lightning.data import DEBIAN_SOURCE_DIR, FashionMNISTDataModule, ensure_raw_files
+from fashion_lightning.data import FashionMNISTDataModule
 from fashion_lightning.model import ImageClassifier
+from fashion_lightning.raw_files import DEBIAN_SOURCE_DIR, ensure_raw_files
 from fashion_lightning.visuals import ClassificationImages
 
 HOOKS = ("on_validation_epoch_start", "on_validation_batch_end", "on_validation_epoch_end")

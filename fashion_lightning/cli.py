@@ -21,10 +21,11 @@ from fashion_lightning.callbacks import (
     ResumableTraining,
     last_checkpoint_path,
 )
-from fashion_lightning.data import FashionMNISTDataModule, ensure_writable_dir
+from fashion_lightning.data import FashionMNISTDataModule
 from fashion_lightning.errors import CheckpointError, UserError
 from fashion_lightning.model import ImageClassifier
 from fashion_lightning.predict import PredictionWriter
+from fashion_lightning.raw_files import ensure_writable_dir
 from fashion_lightning.visuals import ClassificationImages, HParamsSummary
 
 DEBUG_ENV = "FASHION_LIGHTNING_DEBUG"

@@ -12,8 +12,9 @@ from torch import Tensor, nn
 from torchmetrics import MeanMetric, Metric
 from torchmetrics.classification import MulticlassAccuracy
 
-from fashion_lightning.data import CLASS_NAMES, IMAGE_SIZE
+from fashion_lightning.data import CLASS_NAMES
 from fashion_lightning.errors import NonFiniteLossError
+from fashion_lightning.raw_files import IMAGE_SIZE
 
 NUM_CLASSES = len(CLASS_NAMES)
 

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from fashion_lightning.data import DEBIAN_SOURCE_DIR, RAW_FILES, ensure_raw_files
+from fashion_lightning.raw_files import DEBIAN_SOURCE_DIR, RAW_FILES, ensure_raw_files
 
 
 @pytest.fixture(scope="session")

@@ -15,13 +15,9 @@ import torch
 from torchvision.datasets import FashionMNIST
 from torchvision.transforms import ToTensor
 
-from fashion_lightning.data import (
-    RAW_FILES,
-    DataError,
-    EpochShuffleSampler,
-    FashionMNISTDataModule,
-    ensure_raw_files,
-)
+from fashion_lightning.data import EpochShuffleSampler, FashionMNISTDataModule
+from fashion_lightning.errors import DataError
+from fashion_lightning.raw_files import RAW_FILES, ensure_raw_files
 
 RAW = "FashionMNIST/raw"
 

@@ -12,7 +12,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 from torchvision.datasets import FashionMNIST
 
 from fashion_lightning.cli import main
-from fashion_lightning.data import to_fashion_mnist
+from fashion_lightning.pictures import to_fashion_mnist
 from tests.helpers import fit_args
 
 pytestmark = pytest.mark.slow
