@@ -1,4 +1,5 @@
-"""What makes a training run survive being stopped: signals, exact resume, atomic checkpoints."""
+"""What makes a training run survive being stopped: signals, exact resume, checkpoints that are
+written whole and always hold the latest state."""
 
 from __future__ import annotations
 
@@ -12,13 +13,12 @@ from typing import Any
 import lightning as L
 import torch
 from lightning.fabric.plugins import TorchCheckpointIO
-from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from lightning.pytorch.utilities import rank_zero_warn
 
 from fashion_lightning.data import EpochShuffleSampler
 from fashion_lightning.errors import TrainingInterrupted
-
-LAST_CHECKPOINT = "last.ckpt"
+from fashion_lightning.runs import LAST_CHECKPOINT
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):
@@ -45,6 +45,13 @@ class AtomicCheckpointIO(TorchCheckpointIO):
                 f.flush()
                 os.fsync(f.fileno())
             os.replace(partial, path)
+        except Exception as err:
+            # torch reports a failed write (a full disk) as "unexpected pos ..." with the
+            # OSError only in its context: name the file and the cause instead
+            cause = os_error_in(err)
+            if cause is None:
+                raise
+            raise OSError(cause.errno, cause.strerror, str(path)) from err
         finally:
             partial.unlink(missing_ok=True)
         for orphan in path.parent.glob(f".{path.name}.*.part"):  # left by a killed process
@@ -56,12 +63,62 @@ class AtomicCheckpointIO(TorchCheckpointIO):
             os.close(directory)
 
 
-def last_checkpoint_path(trainer: L.Trainer) -> Path:
-    """Where ``last.ckpt`` of this run goes (the checkpoint callback's folder once it is set up)."""
+def os_error_in(error: BaseException) -> OSError | None:
+    """The OSError that ``error`` is or that caused it, if any (a failed write deep in a library)."""
+    while error is not None and not isinstance(error, OSError):
+        error = error.__cause__ or error.__context__
+    return error
+
+
+class RunCheckpoint(ModelCheckpoint):
+    """Lightning's ModelCheckpoint, with ``last.ckpt`` always the latest state of the run.
+
+    Since Lightning 2.6.0, ModelCheckpoint writes the last checkpoint only at a step where it
+    also saved a top-k one, so with a monitor (``val/acc`` here) ``last.ckpt`` is a copy of the
+    best and every epoch since the best is lost after a ``kill -9``. Here it is also written at
+    the end of every epoch, as before 2.6; ``every_n_train_steps`` saves write it as they did.
+    Lightning 2.6.6 also writes it at the end of a ``fast_dev_run``; here a debug run writes none.
+
+    The protected methods used below are ModelCheckpoint's own steps; it has no public way to
+    save the last checkpoint alone. The lightning pin in pyproject.toml guards them.
+    """
+
+    def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        super().on_train_epoch_end(trainer, pl_module)
+        if self._should_save_on_train_epoch_end(trainer):
+            self._save_last_unless_done(trainer)
+
+    def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        super().on_validation_end(trainer, pl_module)
+        if not self._should_save_on_train_epoch_end(trainer):
+            self._save_last_unless_done(trainer)
+
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if not trainer.fast_dev_run:
+            super().on_train_end(trainer, pl_module)
+
+    def _save_last_unless_done(self, trainer: L.Trainer) -> None:
+        # skipped also when this step was saved already (then the last checkpoint was written too)
+        if self.save_last and not self._should_skip_saving_checkpoint(trainer):
+            self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
+
+    def save_last_now(self, trainer: L.Trainer) -> Path:
+        """Write the last checkpoint of the current state at once (a stop by signal); its path."""
+        self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
+        return Path(self.last_model_path)
+
+
+def save_last_checkpoint(trainer: L.Trainer) -> Path:
+    """Write the run's last checkpoint now, where and as its checkpoint callback keeps it."""
     callback = trainer.checkpoint_callback
-    if callback is not None and callback.dirpath:
-        return Path(callback.dirpath) / LAST_CHECKPOINT
-    return Path(trainer.log_dir or trainer.default_root_dir) / "checkpoints" / LAST_CHECKPOINT
+    if isinstance(callback, RunCheckpoint) and callback.save_last:
+        return callback.save_last_now(trainer)
+    # no last checkpoint configured (--checkpoint.save_last false): still keep this state
+    folder = callback.dirpath if callback is not None and callback.dirpath else None
+    folder = folder or Path(trainer.log_dir or trainer.default_root_dir) / "checkpoints"
+    path = Path(folder) / LAST_CHECKPOINT
+    trainer.save_checkpoint(path)
+    return path
 
 
 class ResumableTraining(Callback):
@@ -137,8 +194,7 @@ class ResumableTraining(Callback):
             self._stop(trainer, "after the last epoch")
 
     def _stop(self, trainer: L.Trainer, where: str) -> None:
-        path = last_checkpoint_path(trainer)
-        trainer.save_checkpoint(path)
+        path = save_last_checkpoint(trainer)
         name = signal.Signals(self._signal).name
         raise TrainingInterrupted(
             f"stopped by {name} {where} (step {trainer.global_step}); saved {path}. "

@@ -2,71 +2,91 @@
 
 from __future__ import annotations
 
+import errno
 import os
 import sys
+import threading
 import warnings
 from pathlib import Path
+from typing import Any
 
 import torch
+import yaml
+from jsonargparse import Namespace
 from lightning.fabric.plugins import TorchCheckpointIO
+from lightning.fabric.utilities.exceptions import MisconfigurationException
 from lightning.pytorch import Trainer
-from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint, TQDMProgressBar
+from lightning.pytorch.callbacks import LearningRateMonitor, ProgressBar, TQDMProgressBar
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback
 from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from fashion_lightning.callbacks import (
-    LAST_CHECKPOINT,
     AtomicCheckpointIO,
     ResumableTraining,
-    last_checkpoint_path,
+    RunCheckpoint,
+    os_error_in,
 )
 from fashion_lightning.data import FashionMNISTDataModule
 from fashion_lightning.errors import CheckpointError, UserError
 from fashion_lightning.model import ImageClassifier
 from fashion_lightning.predict import PredictionWriter
 from fashion_lightning.raw_files import ensure_writable_dir
+from fashion_lightning.runs import (
+    RunFolderLogger,
+    best_checkpoint_of,
+    checkpoint_folders,
+    continue_run,
+    default_logger,
+    newest_last_checkpoint,
+)
 from fashion_lightning.visuals import ClassificationImages, HParamsSummary
 
 DEBUG_ENV = "FASHION_LIGHTNING_DEBUG"
-# --ckpt_path values that name no file and that Lightning resolves ("last" is resolved here)
-LIGHTNING_CKPT_PATHS = ("best", "hpc", "registry")
+# --ckpt_path values that name no file and that Lightning resolves ("last", "best" are resolved here)
+LIGHTNING_CKPT_PATHS = ("hpc", "registry")
 PROGRESS_BAR_REFRESH_RATE = 10  # batches between redraws of the default progress bar
+# what a failed write of run outputs looks like (a full disk, a quota, a file-size limit)
+WRITE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS, errno.EIO}
 
 # ResumableTraining makes a mid-epoch resume exact; Lightning cannot see that and warns.
 warnings.filterwarnings("ignore", message="You're resuming from a checkpoint that ended before")
 
 
+class OneLineErrorParser(LightningArgumentParser):
+    """jsonargparse's parser, with its error message on one line (it breaks some in two)."""
+
+    def error(self, message: str, ex: Exception | None = None):
+        super().error(" ".join(message.split()), ex)
+
+
 class SaveRunConfig(SaveConfigCallback):
     """Saves the config into the run folder as ``config.yaml``, or ``config-2.yaml`` and so on
-    when one is there already (a resumed run, a pinned logger version), so a second run never
-    fails and never overwrites the first run's record."""
+    when one is there already (a resumed run, a pinned logger version, several runs without a
+    logger), so a second run never fails and never overwrites another run's record. The name
+    is claimed by creating the file exclusively, so runs that start together get one each."""
 
     def setup(self, trainer, pl_module, stage: str) -> None:
         if not self.already_saved:
             log_dir = trainer.log_dir  # a collective call under DDP: every rank makes it once
-            name, n = "config.yaml", 1
-            while trainer.is_global_zero and os.path.exists(os.path.join(log_dir, name)):
-                n += 1
-                name = f"config-{n}.yaml"
+            name = claim_file(Path(log_dir), "config", ".yaml") if trainer.is_global_zero else None
             self.config_filename = trainer.strategy.broadcast(name)
+            self.overwrite = True  # the file is the empty one claimed above
         super().setup(trainer, pl_module, stage)
 
 
-def find_last_checkpoint(trainer: Trainer) -> Path | None:
-    """The newest ``last.ckpt`` of any earlier run under this trainer's log root.
-
-    Lightning's own ``ckpt_path="last"`` only looks in the *new* run's folder (a new
-    ``version_N``), so in a new process it silently trains from scratch.
-    """
-    callback = trainer.checkpoint_callback
-    user_folder = callback is not None and callback.dirpath
-    if not user_folder and trainer.logger is not None and getattr(trainer.logger, "root_dir", None):
-        candidates = Path(trainer.logger.root_dir).glob(f"*/checkpoints/{LAST_CHECKPOINT}")
-    else:  # a folder the user chose, or no logger: the one place this run would write it
-        candidates = [last_checkpoint_path(trainer)]
-    existing = [path for path in candidates if path.is_file()]
-    return max(existing, key=lambda path: path.stat().st_mtime, default=None)
+def claim_file(folder: Path, stem: str, suffix: str) -> str:
+    """Create ``stem + suffix`` in ``folder``, or ``stem-2 + suffix`` and so on if it exists;
+    return the name. Creating with O_EXCL fails if another process got there first."""
+    folder.mkdir(parents=True, exist_ok=True)
+    n = 1
+    while True:
+        name = f"{stem}{suffix}" if n == 1 else f"{stem}-{n}{suffix}"
+        try:
+            with (folder / name).open("x"):
+                return name
+        except FileExistsError:
+            n += 1
 
 
 def read_checkpoint(path: Path) -> dict:
@@ -103,13 +123,76 @@ def check_checkpoint_fits(path: Path, checkpoint: dict, model: torch.nn.Module) 
         )
 
 
+def flat(value: Any, prefix: str = "") -> dict[str, Any]:
+    """A config branch as ``{"optimizer.init_args.lr": 0.001, ...}``."""
+    if isinstance(value, Namespace):
+        value = value.as_dict()
+    if not isinstance(value, dict):
+        return {prefix: value}
+    flattened = {}
+    for key, item in value.items():
+        flattened.update(flat(item, f"{prefix}.{key}" if prefix else key))
+    return flattened
+
+
+def plain_numbers(config: Namespace) -> None:
+    """Turn jsonargparse's restricted numbers (``PositiveInt``...) in ``config`` into ``int`` and
+    ``float``: Lightning stores the model's arguments in checkpoints, and ``torch.load`` with
+    ``weights_only=True`` (Lightning's own, and ours) refuses any other class."""
+    for key, value in config.items():
+        if isinstance(value, int) and not isinstance(value, bool) and type(value) is not int:
+            config[key] = int(value)
+        elif isinstance(value, float) and type(value) is not float:
+            config[key] = float(value)
+        elif isinstance(value, list):
+            for item in value:
+                if isinstance(item, Namespace):
+                    plain_numbers(item)
+
+
+def config_files(args: list[str]) -> list[Path]:
+    """The files that ``--config``/``-c`` name in a command line."""
+    files = []
+    for i, arg in enumerate(args):
+        if arg in ("--config", "-c") and i + 1 < len(args):
+            files.append(Path(args[i + 1]))
+        elif arg.startswith("--config="):
+            files.append(Path(arg.split("=", 1)[1]))
+    return files
+
+
+def config_file_problem(path: Path) -> str | None:
+    """What makes ``path`` unusable as a config that jsonargparse would only say vaguely."""
+    try:
+        content = yaml.safe_load(path.read_text())
+    except (OSError, yaml.YAMLError):
+        return None  # missing files and YAML syntax errors get jsonargparse's own message
+    if content is None:
+        return "the file is empty (or only comments)"
+    if not isinstance(content, dict):
+        return f"it holds a {type(content).__name__}, not settings"
+    return None
+
+
 class FashionCLI(LightningCLI):
     """LightningCLI with this project's defaults: best-on-``val/acc`` and last checkpoints,
     TensorBoard logs under ``lightning_logs/``, resumable runs, and a test pass after ``fit``."""
 
+    def __init__(self, *args, **kwargs) -> None:
+        self._checkpoint: tuple[Path, dict] | None = None  # --ckpt_path, resolved and read
+        self._resuming_last = False
+        super().__init__(
+            *args,
+            parser_class=OneLineErrorParser,
+            # the optimizer is set in one place, model.optimizer; LightningCLI would also offer
+            # --optimizer, which replaces it in training but not in hparams.yaml or TensorBoard
+            auto_configure_optimizers=False,
+            **kwargs,
+        )
+
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         parser.add_lightning_class_args(ClassificationImages, "images")
-        parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
+        parser.add_lightning_class_args(RunCheckpoint, "checkpoint")
         parser.set_defaults(
             {
                 "checkpoint.monitor": "val/acc",
@@ -120,65 +203,133 @@ class FashionCLI(LightningCLI):
             }
         )
 
+    def parse_arguments(self, parser: LightningArgumentParser, args) -> None:
+        command_line = sys.argv[1:] if args is None else args
+        if isinstance(command_line, list):
+            for path in config_files(command_line):
+                problem = config_file_problem(path)
+                if problem:
+                    parser.error(
+                        f"--config {path}: {problem}; a config maps trainer:, model: and data: "
+                        "to their settings, as configs/sgd.yaml does"
+                    )
+        super().parse_arguments(parser, args)
+
     def _parse_ckpt_path(self) -> None:
-        """Check ``--ckpt_path`` before Lightning reads the model's hyperparameters from it
-        (Lightning's own read of a damaged file is a traceback)."""
+        """Resolve ``--ckpt_path`` (``last``, ``best`` or a file) and check it before Lightning
+        reads the model's hyperparameters from it (its own read of a damaged file is a
+        traceback), then refuse or report values that the checkpoint overrides."""
         subcommand = self.config.get("subcommand")
-        ckpt_path = self.config[subcommand].get("ckpt_path") if subcommand else None
-        if ckpt_path not in (None, "last", *LIGHTNING_CKPT_PATHS):
-            read_checkpoint(Path(ckpt_path))
-        super()._parse_ckpt_path()
+        config = self.config[subcommand] if subcommand else None
+        ckpt_path = config.get("ckpt_path") if config else None
+        if ckpt_path in (None, *LIGHTNING_CKPT_PATHS):
+            super()._parse_ckpt_path()
+            return
+        path = self._checkpoint_file(ckpt_path, config)
+        self._checkpoint = (path, read_checkpoint(path))
+        self._resuming_last = subcommand == "fit" and ckpt_path == "last"
+        config.ckpt_path = str(path)
+        asked = flat(config.model)
+        super()._parse_ckpt_path()  # a new config, with the checkpoint's model arguments
+        taken = flat(self.config[subcommand].model)
+        differing = [key for key in asked if key in taken and asked[key] != taken[key]]
+        if not differing:
+            return
+        shown = ", ".join(f"model.{k} {taken[k]} (asked: {asked[k]})" for k in differing[:3])
+        more = f" and {len(differing) - 3} more" if len(differing) > 3 else ""
+        if subcommand == "fit":
+            own_config = path.parent.parent / "config.yaml"
+            remedy = f"--config {own_config}" if own_config.is_file() else "the run's own config"
+            raise CheckpointError(
+                f"--ckpt_path {path}: the checkpoint was trained with {shown}{more}; a resumed "
+                f"run keeps its model, so drop the other values or resume with {remedy}"
+            )
+        print(f"note: {subcommand} uses the checkpoint's {shown}{more}", file=sys.stderr)
+
+    def _checkpoint_file(self, ckpt_path: str, config: Namespace) -> Path:
+        """The file that ``--ckpt_path`` means: itself, or the newest run's last or best."""
+        if ckpt_path not in ("last", "best"):
+            return Path(ckpt_path)
+        folders, where = checkpoint_folders(
+            config.trainer.default_root_dir, config.trainer.logger, config.checkpoint.dirpath
+        )
+        last = newest_last_checkpoint(folders)
+        if last is None and ckpt_path == "last":
+            raise CheckpointError(
+                f"--ckpt_path last: no last.ckpt under {where} to resume; "
+                "drop --ckpt_path to start a new run"
+            )
+        if last is None:
+            raise CheckpointError(
+                f"--ckpt_path best: no last.ckpt under {where} to find the best checkpoint "
+                "from; pass a checkpoint file to --ckpt_path"
+            )
+        if ckpt_path == "last":
+            return last
+        best = best_checkpoint_of(last)
+        if best is None:
+            raise CheckpointError(
+                f"--ckpt_path best: the newest run ({last.parent}) records no best checkpoint "
+                "that still exists; pass a checkpoint file to --ckpt_path"
+            )
+        return best
+
+    def before_instantiate_classes(self) -> None:
+        config = self.config[self.subcommand] if self.subcommand else self.config
+        plain_numbers(config)
+        accelerator = config.trainer.accelerator
+        if isinstance(accelerator, str) and accelerator.lower() in ("gpu", "cuda", "mps"):
+            cuda = torch.cuda.is_available()
+            mps = torch.backends.mps.is_available()
+            found = {"gpu": cuda or mps, "cuda": cuda, "mps": mps}[accelerator.lower()]
+            if not found:
+                raise UserError(
+                    f"--trainer.accelerator {accelerator}: PyTorch sees no such device on this "
+                    f"machine (torch {torch.__version__}, CUDA available: {cuda}); use "
+                    "--trainer.accelerator auto or cpu, or a PyTorch build for your GPU"
+                )
 
     def instantiate_trainer(self, **kwargs) -> Trainer:
+        config = self._get(self.config_init, "trainer", default={})
+        if config.get("logger") in (None, True) and not config.get("barebones"):
+            kwargs["logger"] = default_logger(config.get("default_root_dir") or os.getcwd())
+        # what the user configured: Lightning adds its own callbacks to this same list
+        user_callbacks = config.get("callbacks") or []
+        user_callbacks = list(
+            user_callbacks if isinstance(user_callbacks, list) else [user_callbacks]
+        )
         trainer = super().instantiate_trainer(**kwargs)
         trainer.callbacks.append(ResumableTraining())
         if trainer.logger is not None:
             trainer.callbacks += [LearningRateMonitor(logging_interval="step"), HParamsSummary()]
         if self.subcommand == "predict":
             trainer.callbacks.append(PredictionWriter())
-        self._slow_down_default_progress_bar(trainer)
+        if not any(isinstance(callback, ProgressBar) for callback in user_callbacks):
+            self._slow_down_default_progress_bar(trainer)
         if type(trainer.strategy.checkpoint_io) is TorchCheckpointIO:
             trainer.strategy.checkpoint_io = AtomicCheckpointIO()
         return trainer
 
-    def _slow_down_default_progress_bar(self, trainer: Trainer) -> None:
+    @staticmethod
+    def _slow_down_default_progress_bar(trainer: Trainer) -> None:
         """Refresh Lightning's default progress bar every few batches instead of every batch.
 
-        Redrawing it after every one of this model's ~2 ms steps costs up to 10% of an epoch;
-        a bar the user configured (``--trainer.callbacks TQDMProgressBar``) is left alone.
+        Redrawing it after every one of this model's ~2 ms steps costs up to 10% of an epoch.
         """
         bar = trainer.progress_bar_callback
-        configured = self._get(self.config_init, "trainer", default={}).get("callbacks") or []
-        if type(bar) is TQDMProgressBar and bar.refresh_rate == 1 and bar not in configured:
+        if type(bar) is TQDMProgressBar and bar.refresh_rate == 1:
             trainer.callbacks[trainer.callbacks.index(bar)] = TQDMProgressBar(
                 refresh_rate=PROGRESS_BAR_REFRESH_RATE
             )
 
     def _check_inputs(self) -> None:
         """Turn the expected failures after parsing into one-line errors, before any work."""
-        config = self.config_init[self.subcommand]
-        ckpt_path = config.get("ckpt_path")
-        if ckpt_path not in (None, *LIGHTNING_CKPT_PATHS):
-            config["ckpt_path"] = str(self._checked_checkpoint(ckpt_path))
-        if self.subcommand == "fit":
-            self._check_log_root_writable()
-
-    def _checked_checkpoint(self, ckpt_path: str) -> Path:
-        """The checkpoint file ``--ckpt_path`` means, verified to be one of this model."""
-        if ckpt_path == "last":
-            path = find_last_checkpoint(self.trainer)
-            if path is None:
-                raise CheckpointError(
-                    f"--ckpt_path last: no last.ckpt under {self._log_root()} to resume; "
-                    "drop --ckpt_path to start a new run"
-                )
-        else:
-            path = Path(ckpt_path)
-        checkpoint = read_checkpoint(path)
-        check_checkpoint_fits(path, checkpoint, self.model)
-        if self.subcommand == "fit" and ckpt_path == "last":
-            self._continue_run_folder(path, checkpoint["global_step"])
-        return path
+        if self._checkpoint is not None:
+            path, checkpoint = self._checkpoint
+            check_checkpoint_fits(path, checkpoint, self.model)
+            if self._resuming_last:
+                self._continue_run_folder(path, checkpoint["global_step"])
+        self._check_log_root_writable()
 
     def _log_root(self) -> Path:
         logger = self.trainer.logger
@@ -199,12 +350,11 @@ class FashionCLI(LightningCLI):
         """Log into the resumed run's own ``version_N`` so its curves continue in TensorBoard."""
         logger = self.trainer.logger
         run_dir = checkpoint.parent.parent
-        if not isinstance(logger, TensorBoardLogger) or run_dir.parent != Path(logger.root_dir):
-            return
-        # TensorBoardLogger only takes the version in its constructor; nothing has read it yet.
-        logger._version = run_dir.name
-        # Hide what the stopped run logged after this checkpoint, so no step appears twice.
-        logger._kwargs["purge_step"] = global_step + 1
+        if (
+            isinstance(logger, TensorBoardLogger)
+            and run_dir.parent.resolve() == Path(logger.root_dir).resolve()
+        ):
+            continue_run(logger, run_dir, global_step)
 
     def before_fit(self) -> None:
         self._check_inputs()
@@ -218,13 +368,88 @@ class FashionCLI(LightningCLI):
     def before_predict(self) -> None:
         self._check_inputs()
 
+    # LightningCLI runs a method of this class in place of the Trainer's of the same name
+    def fit(self, **kwargs) -> None:
+        self._reporting_write_errors(self.trainer.fit, **kwargs)
+
+    def validate(self, **kwargs) -> None:
+        self._reporting_write_errors(self.trainer.validate, **kwargs)
+
+    def test(self, **kwargs) -> None:
+        self._reporting_write_errors(self.trainer.test, **kwargs)
+
+    def predict(self, **kwargs) -> None:
+        self._reporting_write_errors(self.trainer.predict, **kwargs)
+
+    def _reporting_write_errors(self, run, **kwargs) -> None:
+        """Run a Trainer method; a failed write (a full disk) becomes one line that names the
+        file, the cause and the newest checkpoint that is still complete."""
+        try:
+            with warnings.catch_warnings():
+                if self.subcommand != "fit":  # evaluation restores no checkpoint bookkeeping
+                    warnings.filterwarnings("ignore", message="The dirpath has changed from")
+                run(**kwargs)
+        except Exception as err:
+            if isinstance(self.trainer.logger, RunFolderLogger):
+                self.trainer.logger.release_unused_folder()
+            cause = os_error_in(err)
+            if cause is None or cause.errno not in WRITE_ERRNOS:
+                raise
+            target = cause.filename or f"the run outputs in {self.trainer.log_dir}"
+            raise UserError(
+                f"cannot write {target}: {cause.strerror}; {self._what_is_kept()}"
+            ) from err
+
+    def _what_is_kept(self) -> str:
+        """What a user whose disk filled up still has, and what to do next."""
+        if self.subcommand != "fit":
+            return "free space and run again"
+        callback = self.trainer.checkpoint_callback
+        folder = Path(callback.dirpath) if callback is not None and callback.dirpath else None
+        kept = sorted(folder.glob("*.ckpt"), key=lambda p: p.stat().st_mtime_ns) if folder else []
+        if not kept:
+            return "no checkpoint was written yet; free space and run again"
+        return (
+            f"the newest complete checkpoint is {kept[-1]}; free space, then continue with "
+            "--ckpt_path last"
+        )
+
     def after_fit(self) -> None:
         """Evaluate the best checkpoint on the official test split, as the tutorial does."""
         if self.trainer.interrupted:
             return
         checkpoint = self.trainer.checkpoint_callback
         best = checkpoint.best_model_path if checkpoint is not None else ""
-        self.trainer.test(self.model, datamodule=self.datamodule, ckpt_path=best or None)
+        if best:
+            # The weights are loaded here rather than by test(ckpt_path=best): during fit,
+            # Lightning's WeightAveraging callbacks (EMAWeightAveraging...) put the raw training
+            # weights back when a checkpoint loads, while the checkpoint holds (and was chosen
+            # for) the averaged ones that a later `test --ckpt_path` measures.
+            print(f"Testing the best checkpoint {best}", file=sys.stderr)
+            state = torch.load(best, map_location="cpu", weights_only=True)["state_dict"]
+            self.model.load_state_dict(state)
+        self.test(model=self.model, datamodule=self.datamodule)
+
+
+def _report(err: BaseException, exit_code: int) -> None:
+    if os.environ.get(DEBUG_ENV):
+        raise err
+    print(f"error: {' '.join(str(err).split())}", file=sys.stderr)
+    sys.exit(exit_code)
+
+
+def _missing_module(err: BaseException) -> ModuleNotFoundError | None:
+    while err is not None and not isinstance(err, ModuleNotFoundError):
+        err = err.__cause__ or err.__context__
+    return err
+
+
+def _quiet_write_errors_in_threads(args) -> None:
+    """TensorBoard writes from a thread: its failed write (a full disk) surfaces again in the
+    main thread, which reports it in one line; don't print the thread's traceback too."""
+    if isinstance(args.exc_value, OSError) and args.exc_value.errno in WRITE_ERRNOS:
+        return
+    threading.__excepthook__(args)
 
 
 def main(args: list[str] | None = None) -> None:
@@ -233,19 +458,21 @@ def main(args: list[str] | None = None) -> None:
     Errors a user can fix print one line and exit non-zero; set FASHION_LIGHTNING_DEBUG=1 for
     the traceback.
     """
+    threading.excepthook = _quiet_write_errors_in_threads
     try:
         FashionCLI(
-            ImageClassifier,
-            FashionMNISTDataModule,
-            args=args,
-            save_config_callback=SaveRunConfig,
+            ImageClassifier, FashionMNISTDataModule, args=args, save_config_callback=SaveRunConfig
         )
     except UserError as err:
-        if os.environ.get(DEBUG_ENV):
-            raise
-        print(f"error: {err}", file=sys.stderr)
-        sys.exit(err.exit_code)
+        _report(err, err.exit_code)
     except SIGTERMException:
         # Lightning exits 0 on SIGTERM outside training; a scheduler would read that as success
         print("error: stopped by SIGTERM", file=sys.stderr)
         sys.exit(143)
+    except MisconfigurationException as err:  # Lightning refused a value of the config
+        _report(err, 2)
+    except Exception as err:
+        missing = _missing_module(err)  # e.g. a callback named in the config needs a package
+        if missing is None:
+            raise
+        _report(missing, 1)

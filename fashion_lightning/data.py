@@ -10,14 +10,21 @@ import sys
 import lightning as L
 import torch
 import torch.nn.functional as F
+from jsonargparse.typing import NonNegativeInt, PositiveInt, restricted_number_type
+from lightning.pytorch.overrides.distributed import UnrepeatedDistributedSampler
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, Sampler
 from torchvision.datasets import FashionMNIST
 
-from fashion_lightning.pictures import load_pictures
+from fashion_lightning.pictures import check_picture_folder, load_pictures
 from fashion_lightning.raw_files import DEBIAN_SOURCE_DIR, IMAGE_SIZE, ensure_raw_files
 
 CLASS_NAMES = tuple(FashionMNIST.classes)
+TRAINING_IMAGES = 60000
+# validation images held out of the 60k training images: at least 1, and 1 left to train on
+ValidationSize = restricted_number_type(
+    "ValidationSize", int, [(">=", 1), ("<", TRAINING_IMAGES)], docstring="an int in [1, 59999]"
+)
 
 
 class InMemoryImages(Dataset):
@@ -110,17 +117,17 @@ class FashionMNISTDataModule(L.LightningDataModule):
     def __init__(
         self,
         data_dir: str = "data",
-        batch_size: int = 64,
-        eval_batch_size: int = 1000,
-        val_size: int = 5000,
+        batch_size: PositiveInt = 64,
+        eval_batch_size: PositiveInt = 1000,
+        val_size: ValidationSize = 5000,
         seed: int = 42,
-        num_workers: int = 0,
+        num_workers: NonNegativeInt = 0,
         source_dir: str = DEBIAN_SOURCE_DIR,
         download: bool = True,
         data_on_device: bool = True,
         predict_dir: str | None = None,
         augment_flip: bool = False,
-        augment_shift: int = 0,
+        augment_shift: NonNegativeInt = 0,
     ) -> None:
         """
         Args:
@@ -146,10 +153,6 @@ class FashionMNISTDataModule(L.LightningDataModule):
                 Augmentation draws from ``seed`` and the step, so runs and resumes repeat.
         """
         super().__init__()
-        if min(batch_size, eval_batch_size) < 1:
-            raise ValueError(f"batch sizes must be at least 1, got {batch_size}, {eval_batch_size}")
-        if not 0 < val_size < 60000:
-            raise ValueError(f"val_size must be between 1 and 59999, got {val_size}")
         self.save_hyperparameters(logger=False)  # HParamsSummary logs them
         self.data_dir = data_dir
         self.batch_size = batch_size
@@ -174,7 +177,9 @@ class FashionMNISTDataModule(L.LightningDataModule):
     def prepare_data(self) -> None:
         # Lightning calls this on one process per machine, before any setup()
         if self._predicting_own_pictures():
-            return  # classifying your own pictures needs no FashionMNIST files
+            # needs no FashionMNIST files; checked here, before a run folder is made for it
+            check_picture_folder(self.predict_dir)
+            return
         raw_dir = ensure_raw_files(self.data_dir, self.source_dir, self.download)
         print(f"FashionMNIST: verified raw files in {raw_dir}", file=sys.stderr)
 
@@ -209,13 +214,28 @@ class FashionMNISTDataModule(L.LightningDataModule):
             self.predict_set = self.test_set
 
     def _loader(self, dataset: InMemoryImages, sampler: Sampler | None = None) -> DataLoader:
+        training = sampler is not None
         return DataLoader(
             dataset,
-            batch_size=self.batch_size if sampler is not None else self.eval_batch_size,
-            sampler=sampler,
+            batch_size=self.batch_size if training else self.eval_batch_size,
+            sampler=sampler if training else self._evaluation_sampler(dataset),
             collate_fn=keep_batch,
             num_workers=self.num_workers,
             persistent_workers=self.num_workers > 0,
+        )
+
+    def _evaluation_sampler(self, dataset: InMemoryImages) -> Sampler | None:
+        """Under DDP, each process's share of an evaluation set, every image exactly once.
+
+        The DistributedSampler that Lightning would add pads the shares to equal length by
+        repeating images, which the epoch metrics then count twice (5001 of 5000 on 3
+        processes). Unequal shares are safe in evaluation: no collective runs per batch.
+        """
+        trainer = self.trainer
+        if trainer is None or trainer.world_size == 1:
+            return None  # the DataLoader's plain sequential order
+        return UnrepeatedDistributedSampler(
+            dataset, num_replicas=trainer.world_size, rank=trainer.global_rank, shuffle=False
         )
 
     def train_dataloader(self) -> DataLoader:

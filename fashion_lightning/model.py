@@ -7,6 +7,7 @@ from typing import Any, Literal
 import lightning as L
 import torch
 import torch.nn.functional as F
+from jsonargparse.typing import ClosedUnitInterval, PositiveInt, restricted_number_type
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from torch import Tensor, nn
 from torchmetrics import MeanMetric, Metric
@@ -17,6 +18,10 @@ from fashion_lightning.errors import NonFiniteLossError
 from fashion_lightning.raw_files import IMAGE_SIZE
 
 NUM_CLASSES = len(CLASS_NAMES)
+# a dropout probability: 0 (none) up to, not including, 1 (which would drop everything)
+DropoutProbability = restricted_number_type(
+    "DropoutProbability", float, [(">=", 0), ("<", 1)], docstring="a float in [0, 1)"
+)
 
 
 class MLP(nn.Module):
@@ -49,12 +54,12 @@ class ImageClassifier(L.LightningModule):
 
     def __init__(
         self,
-        hidden_size: int = 512,
+        hidden_size: PositiveInt = 512,
         optimizer: OptimizerCallable = torch.optim.SGD,
         lr_scheduler: LRSchedulerCallable | None = None,
         scheduler_interval: Literal["step", "epoch"] = "epoch",
-        dropout: float = 0.0,
-        label_smoothing: float = 0.0,
+        dropout: DropoutProbability = 0.0,
+        label_smoothing: ClosedUnitInterval = 0.0,
         compile: bool = False,
     ) -> None:
         """
@@ -67,9 +72,10 @@ class ImageClassifier(L.LightningModule):
                 ``OneCycleLR`` without ``total_steps`` spans the whole run.
             scheduler_interval: Step the scheduler after every optimizer ``step`` or every
                 ``epoch``.
-            dropout: Dropout probability after each hidden ReLU (the tutorial: 0, none).
-            label_smoothing: Label smoothing of the training loss (validation and test losses
-                stay plain cross-entropy, so that runs compare).
+            dropout: Dropout probability after each hidden ReLU, from 0 (the tutorial: none)
+                up to, not including, 1.
+            label_smoothing: Label smoothing of the training loss, 0 to 1 (validation and test
+                losses stay plain cross-entropy, so that runs compare).
             compile: Compile the network with ``torch.compile`` (needs a C++ compiler on CPU;
                 the first steps are slow while it compiles). See the README for its effect.
         """

@@ -17,11 +17,12 @@ from fashion_lightning.raw_files import IMAGE_SIZE
 def to_fashion_mnist(picture: Image.Image) -> Tensor:
     """Make a picture look like a FashionMNIST image: 28x28 grayscale, light garment on dark.
 
-    A dark-on-light photo is inverted; a picture of another size is cropped to the garment and
-    scaled so that its longer side is 28 pixels, centred, as Zalando made the data set.
+    A transparent background is filled first (see :func:`fill_transparency`); a dark-on-light
+    photo is inverted; a picture of another size is cropped to the garment and scaled so that
+    its longer side is 28 pixels, centred, as Zalando made the data set.
     Returns a (1, 28, 28) uint8 tensor.
     """
-    gray = ImageOps.exif_transpose(picture).convert("L")
+    gray = fill_transparency(ImageOps.exif_transpose(picture)).convert("L")
     pixels = np.asarray(gray)
     border = np.concatenate([pixels[0], pixels[-1], pixels[:, 0], pixels[:, -1]])
     if np.median(border) > 127:
@@ -39,6 +40,57 @@ def to_fashion_mnist(picture: Image.Image) -> Tensor:
     return torch.from_numpy(np.array(gray, dtype=np.uint8)).unsqueeze(0)
 
 
+def fill_transparency(picture: Image.Image) -> Image.Image:
+    """Composite a picture with transparency onto the background it implies.
+
+    Transparent pixels usually hold black, so a dark garment on a transparent background would
+    turn into dark on black. The visible (mostly opaque) pixels decide: a dark garment gets a
+    white background, a light one a black background.
+    """
+    has_alpha = picture.mode in ("RGBA", "LA", "PA", "RGBa", "La")
+    if not has_alpha and "transparency" not in picture.info:
+        return picture
+    rgba = picture.convert("RGBA")
+    alpha = np.asarray(rgba.getchannel("A"))
+    if alpha.min() == 255:
+        return picture
+    luminance = np.asarray(rgba.convert("L"))
+    visible = luminance[alpha > 127]
+    dark = visible.size > 0 and visible.mean() < 128
+    background = Image.new("RGBA", rgba.size, (255, 255, 255, 255) if dark else (0, 0, 0, 255))
+    return Image.alpha_composite(background, rgba).convert("RGB")
+
+
+def check_picture_folder(folder: str | Path) -> None:
+    """Raise DataError unless ``folder`` holds at least one file that opens as a picture.
+
+    Only the headers are read: ``predict`` checks this before it starts a run folder, and
+    :func:`load_pictures` reads the pictures themselves later.
+    """
+    folder = Path(folder)
+    files = _files_in(folder)
+    for path in files:
+        try:
+            with Image.open(path):
+                return
+        except (UnidentifiedImageError, OSError, ValueError):
+            continue
+    raise _no_pictures(folder, skipped=len(files))
+
+
+def _files_in(folder: Path) -> list[Path]:
+    if not folder.is_dir():
+        raise DataError(f"--data.predict_dir {folder}: no such folder")
+    return sorted(p for p in folder.iterdir() if p.is_file())
+
+
+def _no_pictures(folder: Path, skipped: int) -> DataError:
+    return DataError(
+        f"--data.predict_dir {folder}: no readable picture ({skipped} files skipped); "
+        "put PNG or JPEG files there"
+    )
+
+
 def load_pictures(folder: str | Path) -> tuple[Tensor, list[str]]:
     """All readable pictures in ``folder`` (sorted by name) as FashionMNIST-like images.
 
@@ -48,10 +100,8 @@ def load_pictures(folder: str | Path) -> tuple[Tensor, list[str]]:
         DataError: the folder does not exist or holds no readable picture.
     """
     folder = Path(folder)
-    if not folder.is_dir():
-        raise DataError(f"--data.predict_dir {folder}: no such folder")
     images, names, skipped = [], [], []
-    for path in sorted(p for p in folder.iterdir() if p.is_file()):
+    for path in _files_in(folder):
         try:
             with Image.open(path) as picture:
                 images.append(to_fashion_mnist(picture))
@@ -62,8 +112,5 @@ def load_pictures(folder: str | Path) -> tuple[Tensor, list[str]]:
     for line in skipped:
         print(f"skipped {line}", file=sys.stderr)
     if not images:
-        raise DataError(
-            f"--data.predict_dir {folder}: no readable picture ({len(skipped)} files skipped); "
-            "put PNG or JPEG files there"
-        )
+        raise _no_pictures(folder, skipped=len(skipped))
     return torch.stack(images), names

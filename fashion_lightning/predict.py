@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import os
 from pathlib import Path
 from typing import Any
 
@@ -11,6 +12,23 @@ import torch
 from lightning.pytorch.callbacks import BasePredictionWriter
 
 from fashion_lightning.data import CLASS_NAMES
+
+
+def write_csv(path: Path, rows: list[list]) -> None:
+    """Write ``rows`` to ``path`` whole or not at all: into a temporary file, then renamed.
+    A failed write (a full disk) raises OSError naming ``path``, and leaves no partial file."""
+    partial = path.with_name(f".{path.name}.{os.getpid()}.part")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with partial.open("w", newline="") as f:
+            csv.writer(f).writerows(rows)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(partial, path)
+    except OSError as err:
+        raise OSError(err.errno, err.strerror, str(path)) from err
+    finally:
+        partial.unlink(missing_ok=True)
 
 
 class PredictionWriter(BasePredictionWriter):
@@ -30,20 +48,16 @@ class PredictionWriter(BasePredictionWriter):
         names = getattr(trainer.predict_dataloaders.dataset, "names", None)
         suffix = "" if trainer.world_size == 1 else f"-rank{trainer.global_rank}"
         path = Path(trainer.log_dir or trainer.default_root_dir) / f"predictions{suffix}.csv"
-        path.parent.mkdir(parents=True, exist_ok=True)
-        with path.open("w", newline="") as f:
-            writer = csv.writer(f)
-            if names is None:
-                writer.writerow(
-                    ["index", "true_label", "predicted_label", "class_name", "probability"]
-                )
-            else:
-                writer.writerow(["file", "predicted_label", "class_name", "probability"])
-            for index, label, probability, target in sorted(
-                zip(indices, labels, probabilities, targets, strict=True)
-            ):
-                row = [index, target] if names is None else [names[index]]
-                writer.writerow([*row, label, CLASS_NAMES[label], f"{probability:.6f}"])
+        rows = [
+            [index, target] if names is None else [names[index]]
+            for index, target in zip(indices, targets, strict=True)
+        ]
+        rows = sorted(
+            [*row, label, CLASS_NAMES[label], f"{probability:.6f}"]
+            for row, label, probability in zip(rows, labels, probabilities, strict=True)
+        )
+        header = ["index", "true_label"] if names is None else ["file"]
+        write_csv(path, [[*header, "predicted_label", "class_name", "probability"], *rows])
         if names is None:
             correct = sum(label == target for label, target in zip(labels, targets, strict=True))
             summary = f"{len(labels)} test images, accuracy {correct / len(labels):.2%}"

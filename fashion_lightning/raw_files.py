@@ -121,9 +121,10 @@ def _fix_hint(source_dir: Path) -> str:
 
 def _decompress(gz_path: Path, target: Path, expected: RawFile) -> None:
     """Decompress ``gz_path`` next to ``target``, verify, then rename: never a half-written file."""
-    fd, tmp_name = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".part")
-    tmp = Path(tmp_name)
-    with os.fdopen(fd, "wb") as out:
+    # a name of this process's own, created like any other file (mkstemp would make it 0600,
+    # unreadable to the other users of a shared data folder)
+    tmp = target.with_name(f".{target.name}.{os.getpid()}.part")
+    with tmp.open("wb") as out:
         try:
             with gzip.open(gz_path, "rb") as src:
                 shutil.copyfileobj(src, out)

@@ -8,6 +8,7 @@ from typing import Any
 import lightning as L
 import numpy as np
 import torch
+from jsonargparse.typing import NonNegativeInt, PositiveInt
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.loggers import TensorBoardLogger
 from PIL import Image, ImageDraw, ImageFont
@@ -182,7 +183,7 @@ class ClassificationImages(Callback):
     and true classes (wrong ones framed red) and the confusion matrix; the test confusion
     matrix at the end of testing."""
 
-    def __init__(self, every_n_epochs: int = 1, num_images: int = 32) -> None:
+    def __init__(self, every_n_epochs: NonNegativeInt = 1, num_images: PositiveInt = 32) -> None:
         """
         Args:
             every_n_epochs: Draw the validation images every this many epochs; 0 switches

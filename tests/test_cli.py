@@ -2,13 +2,18 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+
 import pytest
 import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from fashion_lightning.cli import main
+from fashion_lightning.cli import FashionCLI, main
+from fashion_lightning.data import FashionMNISTDataModule
 from fashion_lightning.model import ImageClassifier
-from tests.helpers import SGD_CONFIG, fit_args, last_line, run_cli
+from tests.helpers import ROOT, SGD_CONFIG, fit_args, last_line, run_cli
 
 
 @pytest.mark.slow
@@ -150,3 +155,49 @@ def test_same_config_runs_with_accelerator_precision_and_compile_options(extra, 
     # compiled or not, the weights keep the tutorial's names and load into a plain model
     model = ImageClassifier()
     model.load_state_dict(checkpoint["state_dict"])
+
+
+@pytest.mark.parametrize(
+    ("extra", "refresh_rate"),
+    [
+        ([], 10),
+        (["--trainer.callbacks+=tests.helpers.RecordLearningRate"], 10),
+        (["--trainer.callbacks+=TQDMProgressBar", "--trainer.callbacks.refresh_rate=3"], 3),
+    ],
+    ids=["default", "with-a-callback-added", "bar-configured"],
+)
+def test_default_progress_bar_redraws_every_ten_batches(extra, refresh_rate, tmp_path):
+    cli = FashionCLI(
+        ImageClassifier,
+        FashionMNISTDataModule,
+        run=False,
+        args=["--config", str(SGD_CONFIG), f"--trainer.default_root_dir={tmp_path}", *extra],
+    )
+    assert cli.trainer.progress_bar_callback.refresh_rate == refresh_rate
+
+
+@pytest.mark.slow
+def test_relative_paths_are_under_the_folder_it_runs_from(tmp_path, debian_source):
+    # data_dir: data and the default root are relative: a run from elsewhere writes there
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "fashion_lightning",
+            "fit",
+            "--config",
+            str(SGD_CONFIG),
+            "--trainer.max_epochs=1",
+            "--trainer.limit_train_batches=2",
+            "--trainer.limit_val_batches=1",
+            "--trainer.limit_test_batches=1",
+        ],
+        cwd=tmp_path,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert (tmp_path / "data" / "FashionMNIST" / "raw" / "train-images-idx3-ubyte").is_file()
+    assert (tmp_path / "lightning_logs" / "version_0" / "checkpoints" / "last.ckpt").is_file()

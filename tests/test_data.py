@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import gzip
 import hashlib
+import os
 import shutil
 import threading
 from functools import partial
@@ -37,6 +38,15 @@ def test_missing_raw_files_are_decompressed_from_the_debian_source(tmp_path, deb
     raw_dir = ensure_raw_files(tmp_path / "data", debian_source, download=False)
     assert _digests(raw_dir) == {f.name: f.sha256 for f in RAW_FILES}
     assert sorted(p.name for p in raw_dir.iterdir()) == sorted(f.name for f in RAW_FILES)
+
+
+def test_unpacked_files_are_readable_by_others_as_the_umask_allows(tmp_path, debian_source):
+    old_umask = os.umask(0o022)
+    try:
+        raw_dir = ensure_raw_files(tmp_path / "data", debian_source, download=False)
+    finally:
+        os.umask(old_umask)
+    assert {oct(p.stat().st_mode & 0o777) for p in raw_dir.iterdir()} == {"0o644"}
 
 
 def test_only_the_missing_file_is_taken_from_the_source(raw_copy, debian_source):

@@ -82,3 +82,32 @@ def test_ddp_on_two_cpu_processes(data_dir, tmp_path):
         ]
     )
     assert _scalars(single / "lightning_logs" / "version_0", "val/acc") == [ddp_val_acc]
+
+
+def test_ddp_on_three_processes_counts_every_evaluation_image_once(data_dir, tmp_path):
+    # 5000 validation and 10000 test images do not split evenly in 3: Lightning's own sampler
+    # would repeat images to even the shares out, and the metrics would count them twice
+    result = run_cli(
+        *fit_args(
+            data_dir,
+            tmp_path,
+            "--trainer.strategy=ddp",
+            "--trainer.accelerator=cpu",
+            "--trainer.devices=3",
+            "--trainer.max_epochs=1",
+            "--trainer.limit_train_batches=5",
+            "--model.optimizer.init_args.lr=0.05",
+        )
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    run = tmp_path / "lightning_logs" / "version_0"
+    last = run / "checkpoints" / "last.ckpt"
+    single = tmp_path / "single"
+    for subcommand in ("validate", "test"):
+        main([subcommand, *fit_args(data_dir, single)[1:], f"--ckpt_path={last}"])
+    single_runs = single / "lightning_logs"
+    assert _scalars(run, "val/acc") == _scalars(single_runs / "version_0", "val/acc")
+    assert _scalars(run, "val/loss") == pytest.approx(
+        _scalars(single_runs / "version_0", "val/loss"), rel=1e-6
+    )
+    assert _scalars(run, "test/acc") == _scalars(single_runs / "version_1", "test/acc")

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import lightning as L
@@ -11,7 +13,7 @@ import torch
 from lightning.pytorch.demos.boring_classes import BoringModel
 
 from fashion_lightning.cli import main
-from tests.helpers import SGD_CONFIG, fit_args
+from tests.helpers import ROOT, SGD_CONFIG, fit_args, last_line, run_cli
 
 TINY_RUN = (
     "--trainer.max_epochs=1",
@@ -151,3 +153,190 @@ def test_unwritable_location_is_one_line(option, phrase, tmp_path, capsys):
     assert line.startswith("error: " + phrase.format(path=path)), line
     assert "Not a directory" in line and "pass a writable " + option in line
     assert blocker.read_text() == "keep me"
+
+
+@pytest.mark.parametrize(
+    ("option", "phrase"),
+    [
+        ("--data.batch_size=0", 'Parser key "data.batch_size": Not of type PositiveInt'),
+        ("--data.eval_batch_size=-1", 'Parser key "data.eval_batch_size": Not of type PositiveInt'),
+        ("--data.val_size=60000", 'Parser key "data.val_size": Not of type ValidationSize'),
+        ("--data.num_workers=-1", 'Parser key "data.num_workers": Not of type NonNegativeInt'),
+        ("--model.hidden_size=0", 'Parser key "model.hidden_size": Not of type PositiveInt'),
+        ("--model.label_smoothing=2", 'Parser key "model.label_smoothing": Not of type'),
+        ("--model.dropout=1.5", 'Parser key "model.dropout": Not of type DropoutProbability'),
+        ("--images.every_n_epochs=-1", 'Parser key "images.every_n_epochs": Not of type'),
+        ("--optimizer=Adam", "unrecognized arguments: --optimizer=Adam"),
+    ],
+)
+def test_out_of_range_values_are_refused_when_parsing(option, phrase, tmp_path, capsys):
+    line = _fails(fit_args(tmp_path / "data", tmp_path, option), capsys, exit_code=2)
+    assert phrase in line, line
+    assert not (tmp_path / "lightning_logs").exists() and not (tmp_path / "data").exists()
+
+
+def test_restricted_values_reach_checkpoints_as_plain_numbers(checkpoints):
+    # Lightning reads the model's arguments back with weights_only=True: plain types only
+    hparams = torch.load(checkpoints["ours"], weights_only=True)["hyper_parameters"]
+    assert type(hparams["hidden_size"]) is int and type(hparams["dropout"]) is float
+
+
+@pytest.mark.parametrize(
+    ("option", "phrase"),
+    [
+        ("--trainer.max_epochs=-5", "error: `max_epochs` must be a non-negative integer or -1"),
+        ("--trainer.accelerator=gpu", "error: --trainer.accelerator gpu: PyTorch sees no such"),
+    ],
+)
+def test_values_lightning_refuses_are_one_line(option, phrase, tmp_path, capsys):
+    if option.endswith("gpu") and torch.cuda.is_available():
+        pytest.skip("this machine has a GPU")
+    code = 2 if "max_epochs" in option else 1
+    line = _fails(fit_args(tmp_path / "data", tmp_path, option), capsys, exit_code=code)
+    assert line.startswith(phrase), line
+    assert not (tmp_path / "lightning_logs").exists()
+
+
+def test_a_callback_whose_package_is_missing_is_one_line(tmp_path):
+    result = run_cli(*fit_args(tmp_path / "data", tmp_path, "--trainer.callbacks+=RichProgressBar"))
+    assert result.returncode == 1
+    assert "Traceback" not in result.stderr
+    assert last_line(result.stderr) == (
+        "error: `RichProgressBar` requires `rich` >= 10.2.2. Install it by running `pip install -U rich`."
+    )
+
+
+@pytest.mark.parametrize(
+    ("content", "phrase"),
+    [("", "the file is empty"), ("# only\n", "the file is empty"), ("- a\n", "it holds a list")],
+)
+def test_an_empty_or_odd_config_file_says_what_is_wrong(content, phrase, tmp_path, capsys):
+    config = tmp_path / "my.yaml"
+    config.write_text(content)
+    line = _fails(["fit", "--config", str(config)], capsys, exit_code=2)
+    assert line.startswith(f"error: --config {config}: {phrase}"), line
+    assert "a config maps trainer:, model: and data: to their settings" in line
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("subcommand", ["validate", "test", "predict"])
+def test_evaluation_into_an_unwritable_root_is_one_line(
+    subcommand, checkpoints, data_dir, tmp_path, capsys
+):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("keep me")
+    args = fit_args(data_dir, blocker / "inside", *TINY_RUN, f"--ckpt_path={checkpoints['ours']}")
+    line = _fails([subcommand, *args[1:]], capsys)
+    assert line.startswith(
+        f"error: cannot write run outputs to {blocker / 'inside'}/lightning_logs"
+    )
+    assert blocker.read_text() == "keep me"
+
+
+def _on_a_small_disk(size: str, script: str, folder: Path) -> subprocess.CompletedProcess:
+    """Run ``script`` in a shell where ``folder`` is a fresh tmpfs of ``size`` (a full disk)."""
+    folder.mkdir()
+    return subprocess.run(
+        [
+            "unshare",
+            "--user",
+            "--map-root-user",
+            "--mount",
+            "sh",
+            "-c",
+            f"mount -t tmpfs -o size={size} tmpfs {folder} && {script}",
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+
+
+@pytest.mark.slow
+def test_a_full_disk_while_checkpointing_is_one_line_and_keeps_the_last_checkpoint(
+    data_dir, tmp_path
+):
+    disk, copy = tmp_path / "disk", tmp_path / "copy"
+    # 7 MB: the first epoch's best and last checkpoints (2.7 MB each) fit, a third does not
+    args = " ".join(
+        fit_args(
+            data_dir,
+            disk,
+            *TINY_RUN,
+            "--trainer.max_epochs=3",
+            "--model.optimizer.init_args.lr=0.1",
+        )
+    )
+    result = _on_a_small_disk(
+        "7m",
+        f"{sys.executable} -m fashion_lightning {args}; echo rc=$? >&2; cp -a {disk} {copy}",
+        disk,
+    )
+    assert "rc=1" in result.stderr, result.stderr[-3000:]
+    errors = [
+        line
+        for line in result.stderr.splitlines()
+        if "error" in line.lower() or "Traceback" in line
+    ]
+    assert len(errors) == 1, errors
+    folder = copy / "lightning_logs" / "version_0" / "checkpoints"
+    assert errors[0].startswith(
+        f"error: cannot write {disk}/lightning_logs/version_0/checkpoints/epoch01"
+    )
+    assert ": No space left on device; the newest complete checkpoint is " in errors[0]
+    assert errors[0].endswith("; free space, then continue with --ckpt_path last")
+    last = torch.load(folder / "last.ckpt", weights_only=True)
+    assert (last["epoch"], last["global_step"]) == (0, 3)  # the previous last.ckpt, whole
+    assert not list(folder.glob(".*.part"))
+
+
+def _error_lines(stderr: str) -> list[str]:
+    return [
+        line
+        for line in stderr.splitlines()
+        if "error" in line.lower() or "Traceback" in line or "Exception" in line
+    ]
+
+
+@pytest.mark.slow
+def test_a_full_disk_while_writing_tensorboard_logs_is_one_line(data_dir, tmp_path):
+    disk = tmp_path / "disk"
+    # no checkpoints: the TensorBoard pictures are what fills 120 kB
+    args = fit_args(
+        data_dir,
+        disk,
+        *TINY_RUN,
+        "--trainer.max_epochs=3",
+        "--checkpoint.save_last=false",
+        "--checkpoint.save_top_k=0",
+    )
+    result = _on_a_small_disk(
+        "120k", f"{sys.executable} -m fashion_lightning {' '.join(args)}; echo rc=$? >&2", disk
+    )
+    assert "rc=1" in result.stderr, result.stderr[-3000:]
+    assert _error_lines(result.stderr) == [
+        f"error: cannot write the run outputs in {disk}/lightning_logs/version_0: No space left "
+        "on device; no checkpoint was written yet; free space and run again"
+    ]
+
+
+@pytest.mark.slow
+def test_a_full_disk_while_writing_predictions_is_one_line_and_leaves_no_partial_file(
+    checkpoints, data_dir, tmp_path
+):
+    disk, copy = tmp_path / "disk", tmp_path / "copy"
+    args = fit_args(data_dir, disk, f"--ckpt_path={checkpoints['ours']}")
+    command = f"{sys.executable} -m fashion_lightning predict {' '.join(args[1:])}"
+    result = _on_a_small_disk("64k", f"{command}; echo rc=$? >&2; cp -a {disk} {copy}", disk)
+    assert "rc=1" in result.stderr, result.stderr[-3000:]
+    csv = f"{disk}/lightning_logs/version_0/predictions.csv"
+    assert _error_lines(result.stderr) == [
+        f"error: cannot write {csv}: No space left on device; free space and run again"
+    ]
+    assert (
+        sorted(
+            p.name for p in (copy / "lightning_logs" / "version_0").iterdir() if "pred" in p.name
+        )
+        == []
+    )

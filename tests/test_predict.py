@@ -92,20 +92,41 @@ def test_a_dark_on_light_photo_becomes_a_fashion_mnist_image(data_dir):
     assert difference < 8  # of 255: resampling only
 
 
-def test_a_folder_without_pictures_is_a_one_line_error(trained_run, data_dir, tmp_path, capsys):
-    (tmp_path / "only_broken.jpg").write_bytes(b"nope")
+@pytest.mark.parametrize(
+    ("folder", "problem"),
+    [
+        ("only-broken", "no readable picture (1 files skipped); put PNG or JPEG files there"),
+        ("nowhere", "no such folder"),
+    ],
+)
+def test_a_folder_without_pictures_is_one_line_and_leaves_no_run_folder(
+    folder, problem, trained_run, data_dir, tmp_path, capsys
+):
+    pictures = tmp_path / folder
+    if folder == "only-broken":
+        pictures.mkdir()
+        (pictures / "broken.jpg").write_bytes(b"nope")
     with pytest.raises(SystemExit) as exit_:
         main(
             [
                 "predict",
                 *fit_args(data_dir, tmp_path / "runs")[1:],
                 f"--ckpt_path={trained_run}/checkpoints/last.ckpt",
-                f"--data.predict_dir={tmp_path}",
+                f"--data.predict_dir={pictures}",
             ]
         )
     assert exit_.value.code == 1
     last = capsys.readouterr().err.strip().splitlines()[-1]
-    assert last == (
-        f"error: --data.predict_dir {tmp_path}: no readable picture (1 files skipped); "
-        "put PNG or JPEG files there"
-    )
+    assert last == f"error: --data.predict_dir {pictures}: {problem}"
+    assert not list((tmp_path / "runs").glob("lightning_logs/*"))  # no run folder was left
+
+
+def test_a_dark_garment_on_a_transparent_background_is_filled_white_then_inverted(data_dir):
+    original = FashionMNIST(str(data_dir), train=False)[1][0]  # a light pullover on black
+    garment = np.array(original)
+    # what a cut-out photo of a dark pullover looks like: the rest transparent (and black)
+    rgba = np.zeros((28, 28, 4), dtype=np.uint8)
+    rgba[..., :3] = np.where(garment[..., None] > 0, 255 - garment[..., None], 0)
+    rgba[..., 3] = np.where(garment > 0, 255, 0)
+    image = to_fashion_mnist(Image.fromarray(rgba, "RGBA"))
+    assert torch.equal(image[0], torch.from_numpy(garment))  # light on dark again, exactly
