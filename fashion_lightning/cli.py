@@ -16,7 +16,7 @@ from jsonargparse import Namespace
 from lightning.fabric.plugins import TorchCheckpointIO
 from lightning.fabric.utilities.exceptions import MisconfigurationException
 from lightning.pytorch import Trainer
-from lightning.pytorch.callbacks import LearningRateMonitor, ProgressBar, TQDMProgressBar
+from lightning.pytorch.callbacks import ProgressBar, TQDMProgressBar
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback
 from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.utilities.exceptions import SIGTERMException
@@ -301,7 +301,7 @@ class FashionCLI(LightningCLI):
         trainer = super().instantiate_trainer(**kwargs)
         trainer.callbacks.append(ResumableTraining())
         if trainer.logger is not None:
-            trainer.callbacks += [LearningRateMonitor(logging_interval="step"), HParamsSummary()]
+            trainer.callbacks.append(HParamsSummary())
         if self.subcommand == "predict":
             trainer.callbacks.append(PredictionWriter())
         if not any(isinstance(callback, ProgressBar) for callback in user_callbacks):

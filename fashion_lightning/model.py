@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from jsonargparse.typing import ClosedUnitInterval, PositiveInt, restricted_number_type
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from torch import Tensor, nn
-from torchmetrics import MeanMetric, Metric
+from torchmetrics import MeanMetric
 from torchmetrics.classification import MulticlassAccuracy
 
 from fashion_lightning.data import CLASS_NAMES
@@ -18,6 +18,8 @@ from fashion_lightning.errors import NonFiniteLossError
 from fashion_lightning.raw_files import IMAGE_SIZE
 
 NUM_CLASSES = len(CLASS_NAMES)
+# class names as parts of TensorBoard tags ("T-shirt/top" would open another tag level)
+CLASS_TAGS = tuple(name.replace("/", "_") for name in CLASS_NAMES)
 # a dropout probability: 0 (none) up to, not including, 1 (which would drop everything)
 DropoutProbability = restricted_number_type(
     "DropoutProbability", float, [(">=", 0), ("<", 1)], docstring="a float in [0, 1)"
@@ -95,6 +97,9 @@ class ImageClassifier(L.LightningModule):
         self.train_acc.persistent(True)  # in checkpoints, so a mid-epoch resume counts on
         self.val_acc = MulticlassAccuracy(NUM_CLASSES, average="micro")
         self.test_acc = MulticlassAccuracy(NUM_CLASSES, average="micro")
+        # accuracy within each true class (its recall): 0 for a class the model never predicts
+        self.val_acc_class = MulticlassAccuracy(NUM_CLASSES, average=None)
+        self.test_acc_class = MulticlassAccuracy(NUM_CLASSES, average=None)
 
     def configure_model(self) -> None:
         if self.compile:
@@ -112,6 +117,8 @@ class ImageClassifier(L.LightningModule):
         self.train_acc.update(logits.detach(), labels)
         if self._step_is_logged():
             self.log("train/loss", loss, batch_size=len(labels))
+            # one tag whatever the optimizer (LearningRateMonitor names it lr-SGD, lr-Adam...)
+            self.log("train/lr", self.trainer.optimizers[0].param_groups[0]["lr"])
         return loss
 
     def on_train_epoch_start(self) -> None:
@@ -141,29 +148,38 @@ class ImageClassifier(L.LightningModule):
             "Lower the learning rate (--model.optimizer.init_args.lr)"
         )
 
-    def _evaluate(self, batch: tuple[Tensor, Tensor], loss: MeanMetric, accuracy: Metric) -> Tensor:
+    def _evaluate(self, batch: tuple[Tensor, Tensor], stage: str) -> Tensor:
         """Update the stage's metrics (logged once per epoch); the logits go to callbacks."""
         images, labels = batch
         logits = self(images)
-        loss.update(F.cross_entropy(logits, labels), weight=len(labels))
-        accuracy.update(logits, labels)
+        getattr(self, f"{stage}_loss").update(F.cross_entropy(logits, labels), weight=len(labels))
+        getattr(self, f"{stage}_acc").update(logits, labels)
+        getattr(self, f"{stage}_acc_class").update(logits, labels)
         return logits
 
-    def _log_epoch(self, stage: str, loss: MeanMetric, accuracy: Metric) -> None:
-        self.log(f"{stage}/loss", loss)
-        self.log(f"{stage}/acc", accuracy, prog_bar=True)
+    def _log_epoch(self, stage: str) -> None:
+        self.log(f"{stage}/loss", getattr(self, f"{stage}_loss"))
+        self.log(f"{stage}/acc", getattr(self, f"{stage}_acc"), prog_bar=True)
+        self._log_per_class(stage)
+
+    def _log_per_class(self, stage: str) -> None:
+        """``val/acc_class/Sandal`` and so on: a class the model never predicts shows as 0."""
+        per_class = getattr(self, f"{stage}_acc_class")
+        for tag, value in zip(CLASS_TAGS, per_class.compute(), strict=True):  # synced under DDP
+            self.log(f"{stage}/acc_class/{tag}", value)
+        per_class.reset()
 
     def validation_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
-        return self._evaluate(batch, self.val_loss, self.val_acc)
+        return self._evaluate(batch, "val")
 
     def on_validation_epoch_end(self) -> None:
-        self._log_epoch("val", self.val_loss, self.val_acc)
+        self._log_epoch("val")
 
     def test_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
-        return self._evaluate(batch, self.test_loss, self.test_acc)
+        return self._evaluate(batch, "test")
 
     def on_test_epoch_end(self) -> None:
-        self._log_epoch("test", self.test_loss, self.test_acc)
+        self._log_epoch("test")
 
     def predict_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> dict[str, Tensor]:
         """Predicted class index and its softmax probability for each image, with the true

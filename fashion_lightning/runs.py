@@ -26,7 +26,8 @@ LAST_CHECKPOINT_PATTERNS = ("last.ckpt", "last-v*.ckpt")
 
 
 class RunFolderLogger(TensorBoardLogger):
-    """Lightning's TensorBoardLogger, except that each new run claims its ``version_N`` atomically.
+    """Lightning's TensorBoardLogger, except that each new run claims its ``version_N`` atomically
+    and the ``epoch`` counter is not written.
 
     Lightning picks the next ``version_N`` by listing the folder, so runs started together can
     pick the same one and mix their logs and checkpoints. Here the folder is created with
@@ -50,6 +51,12 @@ class RunFolderLogger(TensorBoardLogger):
                 return version
             except FileExistsError:
                 version += 1
+
+    @rank_zero_only
+    def log_metrics(self, metrics: dict[str, Any], step: int | None = None) -> None:
+        # Lightning adds the epoch number to every write: in TensorBoard a staircase that sorts
+        # first among the charts and can't serve as an x-axis; the steps already order the run
+        super().log_metrics({k: v for k, v in metrics.items() if k != "epoch"}, step)
 
     def release_unused_folder(self) -> None:
         """Remove the claimed folder if nothing was written into it: Lightning reads the run

@@ -1,4 +1,5 @@
-"""What TensorBoard shows beyond curves: hyperparameters, prediction grids, confusion matrices."""
+"""What TensorBoard shows beyond curves: a layout that opens on learning, hyperparameters that
+compare runs, prediction grids and confusion matrices readable at card size."""
 
 from __future__ import annotations
 
@@ -10,16 +11,41 @@ import numpy as np
 import torch
 from jsonargparse.typing import NonNegativeInt, PositiveInt
 from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.callbacks.weight_averaging import WeightAveraging
 from lightning.pytorch.loggers import TensorBoardLogger
 from PIL import Image, ImageDraw, ImageFont
+from tensorboard.compat.proto.summary_pb2 import Summary, SummaryMetadata
+from tensorboard.plugins.hparams import api_pb2, metadata, plugin_data_pb2
 from torch import Tensor
-from torch.utils.tensorboard.summary import hparams as hparams_summaries
 from torchmetrics.classification import MulticlassConfusionMatrix
 
 from fashion_lightning.data import CLASS_NAMES
 
-HP_METRIC = "hp_metric"
+HP_METRIC = "hp_metric"  # Lightning's name for the run's headline metric: the best val/acc
 RIGHT, WRONG = (90, 200, 90), (235, 70, 70)
+
+# TensorBoard's Custom Scalars tab: the charts that answer "is it learning, is it over-fitting"
+LAYOUT = {
+    "Learning": {
+        "loss: train and val": ["Multiline", [r"^train/loss$", r"^val/loss$"]],
+        "accuracy: train and val": ["Multiline", [r"^train/acc$", r"^val/acc$"]],
+        "learning rate": ["Multiline", [r"^train/lr$"]],
+    },
+    "Accuracy per class": {
+        "val": ["Multiline", [r"^val/acc_class/"]],
+        "test": ["Multiline", [r"^test/acc_class/"]],
+    },
+}
+# The HParams tab's metric columns: (tag, column title). TensorBoard shows a tag's last value.
+METRIC_COLUMNS = (
+    (HP_METRIC, "val/acc (best)"),
+    ("val/best_epoch", "best epoch"),
+    ("test/acc", "test/acc (best ckpt)"),
+    ("val/acc", "val/acc (last)"),
+    ("val/loss", "val/loss (last)"),
+)
+# TensorBoard shows five hparam columns until you tick more; these five come first.
+FIRST_COLUMNS = ("optimizer", "lr", "batch_size", "epochs", "scheduler")
 
 
 def _tensorboard(trainer: L.Trainer) -> TensorBoardLogger | None:
@@ -27,52 +53,152 @@ def _tensorboard(trainer: L.Trainer) -> TensorBoardLogger | None:
     return logger if isinstance(logger, TensorBoardLogger) else None
 
 
-def flatten(params: dict[str, Any], prefix: str = "") -> dict[str, bool | int | float | str]:
-    """``{"a": {"b": 1}}`` -> ``{"a/b": 1}``, with values TensorBoard's HParams tab accepts."""
-    flat: dict[str, bool | int | float | str] = {}
-    for key, value in params.items():
-        name = f"{prefix}{key}"
-        if isinstance(value, dict):
-            flat.update(flatten(value, f"{name}/"))
-        elif isinstance(value, (bool, int, float, str)):
-            flat[name] = value
+def metrics_step(trainer: L.Trainer) -> int:
+    """The step at which Lightning logs this epoch's metrics (``val/acc``...), so that pictures
+    and ``hp_metric`` line up with them. Lightning has no public name for this counter."""
+    return trainer.fit_loop.epoch_loop._batches_that_stepped
+
+
+def _class_name(value: Any) -> str:
+    """``torch.optim.AdamW`` from a class, a partial of it, or a ``class_path`` dict."""
+    if isinstance(value, dict):
+        return value.get("class_path", "?").rsplit(".", 1)[-1]
+    target = getattr(value, "func", value)  # jsonargparse hands classes over as partials
+    return getattr(target, "__name__", str(target))
+
+
+def _init_args(value: Any) -> dict[str, Any]:
+    if isinstance(value, dict):
+        return dict(value.get("init_args") or {})
+    return dict(getattr(value, "keywords", {}) or {})
+
+
+def run_hparams(trainer: L.Trainer, pl_module: L.LightningModule) -> dict[str, Any]:
+    """The run's hyperparameters as the same fixed columns for every run of the project.
+
+    A value a run does not use is 0 or "none", so that runs with different optimizers line up.
+    Whole numbers are text: TensorBoard prints every number with five digits (64.000).
+    No machine paths: they do not tell runs apart and do not belong in a comparison.
+    """
+    model = pl_module.hparams
+    data = trainer.datamodule.hparams if trainer.datamodule is not None else {}
+    optimizer, scheduler = model.get("optimizer"), model.get("lr_scheduler")
+    args = _init_args(optimizer)
+    augmentation = [
+        *(["flip"] if data.get("augment_flip") else []),
+        *([f"shift {data['augment_shift']}px"] if data.get("augment_shift") else []),
+    ]
+    averaging = [type(c).__name__ for c in trainer.callbacks if isinstance(c, WeightAveraging)]
+    seed_everything = os.environ.get("PL_GLOBAL_SEED", "none")
+    seed = str(data.get("seed", "none"))
+    return {
+        "optimizer": _class_name(optimizer),
+        "lr": float(args.get("lr", 0.0)),
+        "batch_size": str(data.get("batch_size", "none")),
+        "epochs": str(trainer.max_epochs),
+        "scheduler": "none"
+        if scheduler is None
+        else f"{_class_name(scheduler)} per {model.get('scheduler_interval', 'epoch')}",
+        "weight_decay": float(args.get("weight_decay", 0.0)),
+        "momentum": float(args.get("momentum", 0.0)),
+        "dropout": float(model.get("dropout", 0.0)),
+        "label_smoothing": float(model.get("label_smoothing", 0.0)),
+        "augmentation": " + ".join(augmentation) or "none",
+        "weight_averaging": " + ".join(averaging) or "none",
+        "hidden_size": str(model.get("hidden_size", "none")),
+        "seed": seed if seed == seed_everything else f"{seed} (init {seed_everything})",
+        "precision": str(trainer.precision),
+        "devices": str(trainer.world_size),
+    }
+
+
+def _all_arguments(trainer: L.Trainer, pl_module: L.LightningModule) -> dict[str, Any]:
+    datamodule = trainer.datamodule
+    arguments = {
+        "model": dict(pl_module.hparams_initial),
+        "data": dict(datamodule.hparams_initial) if datamodule is not None else {},
+        "trainer": {"max_epochs": trainer.max_epochs, "precision": trainer.precision},
+    }
+    for group in arguments.values():
+        group.pop("_instantiator", None)
+    return arguments
+
+
+def hparams_summaries(params: dict[str, Any]) -> list[Summary]:
+    """The HParams plugin's experiment (columns) and session-start (values) entries.
+
+    Written here rather than with ``torch.utils.tensorboard.summary.hparams`` because that
+    cannot mark columns ``differs``, which orders TensorBoard's columns and picks the five it
+    shows before any clicking, nor give metric columns a title.
+    """
+    kind = {bool: api_pb2.DATA_TYPE_BOOL, float: api_pb2.DATA_TYPE_FLOAT64}
+    columns = [
+        api_pb2.HParamInfo(
+            name=name,
+            type=kind.get(type(value), api_pb2.DATA_TYPE_STRING),
+            differs=name in FIRST_COLUMNS,
+        )
+        for name, value in params.items()
+    ]
+    metrics = [
+        api_pb2.MetricInfo(name=api_pb2.MetricName(tag=tag), display_name=title)
+        for tag, title in METRIC_COLUMNS
+    ]
+    session = plugin_data_pb2.SessionStartInfo()
+    for name, value in params.items():
+        if isinstance(value, bool):
+            session.hparams[name].bool_value = value
+        elif isinstance(value, float):
+            session.hparams[name].number_value = value
         else:
-            flat[name] = str(value)
-    return flat
+            session.hparams[name].string_value = value
+    return [
+        _hparams_plugin_summary(
+            metadata.EXPERIMENT_TAG,
+            experiment=api_pb2.Experiment(hparam_infos=columns, metric_infos=metrics),
+        ),
+        _hparams_plugin_summary(metadata.SESSION_START_INFO_TAG, session_start_info=session),
+    ]
+
+
+def _hparams_plugin_summary(tag: str, **data: Any) -> Summary:
+    content = plugin_data_pb2.HParamsPluginData(version=metadata.PLUGIN_DATA_VERSION, **data)
+    plugin = SummaryMetadata.PluginData(
+        plugin_name=metadata.PLUGIN_NAME, content=content.SerializeToString()
+    )
+    return Summary(value=[Summary.Value(tag=tag, metadata=SummaryMetadata(plugin_data=plugin))])
 
 
 class HParamsSummary(Callback):
-    """Writes each run's hyperparameters to TensorBoard's HParams tab, with ``hp_metric``
-    updated to the best ``val/acc`` so far after every validation, so runs compare in one table.
+    """Writes what TensorBoard needs to compare runs at a glance, once per run:
 
-    Lightning's own entry holds only the model's and data's arguments and sets ``hp_metric``
-    to -1; TensorBoard keeps the first entry of a run, so this callback writes the only one.
+    - the HParams entry: the same fixed columns for every run (:func:`run_hparams`), and the
+      metric columns ``hp_metric`` (the best ``val/acc``), ``val/best_epoch``, ``test/acc``,
+      the last ``val/acc`` and ``val/loss``;
+    - the Custom Scalars layout: train and val loss on one chart, train and val accuracy on
+      another, the learning rate, the accuracy of each class;
+    - after every validation, ``hp_metric`` and ``val/best_epoch`` at the step of ``val/acc``.
+
+    Lightning's own HParams entry holds only the model's and data's arguments and sets
+    ``hp_metric`` to -1; TensorBoard keeps the first entry of a run, so this is the only one.
     """
 
     def __init__(self) -> None:
         self.best = float("nan")
+        self.best_epoch = 0
 
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         logger = _tensorboard(trainer)
         if logger is None or not trainer.is_global_zero:
             return
-        params = {
-            "model": dict(pl_module.hparams_initial),
-            "data": dict(trainer.datamodule.hparams_initial) if trainer.datamodule else {},
-            "trainer": {
-                "max_epochs": trainer.max_epochs,
-                "seed_everything": os.environ.get("PL_GLOBAL_SEED", "none"),
-                "devices": trainer.world_size,
-                "precision": trainer.precision,
-            },
-        }
-        params["model"].pop("_instantiator", None)
-        params["data"].pop("_instantiator", None)
-        logger.log_hyperparams(params, metrics={})  # hparams.yaml only: no -1 placeholder
-        flat = flatten(params)
-        writer = logger.experiment._get_file_writer()
-        for summary in hparams_summaries(flat, {HP_METRIC: 0}):  # metric names, not values
+        # hparams.yaml keeps every argument (metrics={}: no -1 placeholder in TensorBoard)
+        logger.log_hyperparams(_all_arguments(trainer, pl_module), metrics={})
+        params = run_hparams(trainer, pl_module)
+        experiment = logger.experiment
+        writer = experiment._get_file_writer()  # SummaryWriter has no public call for these
+        for summary in hparams_summaries(params):
             writer.add_summary(summary)
+        experiment.add_custom_scalars(LAYOUT)
 
     def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         accuracy = trainer.callback_metrics.get("val/acc")
@@ -80,15 +206,17 @@ class HParamsSummary(Callback):
             return
         accuracy = float(accuracy)
         if not accuracy <= self.best:  # also replaces the initial NaN
-            self.best = accuracy
+            self.best, self.best_epoch = accuracy, trainer.current_epoch + 1
         if trainer.logger is not None:
-            trainer.logger.log_metrics({HP_METRIC: self.best}, step=trainer.global_step)
+            values = {HP_METRIC: self.best, "val/best_epoch": self.best_epoch}
+            trainer.logger.log_metrics(values, step=metrics_step(trainer))
 
     def state_dict(self) -> dict[str, float]:
-        return {"best": self.best}
+        return {"best": self.best, "best_epoch": self.best_epoch}
 
     def load_state_dict(self, state_dict: dict[str, float]) -> None:
         self.best = state_dict["best"]
+        self.best_epoch = state_dict.get("best_epoch", 0)
 
 
 def _chw(canvas: Image.Image) -> Tensor:
@@ -101,100 +229,117 @@ def _font(size: int) -> ImageFont.ImageFont:
 
 
 def render_predictions(
-    images: Tensor, predicted: Tensor, target: Tensor, columns: int = 8
+    images: Tensor, predicted: Tensor, target: Tensor, probability: Tensor, columns: int = 4
 ) -> Tensor:
-    """A grid of images, each captioned with predicted and true class; wrong ones framed red.
+    """A grid of images, each captioned with the predicted class and its probability and the
+    true class; wrong ones framed red. Drawn for TensorBoard's cards (about 400 px wide).
 
     Returns a CHW uint8 tensor for ``SummaryWriter.add_image``.
     """
-    scale, pad, caption = 3, 6, 30
-    tile_w, tile_h = 28 * scale + 2 * pad + 40, 28 * scale + 2 * pad + caption
+    scale, pad, caption = 2, 6, 28
+    side = 28 * scale
+    tile_w, tile_h = 100, side + 2 * pad + caption
     rows = (len(images) + columns - 1) // columns
     canvas = Image.new("RGB", (columns * tile_w, rows * tile_h), (20, 20, 20))
-    draw, font = ImageDraw.Draw(canvas), _font(11)
+    draw, font = ImageDraw.Draw(canvas), _font(12)
     pixels = (images.detach().float().cpu().clamp(0, 1) * 255).to(torch.uint8)
-    for i, (image, guess, truth) in enumerate(
-        zip(pixels, predicted.tolist(), target.tolist(), strict=True)
+    for i, (image, guess, truth, p) in enumerate(
+        zip(pixels, predicted.tolist(), target.tolist(), probability.tolist(), strict=True)
     ):
         x, y = (i % columns) * tile_w, (i // columns) * tile_h
-        left = x + (tile_w - 28 * scale) // 2
+        left = x + (tile_w - side) // 2
         picture = Image.fromarray(image.reshape(28, 28).numpy(), "L").resize(
-            (28 * scale, 28 * scale), Image.NEAREST
+            (side, side), Image.NEAREST
         )
         canvas.paste(picture, (left, y + pad))
-        color = RIGHT if guess == truth else WRONG
         if guess != truth:
-            draw.rectangle(
-                (left - 3, y + pad - 3, left + 28 * scale + 2, y + pad + 28 * scale + 2),
-                outline=WRONG,
-                width=3,
-            )
-        text_y = y + pad + 28 * scale + 3
-        draw.text((x + 4, text_y), f"pred {CLASS_NAMES[guess]}", fill=color, font=font)
-        draw.text(
-            (x + 4, text_y + 13), f"true {CLASS_NAMES[truth]}", fill=(220, 220, 220), font=font
-        )
-    return _chw(canvas)
-
-
-def render_confusion_matrix(matrix: Tensor, title: str) -> Tensor:
-    """The confusion matrix as a labelled heat map (rows: true class, columns: predicted).
-
-    Drawn with Pillow, which torchvision already needs: a matplotlib figure would cost a
-    noticeable part of an epoch for each validation.
-    """
-    counts = matrix.detach().cpu().long()
-    cell, left, top = 46, 96, 110
-    size = (left + cell * len(counts) + 10, top + cell * len(counts) + 10)
-    canvas = Image.new("RGB", size, (255, 255, 255))
-    draw, font = ImageDraw.Draw(canvas), _font(11)
-    draw.text((6, 4), title, fill=(0, 0, 0), font=_font(13))
-    draw.text((6, top - 16), "true \\ predicted", fill=(90, 90, 90), font=font)
-    row_totals = counts.sum(dim=1).clamp(min=1)
-    for i, name in enumerate(CLASS_NAMES):
-        draw.text((6, top + i * cell + cell // 2 - 6), name, fill=(0, 0, 0), font=font)
-        label = Image.new("RGB", (top - 24, 14), (255, 255, 255))
-        ImageDraw.Draw(label).text((0, 0), name, fill=(0, 0, 0), font=font)
-        label = label.rotate(90, expand=True)
-        canvas.paste(label, (left + i * cell + cell // 2 - 7, 22))
-        for j in range(len(counts)):
-            share = float(counts[i, j]) / float(row_totals[i])
-            shade = int(255 * (1 - share))
-            fill = (shade, shade, 255) if i != j else (shade, 255 - (255 - shade) // 3, shade)
-            box = (
-                left + j * cell,
-                top + i * cell,
-                left + (j + 1) * cell - 1,
-                top + (i + 1) * cell - 1,
-            )
-            draw.rectangle(box, fill=fill, outline=(225, 225, 225))
-            text_color = (255, 255, 255) if share > 0.55 else (0, 0, 0)
+            frame = (left - 3, y + pad - 3, left + side + 2, y + pad + side + 2)
+            draw.rectangle(frame, outline=WRONG, width=3)
+        text_y = y + pad + side + 3
+        color = RIGHT if guess == truth else WRONG
+        draw.text((x + 4, text_y), f"{CLASS_NAMES[guess][:11]} {p:.0%}", fill=color, font=font)
+        if guess != truth:
             draw.text(
-                (box[0] + 5, box[1] + cell // 2 - 6),
-                str(int(counts[i, j])),
-                fill=text_color,
+                (x + 4, text_y + 13),
+                f"is {CLASS_NAMES[truth][:11]}",
+                fill=(220, 220, 220),
                 font=font,
             )
     return _chw(canvas)
 
 
+def share_colour(share: float) -> tuple[int, int, int]:
+    """White (0%) to dark blue (100%)."""
+    return (
+        int(255 - 215 * share),
+        int(255 - 175 * share),
+        int(255 - 75 * share),
+    )
+
+
+def render_confusion_matrix(matrix: Tensor, title: str) -> Tensor:
+    """The confusion matrix as a heat map with each row normalised to 100% (rows: true class,
+    columns: predicted), the percentage and count in each cell, and a colour key; a class the
+    model never predicts has its column name in red. Drawn for TensorBoard's cards (about
+    400 px wide) with Pillow: a matplotlib figure costs a noticeable part of an epoch.
+    """
+    counts = matrix.detach().cpu().long()
+    classes = len(counts)
+    cell_w, cell_h, left, top = 32, 28, 70, 92
+    width, height = left + cell_w * classes + 6, top + cell_h * classes + 34
+    canvas = Image.new("RGB", (width, height), (255, 255, 255))
+    draw, font, small = ImageDraw.Draw(canvas), _font(11), _font(9)
+    draw.text((4, 3), title, fill=(0, 0, 0), font=_font(12))
+    draw.text((4, top - 14), "true \\ predicted", fill=(90, 90, 90), font=small)
+    shares = counts.float() / counts.sum(dim=1, keepdim=True).clamp(min=1)
+    never_predicted = counts.sum(dim=0) == 0
+    for i, name in enumerate(CLASS_NAMES):
+        short = name.split("/")[0]
+        draw.text((4, top + i * cell_h + cell_h // 2 - 6), short, fill=(0, 0, 0), font=font)
+        label = Image.new("RGB", (top - 24, 13), (255, 255, 255))
+        red = bool(never_predicted[i])
+        ImageDraw.Draw(label).text((0, 0), short, fill=WRONG if red else (0, 0, 0), font=font)
+        canvas.paste(label.rotate(90, expand=True), (left + i * cell_w + cell_w // 2 - 6, 20))
+        for j in range(classes):
+            share = float(shares[i, j])
+            box = (
+                left + j * cell_w,
+                top + i * cell_h,
+                left + (j + 1) * cell_w - 1,
+                top + (i + 1) * cell_h - 1,
+            )
+            draw.rectangle(box, fill=share_colour(share), outline=(230, 230, 230))
+            if counts[i, j] == 0:
+                continue
+            ink = (255, 255, 255) if share > 0.5 else (0, 0, 0)
+            draw.text((box[0] + 3, box[1] + 2), f"{share:.0%}", fill=ink, font=font)
+            draw.text((box[0] + 3, box[1] + 15), str(int(counts[i, j])), fill=ink, font=small)
+    key_y = top + cell_h * classes + 10
+    for x in range(cell_w * 5):  # the colour key: 0% to 100% of the true class
+        draw.line((left + x, key_y, left + x, key_y + 10), fill=share_colour(x / (cell_w * 5 - 1)))
+    draw.text((4, key_y), "share of row", fill=(90, 90, 90), font=small)
+    draw.text((left + cell_w * 5 + 4, key_y), "0% to 100%", fill=(90, 90, 90), font=small)
+    return _chw(canvas)
+
+
 class ClassificationImages(Callback):
     """TensorBoard images: each validation epoch a grid of validation images with predicted
-    and true classes (wrong ones framed red) and the confusion matrix; the test confusion
-    matrix at the end of testing."""
+    class, its probability and the true class (wrong ones framed red), and the confusion
+    matrix; the test confusion matrix at the end of testing. They are logged at the step of
+    the epoch's ``val/*`` (``test/*``) scalars."""
 
-    def __init__(self, every_n_epochs: NonNegativeInt = 1, num_images: PositiveInt = 32) -> None:
+    def __init__(self, every_n_epochs: NonNegativeInt = 1, num_images: PositiveInt = 16) -> None:
         """
         Args:
             every_n_epochs: Draw the validation images every this many epochs; 0 switches
                 the images off (the test confusion matrix too).
             num_images: How many validation images the grid shows (the first ones of the
-                validation set, so the same images are watched across epochs).
+                validation set, so the same images are watched across epochs), four a row.
         """
         self.every_n_epochs = every_n_epochs
         self.num_images = num_images
         self.confusion = MulticlassConfusionMatrix(len(CLASS_NAMES))
-        self.samples: tuple[Tensor, Tensor, Tensor] | None = None
+        self.samples: tuple[Tensor, Tensor, Tensor, Tensor] | None = None
 
     def _active(self, trainer: L.Trainer) -> bool:
         if self.every_n_epochs <= 0 or trainer.sanity_checking:
@@ -210,11 +355,11 @@ class ClassificationImages(Callback):
         if not self._active(trainer) or outputs is None:
             return
         images, labels = batch
-        predicted = outputs.argmax(dim=1)
+        probability, predicted = outputs.softmax(dim=1).max(dim=1)
         self.confusion.update(predicted, labels)
         if batch_idx == 0:
             keep = slice(0, self.num_images)
-            self.samples = (images[keep].cpu(), predicted[keep].cpu(), labels[keep].cpu())
+            self.samples = tuple(t[keep].cpu() for t in (images, predicted, labels, probability))
 
     def _finish(self, trainer: L.Trainer, stage: str) -> None:
         if not self._active(trainer):
@@ -223,9 +368,10 @@ class ClassificationImages(Callback):
         logger = _tensorboard(trainer)
         if logger is None or not trainer.is_global_zero:
             return
-        step = trainer.global_step
-        epoch = f", epoch {trainer.current_epoch}" if stage == "val" else ""
-        title = f"{stage} confusion matrix{epoch} (rows: true, columns: predicted)"
+        step = metrics_step(trainer)
+        epochs = f"/{trainer.max_epochs}" if (trainer.max_epochs or -1) > 0 else ""
+        epoch = f", epoch {trainer.current_epoch + 1}{epochs}" if stage == "val" else ""
+        title = f"{stage} confusion matrix{epoch}, % of each true class"
         logger.experiment.add_image(
             f"{stage}/confusion_matrix", render_confusion_matrix(matrix, title), step
         )

@@ -1,11 +1,15 @@
-"""Screenshot of TensorBoard showing a run's scalars, for the README.
+"""Screenshots of TensorBoard over real runs, for the README.
 
-    python -m fashion_lightning fit --config configs/sgd.yaml     # or: make train
-    python scripts/tensorboard_screenshot.py                      # -> docs/tensorboard.png
+    for c in sgd adam rmsprop; do
+        python -m fashion_lightning fit --config configs/$c.yaml --trainer.default_root_dir shots
+    done
+    python scripts/tensorboard_screenshot.py --logdir shots/lightning_logs
+    # -> docs/tensorboard-scalars.png, docs/tensorboard-hparams.png, docs/tensorboard-images.png
 
-Starts a real TensorBoard server on 127.0.0.1 over the runs in ``lightning_logs/``
-and photographs its Scalars page with headless Chromium (Debian's ``chromium``
-package: ``apt-get install -y chromium``).
+Starts a real TensorBoard server on 127.0.0.1 over the runs and photographs three of its
+pages with headless Chromium (Debian's ``chromium`` package: ``apt-get install -y chromium``):
+the Custom Scalars layout (train and val loss and accuracy on shared charts), the HParams
+table, and the Images at their normal card size.
 """
 
 from __future__ import annotations
@@ -35,6 +39,32 @@ CHROMIUM_FLAGS = [  # no sandbox as root; no background traffic on a closed netw
 ]
 
 
+# (file name, TensorBoard page, window width,height)
+PAGES = (
+    ("scalars", "#custom_scalars", "1400,900"),
+    ("hparams", "#hparams", "1600,560"),
+    ("images", "#timeseries&tagFilter=" + quote("confusion_matrix|predictions"), "1400,1000"),
+)
+
+
+def photograph(chromium: str, url: str, out: Path, size: str) -> None:
+    with tempfile.TemporaryDirectory() as profile:
+        subprocess.run(
+            [
+                chromium,
+                *CHROMIUM_FLAGS,
+                f"--user-data-dir={profile}",
+                f"--window-size={size}",
+                "--virtual-time-budget=20000",
+                f"--screenshot={out}",
+                url,
+            ],
+            check=True,
+            capture_output=True,
+            timeout=120,
+        )
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -56,8 +86,7 @@ def wait_for(url: str, timeout: float = 60) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--logdir", type=Path, default=ROOT / "lightning_logs")
-    parser.add_argument("--out", type=Path, default=ROOT / "docs" / "tensorboard.png")
-    parser.add_argument("--size", default="1600,750", help="window width,height")
+    parser.add_argument("--out", type=Path, default=ROOT / "docs", help="folder for the PNGs")
     args = parser.parse_args()
     chromium = shutil.which("chromium") or shutil.which("chromium-browser")
     if chromium is None:
@@ -75,26 +104,15 @@ def main() -> None:
     try:
         url = f"http://127.0.0.1:{port}/"
         wait_for(url + "data/runs")
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryDirectory() as profile:
-            subprocess.run(
-                [
-                    chromium,
-                    *CHROMIUM_FLAGS,
-                    f"--user-data-dir={profile}",
-                    f"--window-size={args.size}",
-                    "--virtual-time-budget=20000",
-                    f"--screenshot={args.out}",
-                    url + "#scalars&tagFilter=" + quote("^(train|val|test)/"),
-                ],
-                check=True,
-                capture_output=True,
-                timeout=120,
-            )
+        args.out.mkdir(parents=True, exist_ok=True)
+        for name, page, size in PAGES:
+            photograph(chromium, url + page, args.out / f"tensorboard-{name}.png", size)
     finally:
         server.terminate()
         server.wait(timeout=30)
-    print(f"{args.logdir} -> {args.out}")
+    print(
+        f"{args.logdir} -> {', '.join(f'tensorboard-{name}.png' for name, _, _ in PAGES)} in {args.out}"
+    )
 
 
 if __name__ == "__main__":

@@ -6,13 +6,21 @@ import io
 
 import pytest
 import torch
+from google.protobuf.json_format import MessageToDict
 from PIL import Image
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+from tensorboard.plugins.custom_scalar import layout_pb2
 from tensorboard.plugins.hparams import plugin_data_pb2
 
 from fashion_lightning.cli import main
-from fashion_lightning.visuals import WRONG, render_predictions
-from tests.helpers import fit_args
+from fashion_lightning.data import CLASS_NAMES
+from fashion_lightning.visuals import (
+    WRONG,
+    render_confusion_matrix,
+    render_predictions,
+    share_colour,
+)
+from tests.helpers import ROOT, fit_args
 
 
 def _events(run_dir) -> EventAccumulator:
@@ -25,6 +33,17 @@ def _values(events, tag) -> list[float]:
     return [e.value for e in events.Scalars(tag)]
 
 
+def _session_hparams(events) -> dict:
+    data = events.SummaryMetadata("_hparams_/session_start_info").plugin_data.content
+    hparams = plugin_data_pb2.HParamsPluginData.FromString(data).session_start_info.hparams
+    return {name: MessageToDict(value) for name, value in hparams.items()}
+
+
+def _experiment(events):
+    data = events.SummaryMetadata("_hparams_/experiment").plugin_data.content
+    return plugin_data_pb2.HParamsPluginData.FromString(data).experiment
+
+
 @pytest.mark.slow
 def test_scalars_images_and_hparams_of_a_real_run(trained_run):
     events = _events(trained_run)
@@ -35,25 +54,98 @@ def test_scalars_images_and_hparams_of_a_real_run(trained_run):
     assert len(_values(events, "train/acc")) == len(_values(events, "val/acc")) == 2
     for tag in ("train/acc", "val/acc", "test/acc"):
         assert all(0.35 < value <= 1 for value in _values(events, tag)), tag  # chance: 0.1
-    assert _values(events, "lr-SGD") == [pytest.approx(0.05)] * 20  # LearningRateMonitor
+    assert _values(events, "train/lr") == [pytest.approx(0.05)] * 20
+    assert "epoch" not in events.Tags()["scalars"]  # a staircase that sorted first
 
-    hparams = plugin_data_pb2.HParamsPluginData.FromString(
-        events.SummaryMetadata("_hparams_/session_start_info").plugin_data.content
-    ).session_start_info.hparams
-    assert hparams["model/optimizer/class_path"].string_value == "torch.optim.SGD"
-    assert hparams["model/optimizer/init_args/lr"].number_value == pytest.approx(0.05)
-    assert hparams["model/hidden_size"].number_value == 512
-    assert hparams["data/batch_size"].number_value == 64
-    assert hparams["data/seed"].number_value == 42
-    assert hparams["trainer/seed_everything"].string_value == "42"
-    assert hparams["trainer/max_epochs"].number_value == 2
+    hparams = _session_hparams(events)
+    assert hparams["optimizer"] == "SGD"
+    assert hparams["lr"] == pytest.approx(0.05)
+    assert hparams["batch_size"] == "64"  # text, not a number TensorBoard shows as 64.000
+    assert hparams["epochs"] == "2"
+    assert hparams["seed"] == "42"
     assert _values(events, "hp_metric")[-1] == max(_values(events, "val/acc"))  # not -1
+    best = _values(events, "val/acc").index(max(_values(events, "val/acc"))) + 1
+    assert _values(events, "val/best_epoch")[-1] == best  # counted from 1
 
     images = events.Tags()["images"]
     assert sorted(images) == ["test/confusion_matrix", "val/confusion_matrix", "val/predictions"]
     assert len(events.Images("val/predictions")) == len(events.Images("val/confusion_matrix")) == 2
-    grid = Image.open(io.BytesIO(events.Images("val/predictions")[-1].encoded_image_string))
-    assert grid.size[0] > 8 * 84 and grid.size[1] > 4 * 84  # 32 images, 3x enlarged, captions
+    for tag in ("val/predictions", "val/confusion_matrix"):  # drawn for a ~400 px card
+        picture = Image.open(io.BytesIO(events.Images(tag)[-1].encoded_image_string))
+        assert 360 <= picture.size[0] <= 420 and 300 <= picture.size[1] <= 440, picture.size
+
+
+@pytest.fixture(scope="module")
+def adam_run(data_dir, tmp_path_factory):
+    root = tmp_path_factory.mktemp("adam")
+    main(
+        fit_args(
+            data_dir,
+            root,
+            f"--config={ROOT / 'configs' / 'adam.yaml'}",
+            "--trainer.max_epochs=2",
+            "--trainer.limit_train_batches=20",
+            "--trainer.limit_val_batches=2",
+            "--trainer.limit_test_batches=2",
+            "--trainer.log_every_n_steps=10",
+        )
+    )
+    return root / "lightning_logs" / "version_0"
+
+
+@pytest.mark.slow
+def test_two_runs_with_different_optimizers_compare_at_a_glance(trained_run, adam_run):
+    sgd, adam = _events(trained_run), _events(adam_run)
+
+    # HParams: the same columns, the optimizer and its learning rate among the five shown
+    # first, no machine paths, and the metric columns
+    columns = {run: _session_hparams(events) for run, events in (("sgd", sgd), ("adam", adam))}
+    assert columns["sgd"].keys() == columns["adam"].keys()
+    assert columns["sgd"]["optimizer"] != columns["adam"]["optimizer"] == "Adam"
+    assert columns["adam"]["lr"] == pytest.approx(1e-3)
+    assert columns["adam"]["momentum"] == 0.0  # Adam has none: 0, not a missing cell
+    for hparams in columns.values():
+        texts = [str(value) for value in hparams.values()]
+        assert not [text for text in texts if "/" in text or "data" in text], texts
+    experiment = _experiment(adam)
+    shown = sorted(info.name for info in experiment.hparam_infos if info.differs)
+    assert shown == ["batch_size", "epochs", "lr", "optimizer", "scheduler"]
+    assert [m.name.tag for m in experiment.metric_infos] == [
+        "hp_metric",
+        "val/best_epoch",
+        "test/acc",
+        "val/acc",
+        "val/loss",
+    ]
+
+    for events in (sgd, adam):
+        scalars = events.Tags()["scalars"]
+        assert "train/lr" in scalars and not [tag for tag in scalars if tag.startswith("lr-")]
+        for stage in ("val", "test"):
+            per_class = [tag for tag in scalars if tag.startswith(f"{stage}/acc_class/")]
+            assert sorted(per_class) == sorted(
+                f"{stage}/acc_class/{name.replace('/', '_')}" for name in CLASS_NAMES
+            )
+        # the pictures and hp_metric sit at the step of the validation they show
+        val_steps = [e.step for e in events.Scalars("val/acc")]
+        for tag in ("val/predictions", "val/confusion_matrix"):
+            assert [e.step for e in events.Images(tag)] == val_steps, tag
+        assert [e.step for e in events.Scalars("hp_metric")] == val_steps
+        assert [e.step for e in events.Images("test/confusion_matrix")] == [
+            e.step for e in events.Scalars("test/acc")
+        ]
+
+        # Custom Scalars: train and val loss on one chart, train and val accuracy on another
+        layout = layout_pb2.Layout.FromString(
+            events.Tensors("custom_scalars__config__")[0].tensor_proto.string_val[0]
+        )
+        charts = {
+            chart.title: list(chart.multiline.tag) for cat in layout.category for chart in cat.chart
+        }
+        loss_chart = next(tags for tags in charts.values() if "^train/loss$" in tags)
+        assert "^val/loss$" in loss_chart
+        accuracy_chart = next(tags for tags in charts.values() if "^train/acc$" in tags)
+        assert "^val/acc$" in accuracy_chart
 
 
 def test_images_can_be_switched_off(data_dir, tmp_path):
@@ -75,9 +167,31 @@ def test_images_can_be_switched_off(data_dir, tmp_path):
 
 def test_wrong_predictions_are_framed_red_and_right_ones_not():
     images = torch.zeros(2, 1, 28, 28)
-    grid = render_predictions(images, predicted=torch.tensor([3, 5]), target=torch.tensor([3, 4]))
+    grid = render_predictions(
+        images,
+        predicted=torch.tensor([3, 5]),
+        target=torch.tensor([3, 4]),
+        probability=torch.tensor([0.9, 0.6]),
+    )
     picture = grid.permute(1, 2, 0).numpy()
-    tile_width = picture.shape[1] // 8
+    tile_width = picture.shape[1] // 4
     red = (picture == WRONG).all(axis=-1)
     assert not red[:, :tile_width].any()  # the right one: no red frame, green caption
-    assert red[:, tile_width : 2 * tile_width].sum() > 4 * 84  # a frame around the wrong one
+    assert red[:, tile_width : 2 * tile_width].sum() > 4 * 56  # a frame around the wrong one
+
+
+def test_confusion_matrix_rows_are_shares_and_never_predicted_classes_are_red():
+    matrix = torch.zeros(10, 10, dtype=torch.long)
+    matrix[0, 0], matrix[5, 7], matrix[7, 7] = 100, 500, 3  # only T-shirt and Sneaker predicted
+    picture = render_confusion_matrix(matrix, "val").permute(1, 2, 0).numpy()
+    cell = picture[92 + 5 * 28 + 20, 70 + 7 * 32 + 28]  # Sandal row, Sneaker column: 100%
+    assert tuple(cell) == share_colour(1.0)  # 500 of 500, as dark as 100 of 100 on the diagonal
+    assert tuple(picture[92 + 7 * 28 + 20, 70 + 7 * 32 + 28]) == share_colour(1.0)
+
+    def red(area):
+        r, g, b = (area[..., i].astype(int) for i in range(3))
+        return ((r > 180) & (g < 150) & (b < 150)).sum()
+
+    sandal, sneaker = 70 + 5 * 32, 70 + 7 * 32
+    assert red(picture[20:88, sandal : sandal + 32]) > 20  # never predicted: its name is red
+    assert red(picture[20:88, sneaker : sneaker + 32]) == 0
