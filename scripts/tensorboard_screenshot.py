@@ -1,9 +1,9 @@
 """Screenshots of TensorBoard over real runs, for the README.
 
     for c in sgd adam rmsprop; do
-        python -m fashion_lightning fit --config configs/$c.yaml --trainer.default_root_dir shots
+        python -m fashion_lightning fit --config configs/$c.yaml --trainer.default_root_dir shots/$c
     done
-    python scripts/tensorboard_screenshot.py --logdir shots/lightning_logs
+    python scripts/tensorboard_screenshot.py --logdir shots
     # -> docs/tensorboard-scalars.png, docs/tensorboard-hparams.png, docs/tensorboard-images.png
 
 Starts a real TensorBoard server on 127.0.0.1 over the runs and photographs three of its
@@ -42,8 +42,8 @@ CHROMIUM_FLAGS = [  # no sandbox as root; no background traffic on a closed netw
 # (file name, TensorBoard page, window width,height)
 PAGES = (
     ("scalars", "#custom_scalars", "1400,900"),
-    ("hparams", "#hparams", "1600,560"),
-    ("images", "#timeseries&tagFilter=" + quote("confusion_matrix|predictions"), "1400,1000"),
+    ("hparams", "#hparams", "1900,420"),
+    ("images", "#images", "1400,1100"),
 )
 
 
@@ -92,7 +92,7 @@ def main() -> None:
     if chromium is None:
         sys.exit("headless Chromium is needed: apt-get install -y chromium")
 
-    if not any(args.logdir.glob("*/events.out.tfevents.*")):
+    if not any(args.logdir.rglob("events.out.tfevents.*")):
         sys.exit(f"no TensorBoard run under {args.logdir}: train one first (make train)")
     port = free_port()
     tensorboard = [sys.executable, "-m", "tensorboard.main", "--logdir", str(args.logdir)]
