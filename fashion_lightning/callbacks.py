@@ -14,6 +14,7 @@ import lightning as L
 import torch
 from lightning.fabric.plugins import TorchCheckpointIO
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
+from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities import rank_zero_warn
 
 from fashion_lightning.data import EpochShuffleSampler
@@ -71,40 +72,85 @@ def os_error_in(error: BaseException) -> OSError | None:
 
 
 class RunCheckpoint(ModelCheckpoint):
-    """Lightning's ModelCheckpoint, with ``last.ckpt`` always the latest state of the run.
+    """Lightning's ModelCheckpoint with two promises kept: ``last.ckpt`` is always the latest
+    state, and the best checkpoint is always a validated one.
 
-    Since Lightning 2.6.0, ModelCheckpoint writes the last checkpoint only at a step where it
-    also saved a top-k one, so with a monitor (``val/acc`` here) ``last.ckpt`` is a copy of the
-    best and every epoch since the best is lost after a ``kill -9``. Here it is also written at
-    the end of every epoch, as before 2.6; ``every_n_train_steps`` saves write it as they did.
-    Lightning 2.6.6 also writes it at the end of a ``fast_dev_run``; here a debug run writes none.
+    - Since Lightning 2.6.0 ModelCheckpoint writes the last checkpoint only at a step where it
+      also saved a top-k one, so with a monitor (``val/acc`` here) ``last.ckpt`` was a copy of
+      the best. Here it is written after every validation (each epoch) and at every
+      ``every_n_train_steps`` step, from step N on.
+    - Lightning's ``every_n_train_steps`` saves also rank top-k checkpoints by the monitor's
+      value from the last validation, so a state that was never validated could be kept as
+      "best", and nothing at all is saved until the first validation. Here step saves write
+      the last checkpoint only; the best is chosen at each validation, whichever trigger is set.
+    - The folder is made absolute, so that a resume that spells it differently (``.`` or a
+      relative ``--trainer.default_root_dir``) is recognised as the same run and keeps writing
+      the same ``last.ckpt`` (Lightning compares the folder as a string).
+    - Lightning 2.6.6 writes the last checkpoint at the end of a ``fast_dev_run``; here a debug
+      run writes none.
 
-    The protected methods used below are ModelCheckpoint's own steps; it has no public way to
-    save the last checkpoint alone. The lightning pin in pyproject.toml guards them.
+    The protected methods used below are ModelCheckpoint's own steps (it has no public way to
+    save the last checkpoint alone); the lightning pin in pyproject.toml guards them.
     """
 
+    _last_saved_step = -1  # global step of the latest last checkpoint written by this run
+    _ranked_step = -1  # global step of the latest top-k decision
+
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        super().setup(trainer, pl_module, stage)
+        if self.dirpath and "://" not in str(self.dirpath):
+            self.dirpath = os.path.realpath(self.dirpath)
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        folder = state_dict.get("dirpath")
+        if folder and "://" not in str(folder):  # checkpoints written with a relative folder
+            state_dict = {**state_dict, "dirpath": os.path.realpath(folder)}
+        super().load_state_dict(state_dict)
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if self._train_time_interval is not None:  # time-based saves: Lightning's behaviour
+            super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
+        elif self._every_n_train_steps and trainer.global_step % self._every_n_train_steps == 0:
+            self._save_last(trainer)
+
     def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        super().on_train_epoch_end(trainer, pl_module)
         if self._should_save_on_train_epoch_end(trainer):
-            self._save_last_unless_done(trainer)
+            self._save_validated(trainer)
 
     def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        super().on_validation_end(trainer, pl_module)
         if not self._should_save_on_train_epoch_end(trainer):
-            self._save_last_unless_done(trainer)
+            self._save_validated(trainer)
 
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        if not trainer.fast_dev_run:
-            super().on_train_end(trainer, pl_module)
+        self._save_last(trainer)  # stopped between validations (max_steps, max_time...)
 
-    def _save_last_unless_done(self, trainer: L.Trainer) -> None:
-        # skipped also when this step was saved already (then the last checkpoint was written too)
-        if self.save_last and not self._should_skip_saving_checkpoint(trainer):
-            self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
+    def _skip(self, trainer: L.Trainer) -> bool:
+        fitting = trainer.state.fn == TrainerFn.FITTING
+        return bool(trainer.fast_dev_run) or not fitting or trainer.sanity_checking
+
+    def _save_validated(self, trainer: L.Trainer) -> None:
+        """After a validation: rank it among the best (every ``every_n_epochs`` epochs, each
+        epoch when only step saves are configured), then write the last checkpoint."""
+        if self._skip(trainer):
+            return
+        every = self._every_n_epochs or 1
+        if (trainer.current_epoch + 1) % every == 0 and self._ranked_step != trainer.global_step:
+            self._ranked_step = trainer.global_step
+            self._save_topk_checkpoint(trainer, self._monitor_candidates(trainer))
+        self._save_last(trainer)
+
+    def _save_last(self, trainer: L.Trainer) -> None:
+        if (
+            self.save_last
+            and not self._skip(trainer)
+            and self._last_saved_step != trainer.global_step
+        ):
+            self.save_last_now(trainer)
 
     def save_last_now(self, trainer: L.Trainer) -> Path:
-        """Write the last checkpoint of the current state at once (a stop by signal); its path."""
+        """Write the last checkpoint of the current state at once (also a stop by signal)."""
         self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
+        self._last_saved_step = trainer.global_step
         return Path(self.last_model_path)
 
 
@@ -128,6 +174,7 @@ class ResumableTraining(Callback):
       state is written, and training stops with exit code 130 / 143. (Lightning alone raises
       KeyboardInterrupt wherever Ctrl+C lands and exits 1, and exits 0 on SIGTERM, which a
       scheduler reads as success.) A second Ctrl+C stops at once, without a checkpoint.
+      validate, test and predict stop at once, with the same exit codes.
     - It saves how many batches of the current epoch are done; on resume the epoch's
       ``(seed, epoch)`` order continues from there, so the result is the one an uninterrupted
       run gives. (Lightning restarts the epoch's order unless the loader itself is resumable,
@@ -143,9 +190,18 @@ class ResumableTraining(Callback):
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         self._signal = None
-        if stage == "fit" and threading.current_thread() is threading.main_thread():
-            for signum in (signal.SIGINT, signal.SIGTERM):
-                self._previous_handlers[signum] = signal.signal(signum, self._on_signal)
+        if threading.current_thread() is not threading.main_thread():
+            return
+        handler = self._on_signal if stage == "fit" else self._stop_evaluation
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            self._previous_handlers[signum] = signal.signal(signum, handler)
+
+    def _stop_evaluation(self, signum: int, frame: Any) -> None:
+        """validate, test, predict: nothing to save, so stop at once, with the exit code the
+        shell expects (Lightning exits 1 on Ctrl+C here, and 143 on SIGTERM)."""
+        self._restore_handlers()
+        name = signal.Signals(signum).name
+        raise TrainingInterrupted(f"stopped by {name}; nothing was saved", signum)
 
     def teardown(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         self._restore_handlers()

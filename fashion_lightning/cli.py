@@ -16,9 +16,9 @@ from jsonargparse import Namespace
 from lightning.fabric.plugins import TorchCheckpointIO
 from lightning.fabric.utilities.exceptions import MisconfigurationException
 from lightning.pytorch import Trainer
-from lightning.pytorch.callbacks import ProgressBar, TQDMProgressBar
+from lightning.pytorch.callbacks import Callback, ProgressBar, TQDMProgressBar
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback
-from lightning.pytorch.loggers import TensorBoardLogger
+from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from fashion_lightning.callbacks import (
@@ -28,7 +28,7 @@ from fashion_lightning.callbacks import (
     os_error_in,
 )
 from fashion_lightning.data import FashionMNISTDataModule
-from fashion_lightning.errors import CheckpointError, UserError
+from fashion_lightning.errors import CheckpointError, ConfigError, UserError
 from fashion_lightning.model import ImageClassifier
 from fashion_lightning.predict import PredictionWriter
 from fashion_lightning.raw_files import ensure_writable_dir
@@ -43,8 +43,12 @@ from fashion_lightning.runs import (
 from fashion_lightning.visuals import ClassificationImages, HParamsSummary
 
 DEBUG_ENV = "FASHION_LIGHTNING_DEBUG"
-# --ckpt_path values that name no file and that Lightning resolves ("last", "best" are resolved here)
-LIGHTNING_CKPT_PATHS = ("hpc", "registry")
+PLAIN_TENSORBOARD = (
+    "lightning.pytorch.loggers.TensorBoardLogger",
+    "lightning.pytorch.loggers.tensorboard.TensorBoardLogger",
+)
+# the data values that decide which images a run trains on, in which order: fixed on resume
+TRAINING_ORDER = ("batch_size", "seed", "val_size")
 PROGRESS_BAR_REFRESH_RATE = 10  # batches between redraws of the default progress bar
 # what a failed write of run outputs looks like (a full disk, a quota, a file-size limit)
 WRITE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS, errno.EIO}
@@ -54,10 +58,16 @@ warnings.filterwarnings("ignore", message="You're resuming from a checkpoint tha
 
 
 class OneLineErrorParser(LightningArgumentParser):
-    """jsonargparse's parser, with its error message on one line (it breaks some in two)."""
+    """jsonargparse's parser, with its errors as one line: jsonargparse breaks some messages in
+    two and prints the whole usage first, about 80 lines for this CLI."""
 
     def error(self, message: str, ex: Exception | None = None):
-        super().error(" ".join(message.split()), ex)
+        message = " ".join(message.split())
+        if not self.exit_on_error or os.environ.get("JSONARGPARSE_DEBUG"):
+            super().error(message, ex)  # raises, as jsonargparse does inside its own parsing
+        prog = (getattr(ex, "subcommand_parser", None) or self).prog.replace(" [options]", "")
+        print(f"error: {message} (see: {prog} --help)", file=sys.stderr)
+        sys.exit(2)
 
 
 class SaveRunConfig(SaveConfigCallback):
@@ -135,6 +145,33 @@ def flat(value: Any, prefix: str = "") -> dict[str, Any]:
     return flattened
 
 
+def differences(group: str, recorded: dict[str, Any], asked: dict[str, Any]) -> list[str]:
+    """``"model.hidden_size 512 (asked: 256)"`` for each value of ``asked`` that differs from
+    the checkpoint's ``recorded`` one; a class (optimizer, scheduler) counts as one value when
+    it is set on one side only."""
+    shown = []
+    for key in recorded.keys() | asked.keys():
+        mine, theirs = recorded.get(key), asked.get(key)
+        if mine == theirs:
+            continue
+        if isinstance(mine, dict) and isinstance(theirs, dict):
+            ours, others = flat(mine, key), flat(theirs, key)
+            leaves = sorted(k for k in ours.keys() | others.keys() if ours.get(k) != others.get(k))
+            shown += [
+                f"{group}.{k} {_value(ours.get(k))} (asked: {_value(others.get(k))})"
+                for k in leaves
+            ]
+        else:
+            shown.append(f"{group}.{key} {_value(mine)} (asked: {_value(theirs)})")
+    return sorted(shown)
+
+
+def _value(value: Any) -> str:
+    if isinstance(value, dict) and "class_path" in value:
+        return value["class_path"]
+    return "none" if value is None else str(value)
+
+
 def plain_numbers(config: Namespace) -> None:
     """Turn jsonargparse's restricted numbers (``PositiveInt``...) in ``config`` into ``int`` and
     ``float``: Lightning stores the model's arguments in checkpoints, and ``torch.load`` with
@@ -171,6 +208,10 @@ def config_file_problem(path: Path) -> str | None:
         return "the file is empty (or only comments)"
     if not isinstance(content, dict):
         return f"it holds a {type(content).__name__}, not settings"
+    for group in ("trainer", "model", "data", "checkpoint", "images"):
+        value = content.get(group)
+        if value is not None and not isinstance(value, dict):
+            return f"'{group}:' holds {value!r}, not settings"
     return None
 
 
@@ -178,9 +219,15 @@ class FashionCLI(LightningCLI):
     """LightningCLI with this project's defaults: best-on-``val/acc`` and last checkpoints,
     TensorBoard logs under ``lightning_logs/``, resumable runs, and a test pass after ``fit``."""
 
-    def __init__(self, *args, **kwargs) -> None:
+    def __init__(
+        self, *args, run_dir: Path | None = None, test_after_fit: bool = True, **kwargs
+    ) -> None:
+        """``run_dir``: log into this folder instead of a new ``lightning_logs/version_N``;
+        ``test_after_fit``: test the best checkpoint after ``fit`` (a search must not)."""
         self._checkpoint: tuple[Path, dict] | None = None  # --ckpt_path, resolved and read
         self._resuming_last = False
+        self.run_dir = run_dir
+        self.test_after_fit = test_after_fit
         super().__init__(
             *args,
             parser_class=OneLineErrorParser,
@@ -222,27 +269,31 @@ class FashionCLI(LightningCLI):
         subcommand = self.config.get("subcommand")
         config = self.config[subcommand] if subcommand else None
         ckpt_path = config.get("ckpt_path") if config else None
-        if ckpt_path in (None, *LIGHTNING_CKPT_PATHS):
-            super()._parse_ckpt_path()
+        if ckpt_path is None:
             return
         path = self._checkpoint_file(ckpt_path, config)
         self._checkpoint = (path, read_checkpoint(path))
         self._resuming_last = subcommand == "fit" and ckpt_path == "last"
         config.ckpt_path = str(path)
-        asked = flat(config.model)
+        asked = config.model.as_dict()
         super()._parse_ckpt_path()  # a new config, with the checkpoint's model arguments
-        taken = flat(self.config[subcommand].model)
-        differing = [key for key in asked if key in taken and asked[key] != taken[key]]
+        differing = differences("model", self.config[subcommand].model.as_dict(), asked)
+        if subcommand == "fit":  # the data values that decide which images train in which order
+            recorded = self._checkpoint[1].get("datamodule_hyper_parameters") or {}
+            data = {key: recorded[key] for key in TRAINING_ORDER if key in recorded}
+            given = {key: config.data.get(key) for key in data}
+            differing += differences("data", data, given)
         if not differing:
             return
-        shown = ", ".join(f"model.{k} {taken[k]} (asked: {asked[k]})" for k in differing[:3])
+        shown = ", ".join(differing[:3])
         more = f" and {len(differing) - 3} more" if len(differing) > 3 else ""
         if subcommand == "fit":
             own_config = path.parent.parent / "config.yaml"
             remedy = f"--config {own_config}" if own_config.is_file() else "the run's own config"
             raise CheckpointError(
                 f"--ckpt_path {path}: the checkpoint was trained with {shown}{more}; a resumed "
-                f"run keeps its model, so drop the other values or resume with {remedy}"
+                f"run keeps its model and data order, so drop the other values or resume with "
+                f"{remedy}"
             )
         print(f"note: {subcommand} uses the checkpoint's {shown}{more}", file=sys.stderr)
 
@@ -277,6 +328,11 @@ class FashionCLI(LightningCLI):
     def before_instantiate_classes(self) -> None:
         config = self.config[self.subcommand] if self.subcommand else self.config
         plain_numbers(config)
+        loggers = config.trainer.logger
+        for logger in loggers if isinstance(loggers, list) else [loggers]:
+            if isinstance(logger, Namespace) and logger.class_path in PLAIN_TENSORBOARD:
+                # the same logger, except that a new run claims its folder atomically
+                logger.class_path = f"{RunFolderLogger.__module__}.{RunFolderLogger.__name__}"
         accelerator = config.trainer.accelerator
         if isinstance(accelerator, str) and accelerator.lower() in ("gpu", "cuda", "mps"):
             cuda = torch.cuda.is_available()
@@ -291,7 +347,11 @@ class FashionCLI(LightningCLI):
 
     def instantiate_trainer(self, **kwargs) -> Trainer:
         config = self._get(self.config_init, "trainer", default={})
-        if config.get("logger") in (None, True) and not config.get("barebones"):
+        if self.run_dir is not None:  # given by the caller, not the config: config.yaml reruns
+            kwargs["logger"] = RunFolderLogger(
+                self.run_dir.parent, name="", version=self.run_dir.name
+            )
+        elif config.get("logger") in (None, True) and not config.get("barebones"):
             kwargs["logger"] = default_logger(config.get("default_root_dir") or os.getcwd())
         # what the user configured: Lightning adds its own callbacks to this same list
         user_callbacks = config.get("callbacks") or []
@@ -329,21 +389,45 @@ class FashionCLI(LightningCLI):
             check_checkpoint_fits(path, checkpoint, self.model)
             if self._resuming_last:
                 self._continue_run_folder(path, checkpoint["global_step"])
-        self._check_log_root_writable()
+        if self.subcommand == "fit":
+            self._check_optimizer()
+        self._check_writable(self._log_root(), "run outputs", self._root_option())
+        checkpoint_folder = self.trainer.checkpoint_callback
+        if self.subcommand == "fit" and checkpoint_folder and checkpoint_folder.dirpath:
+            self._check_writable(
+                Path(checkpoint_folder.dirpath), "checkpoints", "--checkpoint.dirpath"
+            )
+        if self.subcommand in ("validate", "test") and self._checkpoint is None:
+            print(
+                f"note: {self.subcommand} without --ckpt_path measures the untrained model; "
+                "pass --ckpt_path best, last or a checkpoint file to measure a trained one",
+                file=sys.stderr,
+            )
+
+    def _check_optimizer(self) -> None:
+        """Build the optimizer once, so that a value torch refuses (a negative learning rate)
+        is a one-line error before a run folder exists, not a traceback after."""
+        try:
+            self.model.optimizer(self.model.parameters())
+        except (ValueError, TypeError) as err:
+            raise ConfigError(f"--model.optimizer: {err}") from None
 
     def _log_root(self) -> Path:
         logger = self.trainer.logger
         root = getattr(logger, "root_dir", None) if logger is not None else None
         return Path(root or self.trainer.default_root_dir)
 
-    def _check_log_root_writable(self) -> None:
-        root = self._log_root()
+    def _root_option(self) -> str:
+        configured = isinstance(self._get(self.config, "trainer").logger, Namespace)
+        return "--trainer.logger.save_dir" if configured else "--trainer.default_root_dir"
+
+    @staticmethod
+    def _check_writable(folder: Path, what: str, option: str) -> None:
         try:
-            ensure_writable_dir(root)
+            ensure_writable_dir(folder)
         except OSError as err:
             raise UserError(
-                f"cannot write run outputs to {root} ({err}); pass a writable "
-                "--trainer.default_root_dir"
+                f"cannot write {what} to {folder} ({err}); pass a writable {option}"
             ) from None
 
     def _continue_run_folder(self, checkpoint: Path, global_step: int) -> None:
@@ -351,7 +435,7 @@ class FashionCLI(LightningCLI):
         logger = self.trainer.logger
         run_dir = checkpoint.parent.parent
         if (
-            isinstance(logger, TensorBoardLogger)
+            isinstance(logger, (TensorBoardLogger, CSVLogger))
             and run_dir.parent.resolve() == Path(logger.root_dir).resolve()
         ):
             continue_run(logger, run_dir, global_step)
@@ -416,7 +500,7 @@ class FashionCLI(LightningCLI):
 
     def after_fit(self) -> None:
         """Evaluate the best checkpoint on the official test split, as the tutorial does."""
-        if self.trainer.interrupted:
+        if self.trainer.interrupted or not self.test_after_fit:
             return
         checkpoint = self.trainer.checkpoint_callback
         best = checkpoint.best_model_path if checkpoint is not None else ""
@@ -452,17 +536,35 @@ def _quiet_write_errors_in_threads(args) -> None:
     threading.__excepthook__(args)
 
 
+def run(
+    args: list[str],
+    run_dir: Path | None = None,
+    callbacks: list[Callback] | None = None,
+    test_after_fit: bool = True,
+) -> FashionCLI:
+    """Run a command line in this process and return the CLI with its trainer, for callers such
+    as the hyperparameter search: the run logs into ``run_dir``, with ``callbacks`` added to
+    the trainer's (not to its config.yaml), and errors are raised, not printed."""
+    threading.excepthook = _quiet_write_errors_in_threads
+    return FashionCLI(
+        ImageClassifier,
+        FashionMNISTDataModule,
+        args=args,
+        save_config_callback=SaveRunConfig,
+        trainer_defaults={"callbacks": callbacks or []},
+        run_dir=run_dir,
+        test_after_fit=test_after_fit,
+    )
+
+
 def main(args: list[str] | None = None) -> None:
     """Command-line entry point; ``args`` replaces ``sys.argv[1:]`` (tests pass a list).
 
     Errors a user can fix print one line and exit non-zero; set FASHION_LIGHTNING_DEBUG=1 for
     the traceback.
     """
-    threading.excepthook = _quiet_write_errors_in_threads
     try:
-        FashionCLI(
-            ImageClassifier, FashionMNISTDataModule, args=args, save_config_callback=SaveRunConfig
-        )
+        run(args)
     except UserError as err:
         _report(err, err.exit_code)
     except SIGTERMException:

@@ -7,6 +7,13 @@ class UserError(RuntimeError):
     exit_code = 1
 
 
+class ConfigError(UserError):
+    """A config value that a library refuses when it is used (torch's optimizers...); exit 2
+    like the values refused while parsing."""
+
+    exit_code = 2
+
+
 class DataError(UserError):
     """FashionMNIST cannot be found or is damaged; the message names the file and the remedy."""
 

@@ -14,7 +14,7 @@ from torchmetrics import MeanMetric
 from torchmetrics.classification import MulticlassAccuracy
 
 from fashion_lightning.data import CLASS_NAMES
-from fashion_lightning.errors import NonFiniteLossError
+from fashion_lightning.errors import NonFiniteLossError, UserError
 from fashion_lightning.raw_files import IMAGE_SIZE
 
 NUM_CLASSES = len(CLASS_NAMES)
@@ -120,6 +120,29 @@ class ImageClassifier(L.LightningModule):
             # one tag whatever the optimizer (LearningRateMonitor names it lr-SGD, lr-Adam...)
             self.log("train/lr", self.trainer.optimizers[0].param_groups[0]["lr"])
         return loss
+
+    def on_train_start(self) -> None:
+        self._check_schedule_length()
+
+    def _check_schedule_length(self) -> None:
+        """A schedule with a fixed length (OneCycleLR's ``total_steps``) cannot run past its
+        end: a run resumed with more epochs than it began with would fail at that step with
+        a traceback. Say so before training instead."""
+        for config in self.trainer.lr_scheduler_configs:
+            total = getattr(config.scheduler, "total_steps", None)
+            trainer = self.trainer
+            planned = (
+                trainer.estimated_stepping_batches
+                if config.interval == "step"
+                else trainer.max_epochs
+            )
+            if total is not None and total < planned:
+                raise UserError(
+                    f"the learning-rate schedule ({type(config.scheduler).__name__}) spans "
+                    f"{total} {config.interval}s but this run trains {planned}: a resumed run "
+                    "cannot go past the schedule it began with; resume with the "
+                    "--trainer.max_epochs it began with, or start a new run"
+                )
 
     def on_train_epoch_start(self) -> None:
         self.train_acc.reset()  # not called when resuming mid-epoch: the counts carry on

@@ -22,7 +22,7 @@ def to_fashion_mnist(picture: Image.Image) -> Tensor:
     its longer side is 28 pixels, centred, as Zalando made the data set.
     Returns a (1, 28, 28) uint8 tensor.
     """
-    gray = fill_transparency(ImageOps.exif_transpose(picture)).convert("L")
+    gray = fill_transparency(to_8_bits(ImageOps.exif_transpose(picture))).convert("L")
     pixels = np.asarray(gray)
     border = np.concatenate([pixels[0], pixels[-1], pixels[:, 0], pixels[:, -1]])
     if np.median(border) > 127:
@@ -38,6 +38,23 @@ def to_fashion_mnist(picture: Image.Image) -> Tensor:
         square.paste(gray, ((IMAGE_SIZE - size[0]) // 2, (IMAGE_SIZE - size[1]) // 2))
         gray = square
     return torch.from_numpy(np.array(gray, dtype=np.uint8)).unsqueeze(0)
+
+
+def to_8_bits(picture: Image.Image) -> Image.Image:
+    """A 16-bit, 32-bit or floating-point grayscale picture scaled to 8 bits (0-255).
+
+    Pillow's ``convert("L")`` clips such pictures at 255 instead of scaling them, so a 16-bit
+    PNG would turn almost white (or black) and be classified with no warning. 16-bit files
+    count on a 0-65535 range, floating-point ones on 0-1 (else their own maximum).
+    """
+    if picture.mode not in ("I", "F") and not picture.mode.startswith("I;16"):
+        return picture
+    pixels = np.asarray(picture, dtype=np.float64)
+    if picture.mode == "F":
+        top = 1.0 if pixels.max() <= 1 else pixels.max()
+    else:
+        top = 65535.0 if picture.mode.startswith("I;16") or pixels.max() > 255 else 255.0
+    return Image.fromarray(np.clip(pixels * (255 / top), 0, 255).round().astype(np.uint8), "L")
 
 
 def fill_transparency(picture: Image.Image) -> Image.Image:
@@ -62,16 +79,17 @@ def fill_transparency(picture: Image.Image) -> Image.Image:
 
 
 def check_picture_folder(folder: str | Path) -> None:
-    """Raise DataError unless ``folder`` holds at least one file that opens as a picture.
+    """Raise DataError unless ``folder`` holds at least one picture that can be read whole.
 
-    Only the headers are read: ``predict`` checks this before it starts a run folder, and
-    :func:`load_pictures` reads the pictures themselves later.
+    ``predict`` checks this before it starts a run folder; :func:`load_pictures` reads them
+    again later (a folder of your own pictures is small).
     """
     folder = Path(folder)
     files = _files_in(folder)
     for path in files:
         try:
-            with Image.open(path):
+            with Image.open(path) as picture:
+                picture.load()  # a truncated file has a good header
                 return
         except (UnidentifiedImageError, OSError, ValueError):
             continue
@@ -79,9 +97,12 @@ def check_picture_folder(folder: str | Path) -> None:
 
 
 def _files_in(folder: Path) -> list[Path]:
+    if folder.is_file():
+        raise DataError(f"--data.predict_dir {folder}: a file; pass the folder that holds it")
     if not folder.is_dir():
         raise DataError(f"--data.predict_dir {folder}: no such folder")
-    return sorted(p for p in folder.iterdir() if p.is_file())
+    # broken links too: they are listed as skipped, with the reason
+    return sorted(p for p in folder.iterdir() if p.is_file() or p.is_symlink())
 
 
 def _no_pictures(folder: Path, skipped: int) -> DataError:

@@ -14,7 +14,7 @@ from typing import Any
 import torch
 from lightning.fabric.plugins.environments import SLURMEnvironment
 from lightning.fabric.utilities.cloud_io import _is_local_file_protocol
-from lightning.pytorch.loggers import TensorBoardLogger
+from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 from lightning.pytorch.utilities.rank_zero import rank_zero_only
 
 from fashion_lightning.errors import CheckpointError
@@ -71,12 +71,13 @@ def default_logger(save_dir: str | os.PathLike) -> RunFolderLogger:
     return RunFolderLogger(save_dir=save_dir, version=SLURMEnvironment.job_id())
 
 
-def continue_run(logger: TensorBoardLogger, run_dir: Path, last_step: int) -> None:
-    """Make ``logger`` write into an earlier run's folder (a resumed run), hiding what that run
-    logged after ``last_step`` so that no step appears twice in TensorBoard."""
-    # TensorBoardLogger takes the version only in its constructor; nothing has read it yet
+def continue_run(logger: TensorBoardLogger | CSVLogger, run_dir: Path, last_step: int) -> None:
+    """Make ``logger`` write into an earlier run's folder (a resumed run); in TensorBoard, hide
+    what that run logged after ``last_step`` so that no step appears twice."""
+    # the loggers take the version only in their constructor; nothing has read it yet
     logger._version = run_dir.name
-    logger._kwargs["purge_step"] = last_step + 1
+    if isinstance(logger, TensorBoardLogger):
+        logger._kwargs["purge_step"] = last_step + 1
 
 
 def checkpoint_folders(

@@ -23,7 +23,6 @@ import tempfile
 import time
 import urllib.request
 from pathlib import Path
-from urllib.parse import quote
 
 ROOT = Path(__file__).resolve().parents[1]
 CHROMIUM_FLAGS = [  # no sandbox as root; no background traffic on a closed network

@@ -8,6 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import torch
 from lightning.pytorch.callbacks import Callback
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -84,3 +85,32 @@ class RecordLearningRate(Callback):
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
         RecordLearningRate.seen.append(trainer.optimizers[0].param_groups[0]["lr"])
+
+
+class RecordLastCheckpoint(Callback):
+    """Keeps the global step that ``last.ckpt`` holds when training reaches ``at_step``, in
+    ``RecordLastCheckpoint.seen`` (None: no last.ckpt yet)."""
+
+    seen: list[int | None] = []  # noqa: RUF012 - read by the test that runs it in this process
+
+    def __init__(self, at_step: int) -> None:
+        self.at_step = at_step
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        if trainer.global_step == self.at_step:
+            last = Path(trainer.checkpoint_callback.dirpath) / "last.ckpt"
+            step = torch.load(last, weights_only=True)["global_step"] if last.exists() else None
+            RecordLastCheckpoint.seen.append(step)
+
+
+class SendSignalInEvaluation(Callback):
+    """Sends a real signal to this process at the first test or prediction batch."""
+
+    def __init__(self, signum: int) -> None:
+        self.signum = signum
+
+    def on_test_batch_start(self, trainer, pl_module, batch, batch_idx, dataloader_idx=0):
+        os.kill(os.getpid(), self.signum)
+
+    def on_predict_batch_start(self, trainer, pl_module, batch, batch_idx, dataloader_idx=0):
+        os.kill(os.getpid(), self.signum)

@@ -170,9 +170,42 @@ def test_unwritable_location_is_one_line(option, phrase, tmp_path, capsys):
     ],
 )
 def test_out_of_range_values_are_refused_when_parsing(option, phrase, tmp_path, capsys):
-    line = _fails(fit_args(tmp_path / "data", tmp_path, option), capsys, exit_code=2)
-    assert phrase in line, line
+    with pytest.raises(SystemExit) as exit_:
+        main(fit_args(tmp_path / "data", tmp_path, option))
+    assert exit_.value.code == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1, lines  # not jsonargparse's 80 lines of usage first
+    assert lines[0].startswith("error: ") and phrase in lines[0], lines[0]
+    assert lines[0].endswith(" fit --help)")  # where to read more
     assert not (tmp_path / "lightning_logs").exists() and not (tmp_path / "data").exists()
+
+
+def test_an_optimizer_value_torch_refuses_is_one_line_before_a_run_starts(tmp_path, capsys):
+    args = fit_args(tmp_path / "data", tmp_path, "--model.optimizer.init_args.lr=-1")
+    line = _fails(args, capsys, exit_code=2)
+    assert line == "error: --model.optimizer: Invalid learning rate: -1.0"
+    assert not list(tmp_path.glob("lightning_logs/*"))
+
+
+@pytest.mark.slow
+def test_an_unwritable_checkpoint_folder_is_one_line_before_training(tmp_path, capsys):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("keep me")
+    args = fit_args(tmp_path / "data", tmp_path, f"--checkpoint.dirpath={blocker / 'ck'}")
+    line = _fails(args, capsys)
+    assert line.startswith(f"error: cannot write checkpoints to {blocker / 'ck'} (")
+    assert line.endswith("pass a writable --checkpoint.dirpath")
+
+
+def test_evaluating_without_a_checkpoint_says_it_measures_an_untrained_model(
+    data_dir, tmp_path, capsys
+):
+    main(["validate", *fit_args(data_dir, tmp_path, *TINY_RUN)[1:]])
+    notes = [line for line in capsys.readouterr().err.splitlines() if line.startswith("note:")]
+    assert notes == [
+        "note: validate without --ckpt_path measures the untrained model; pass --ckpt_path "
+        "best, last or a checkpoint file to measure a trained one"
+    ]
 
 
 def test_restricted_values_reach_checkpoints_as_plain_numbers(checkpoints):
@@ -208,7 +241,12 @@ def test_a_callback_whose_package_is_missing_is_one_line(tmp_path):
 
 @pytest.mark.parametrize(
     ("content", "phrase"),
-    [("", "the file is empty"), ("# only\n", "the file is empty"), ("- a\n", "it holds a list")],
+    [
+        ("", "the file is empty"),
+        ("# only\n", "the file is empty"),
+        ("- a\n", "it holds a list"),
+        ("model: 3\n", "'model:' holds 3, not settings"),
+    ],
 )
 def test_an_empty_or_odd_config_file_says_what_is_wrong(content, phrase, tmp_path, capsys):
     config = tmp_path / "my.yaml"

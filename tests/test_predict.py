@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import io
 
 import numpy as np
 import pytest
@@ -66,6 +67,7 @@ def test_own_pictures_are_classified_and_broken_files_skipped(
     Image.fromarray(rng.integers(0, 255, (30, 50, 3), dtype=np.uint8)).save(pictures / "c.png")
     (pictures / "d_broken.png").write_bytes(b"\x89PNG\r\n\x1a\n not really")
     (pictures / "e_notes.txt").write_text("not a picture")
+    (pictures / "f_link.png").symlink_to(pictures / "gone.png")
 
     rows = _predict(
         data_dir,
@@ -80,6 +82,7 @@ def test_own_pictures_are_classified_and_broken_files_skipped(
     )
     err = capsys.readouterr().err
     assert "skipped d_broken.png: " in err and "skipped e_notes.txt: not an image" in err
+    assert "skipped f_link.png: [Errno 2] No such file or directory" in err
 
 
 def test_a_dark_on_light_photo_becomes_a_fashion_mnist_image(data_dir):
@@ -96,16 +99,23 @@ def test_a_dark_on_light_photo_becomes_a_fashion_mnist_image(data_dir):
     ("folder", "problem"),
     [
         ("only-broken", "no readable picture (1 files skipped); put PNG or JPEG files there"),
+        ("only-truncated", "no readable picture (1 files skipped); put PNG or JPEG files there"),
         ("nowhere", "no such folder"),
+        ("a-file.png", "a file; pass the folder that holds it"),
     ],
 )
 def test_a_folder_without_pictures_is_one_line_and_leaves_no_run_folder(
     folder, problem, trained_run, data_dir, tmp_path, capsys
 ):
     pictures = tmp_path / folder
-    if folder == "only-broken":
+    if folder.startswith("only"):
         pictures.mkdir()
-        (pictures / "broken.jpg").write_bytes(b"nope")
+        png = io.BytesIO()
+        Image.new("L", (64, 64), 128).save(png, "PNG")
+        bad = b"nope" if folder == "only-broken" else png.getvalue()[:60]  # a good header only
+        (pictures / "bad.png").write_bytes(bad)
+    elif folder == "a-file.png":
+        Image.new("L", (28, 28)).save(pictures)
     with pytest.raises(SystemExit) as exit_:
         main(
             [
@@ -130,3 +140,15 @@ def test_a_dark_garment_on_a_transparent_background_is_filled_white_then_inverte
     rgba[..., 3] = np.where(garment > 0, 255, 0)
     image = to_fashion_mnist(Image.fromarray(rgba, "RGBA"))
     assert torch.equal(image[0], torch.from_numpy(garment))  # light on dark again, exactly
+
+
+@pytest.mark.parametrize("mode", ["I;16", "I", "F"])
+def test_16_bit_and_float_pictures_are_scaled_not_clipped(mode, data_dir):
+    original = FashionMNIST(str(data_dir), train=False)[1][0]  # 8-bit, light on dark
+    pixels = np.array(original, dtype=np.float64)
+    scaled = pixels / 255 if mode == "F" else pixels * 257  # 255 -> 65535
+    picture = Image.fromarray(
+        scaled.astype({"I;16": np.uint16, "I": np.int32, "F": np.float32}[mode])
+    )
+    assert picture.mode == ("I;16" if mode == "I;16" else mode)
+    assert torch.equal(to_fashion_mnist(picture)[0], torch.from_numpy(np.array(original)))

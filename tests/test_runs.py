@@ -3,6 +3,7 @@ right file, `last.ckpt` is the latest state, and a resume keeps the model it was
 
 from __future__ import annotations
 
+import signal
 import subprocess
 import sys
 
@@ -11,9 +12,11 @@ import torch
 from lightning.pytorch.loggers import TensorBoardLogger
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from fashion_lightning.cli import main
+from fashion_lightning.cli import FashionCLI, main
+from fashion_lightning.data import FashionMNISTDataModule
+from fashion_lightning.model import ImageClassifier
 from fashion_lightning.runs import RunFolderLogger
-from tests.helpers import ROOT, fit_args
+from tests.helpers import ROOT, RecordLastCheckpoint, fit_args, last_line, run_cli
 
 pytestmark = pytest.mark.slow
 
@@ -197,3 +200,122 @@ def test_evaluation_takes_the_checkpoints_model_and_says_so(
     ]
     config = (tmp_path / "lightning_logs" / "version_0" / "config.yaml").read_text()
     assert "hidden_size: 512" in config
+
+
+def test_step_saves_write_the_last_checkpoint_and_the_best_is_a_validated_one(data_dir, tmp_path):
+    RecordLastCheckpoint.seen.clear()
+    main(
+        fit_args(
+            data_dir,
+            tmp_path,
+            "--trainer.max_epochs=2",
+            *TINY,
+            "--checkpoint.every_n_train_steps=3",
+            "--trainer.callbacks+=tests.helpers.RecordLastCheckpoint",
+            "--trainer.callbacks.at_step=4",
+        )
+    )
+    assert RecordLastCheckpoint.seen == [3]  # written at step 3, before any validation
+    folder = tmp_path / "lightning_logs" / "version_0" / "checkpoints"
+    best = [p for p in folder.iterdir() if p.name.startswith("epoch")]
+    assert len(best) == 1
+    # the best is a state that validation measured: the end of an epoch (step 10 or 20)
+    assert _load(best[0])["global_step"] in (10, 20)
+    assert _load(folder / "last.ckpt")["global_step"] == 20
+
+
+def test_a_resume_that_spells_the_folder_differently_keeps_writing_the_same_last_ckpt(
+    data_dir, tmp_path, monkeypatch
+):
+    monkeypatch.chdir(tmp_path)
+    args = fit_args(data_dir, tmp_path, "--trainer.max_epochs=1", *TINY)
+    main(args)
+    main([*args, "--trainer.default_root_dir=.", "--trainer.max_epochs=2", "--ckpt_path=last"])
+    folder = tmp_path / "lightning_logs" / "version_0" / "checkpoints"
+    assert sorted(p.name for p in folder.glob("last*")) == ["last.ckpt"]
+    assert _load(folder / "last.ckpt")["global_step"] == 20
+
+
+@pytest.mark.parametrize(
+    ("extra", "shown"),
+    [
+        (
+            ["--model.lr_scheduler=StepLR", "--model.lr_scheduler.init_args.step_size=1"],
+            "model.lr_scheduler none (asked: torch.optim.lr_scheduler.StepLR)",
+        ),
+        (["--data.batch_size=128"], "data.batch_size 64 (asked: 128)"),
+        (["--data.seed=7"], "data.seed 42 (asked: 7)"),
+    ],
+    ids=["scheduler-added", "batch-size", "data-seed"],
+)
+def test_resume_refuses_a_scheduler_or_training_order_the_checkpoint_lacks(
+    extra, shown, two_epoch_run, data_dir, tmp_path, capsys
+):
+    checkpoint = two_epoch_run / "lightning_logs" / "version_0" / "checkpoints" / "last.ckpt"
+    args = fit_args(
+        data_dir,
+        tmp_path,
+        *TINY,
+        "--model.optimizer.init_args.lr=0.05",
+        f"--ckpt_path={checkpoint}",
+    )
+    with pytest.raises(SystemExit):
+        main([*args, *extra])
+    assert f"the checkpoint was trained with {shown}; a resumed run keeps" in _error_line(capsys)
+
+
+def test_resuming_a_one_cycle_run_past_its_schedule_is_one_line(data_dir, tmp_path, capsys):
+    best = ["--config", str(ROOT / "configs" / "best.yaml"), *TINY]
+    main(fit_args(data_dir, tmp_path, *best, "--trainer.max_epochs=1"))
+    last = tmp_path / "lightning_logs" / "version_0" / "checkpoints" / "last.ckpt"
+    before = last.read_bytes()
+    with pytest.raises(SystemExit) as exit_:
+        main(fit_args(data_dir, tmp_path, *best, "--trainer.max_epochs=2", "--ckpt_path=last"))
+    assert exit_.value.code == 1
+    assert _error_line(capsys).startswith(
+        "error: the learning-rate schedule (OneCycleLR) spans 10 steps but this run trains 20"
+    )
+    assert last.read_bytes() == before
+
+
+def test_a_tensorboard_logger_named_in_the_config_claims_its_folder_too(tmp_path):
+    cli = FashionCLI(
+        ImageClassifier,
+        FashionMNISTDataModule,
+        run=False,
+        args=[
+            "--config",
+            str(ROOT / "configs" / "sgd.yaml"),
+            "--trainer.logger=TensorBoardLogger",
+            f"--trainer.logger.save_dir={tmp_path}",
+        ],
+    )
+    assert isinstance(cli.trainer.logger, RunFolderLogger)
+
+
+def test_resume_with_a_csv_logger_continues_its_folder(data_dir, tmp_path):
+    csv = ("--trainer.logger=CSVLogger", f"--trainer.logger.save_dir={tmp_path}", *TINY)
+    main(fit_args(data_dir, tmp_path, *csv, "--trainer.max_epochs=1"))
+    main(fit_args(data_dir, tmp_path, *csv, "--trainer.max_epochs=2", "--ckpt_path=last"))
+    runs = sorted(p.name for p in (tmp_path / "lightning_logs").iterdir())
+    assert runs == ["version_0"]
+    rows = (tmp_path / "lightning_logs" / "version_0" / "metrics.csv").read_text().splitlines()
+    assert sum(",1," in row or row.startswith("1,") for row in rows) >= 1  # epoch 1 is there
+
+
+@pytest.mark.parametrize(("signum", "code"), [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
+def test_a_signal_during_test_stops_with_its_exit_code_and_one_line(
+    signum, code, two_epoch_run, data_dir, tmp_path
+):
+    checkpoint = two_epoch_run / "lightning_logs" / "version_0" / "checkpoints" / "last.ckpt"
+    result = run_cli(
+        "test",
+        *fit_args(data_dir, tmp_path, *TINY, "--model.optimizer.init_args.lr=0.05")[1:],
+        f"--ckpt_path={checkpoint}",
+        "--trainer.callbacks+=tests.helpers.SendSignalInEvaluation",
+        f"--trainer.callbacks.signum={int(signum)}",
+    )
+    assert result.returncode == code, result.stderr[-2000:]
+    assert "Traceback" not in result.stderr
+    name = signal.Signals(signum).name
+    assert last_line(result.stderr) == f"error: stopped by {name}; nothing was saved"
