@@ -4,12 +4,12 @@ VENV := .venv
 PY := $(VENV)/bin/python
 DEBIAN_DATA := /usr/share/datasets/fashion-mnist
 
-.PHONY: train test lint data bench results clean
+.PHONY: train test lint data postgresql bench results clean
 
 train: $(VENV)/.installed data
 	$(PY) -m fashion_lightning fit --config configs/sgd.yaml
 
-test: $(VENV)/.installed data lint
+test: $(VENV)/.installed data postgresql lint
 	$(PY) -m pytest
 
 # Epoch time of the tutorial's loop, the bare-PyTorch floor and this project (minutes).
@@ -30,9 +30,14 @@ data:
 	@test -f $(DEBIAN_DATA)/train-images-idx3-ubyte.gz || [ "$$(id -u)" != 0 ] || \
 		{ apt-get update -qq && apt-get install -y -qq dataset-fashion-mnist; }
 
+# The search's tests start a PostgreSQL server of their own (Debian's package; root installs it).
+postgresql:
+	@ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || [ "$$(id -u)" != 0 ] || \
+		{ apt-get update -qq && apt-get install -y -qq postgresql; }
+
 $(VENV)/.installed: pyproject.toml constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install --quiet --disable-pip-version-check -c constraints.txt -e '.[dev]'
+	$(PY) -m pip install --quiet --disable-pip-version-check -c constraints.txt -e '.[dev,tune]'
 	touch $@
 
 clean:

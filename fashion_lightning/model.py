@@ -20,6 +20,8 @@ from fashion_lightning.raw_files import IMAGE_SIZE
 NUM_CLASSES = len(CLASS_NAMES)
 # class names as parts of TensorBoard tags ("T-shirt/top" would open another tag level)
 CLASS_TAGS = tuple(name.replace("/", "_") for name in CLASS_NAMES)
+# FashionMNIST's 60k training images, pixels in [0, 1]: their mean and standard deviation
+PIXEL_MEAN, PIXEL_STD = 0.2860, 0.3530
 # a dropout probability: 0 (none) up to, not including, 1 (which would drop everything)
 DropoutProbability = restricted_number_type(
     "DropoutProbability", float, [(">=", 0), ("<", 1)], docstring="a float in [0, 1)"
@@ -63,6 +65,8 @@ class ImageClassifier(L.LightningModule):
         dropout: DropoutProbability = 0.0,
         label_smoothing: ClosedUnitInterval = 0.0,
         compile: bool = False,
+        standardize: bool = False,
+        flip_tta: bool = False,
     ) -> None:
         """
         Args:
@@ -80,6 +84,11 @@ class ImageClassifier(L.LightningModule):
                 losses stay plain cross-entropy, so that runs compare).
             compile: Compile the network with ``torch.compile`` (needs a C++ compiler on CPU;
                 the first steps are slow while it compiles). See the README for its effect.
+            standardize: Standardize the input pixels with FashionMNIST's mean and standard
+                deviation before the network (the tutorial: no, pixels in [0, 1]). A fixed
+                step of the model, so checkpoints and ``predict`` carry it.
+            flip_tta: At validation, test and predict, average the logits of each image and
+                of its left-right mirror (the tutorial: no).
         """
         super().__init__()
         # HParamsSummary writes TensorBoard's HParams entry once, with the data and trainer
@@ -90,6 +99,8 @@ class ImageClassifier(L.LightningModule):
         self.scheduler_interval = scheduler_interval
         self.label_smoothing = label_smoothing
         self.compile = compile
+        self.standardize = standardize
+        self.flip_tta = flip_tta
         self.model = MLP(hidden_size, dropout)
         # one metric object per stage; torchmetrics also syncs them across DDP processes
         self.val_loss, self.test_loss = MeanMetric(), MeanMetric()
@@ -106,7 +117,17 @@ class ImageClassifier(L.LightningModule):
             self.model.compile()  # in place: state_dict names stay those of the tutorial
 
     def forward(self, images: Tensor) -> Tensor:
+        if self.standardize:
+            images = (images - PIXEL_MEAN) / PIXEL_STD
         return self.model(images)
+
+    def evaluate(self, images: Tensor) -> Tensor:
+        """The logits that validation, test and predict use: with ``flip_tta``, the average
+        of the image's and its mirror's (a garment mirrored is the same garment)."""
+        logits = self(images)
+        if self.flip_tta:
+            logits = (logits + self(images.flip(-1))) / 2
+        return logits
 
     def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
         images, labels = batch
@@ -174,7 +195,7 @@ class ImageClassifier(L.LightningModule):
     def _evaluate(self, batch: tuple[Tensor, Tensor], stage: str) -> Tensor:
         """Update the stage's metrics (logged once per epoch); the logits go to callbacks."""
         images, labels = batch
-        logits = self(images)
+        logits = self.evaluate(images)
         getattr(self, f"{stage}_loss").update(F.cross_entropy(logits, labels), weight=len(labels))
         getattr(self, f"{stage}_acc").update(logits, labels)
         getattr(self, f"{stage}_acc_class").update(logits, labels)
@@ -208,7 +229,7 @@ class ImageClassifier(L.LightningModule):
         """Predicted class index and its softmax probability for each image, with the true
         label (-1 where unknown)."""
         images, labels = batch
-        probability, label = self(images).softmax(dim=-1).max(dim=-1)
+        probability, label = self.evaluate(images).softmax(dim=-1).max(dim=-1)
         return {"label": label, "probability": probability, "target": labels}
 
     def configure_optimizers(self) -> Any:

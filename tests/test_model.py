@@ -57,3 +57,18 @@ def test_predict_step_gives_class_index_and_its_probability():
     probabilities = model(images).softmax(-1)
     assert torch.equal(out["label"], probabilities.argmax(-1))
     assert torch.allclose(out["probability"], probabilities.max(-1).values)
+
+
+def test_standardize_and_flip_tta_change_what_the_network_sees_and_nothing_else():
+    torch.manual_seed(0)
+    plain = ImageClassifier()
+    tuned = ImageClassifier(standardize=True, flip_tta=True)
+    tuned.load_state_dict(plain.state_dict())  # no new weights: the same checkpoints load
+    images = torch.rand(4, 1, 28, 28)
+    standardized = (images - 0.2860) / 0.3530
+    assert torch.allclose(tuned(images), plain(standardized))
+    both = (plain(standardized) + plain(standardized.flip(-1))) / 2
+    assert torch.allclose(tuned.evaluate(images), both)
+    out = tuned.predict_step((images, torch.zeros(4, dtype=torch.long)), 0)
+    assert torch.equal(out["label"], both.argmax(-1))
+    assert torch.equal(plain.evaluate(images), plain(images))  # off by default: the tutorial

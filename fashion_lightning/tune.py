@@ -1,0 +1,558 @@
+"""``python -m fashion_lightning.tune``: a hyperparameter search over ``fit`` runs, on Optuna.
+
+    python -m fashion_lightning.tune --config configs/best.yaml \\
+        --search configs/search/mlp.yaml --trials 40
+
+Each trial is a real ``fit`` of the project's CLI with the sampled values as overrides, in its
+own run folder ``lightning_logs/tune/<study>/trial_N/`` (so TensorBoard's HParams tab compares
+the trials, and each trial's ``config.yaml`` reproduces it). The objective is the best
+``val/acc``; the official test split is read only by ``--confirm_seeds``. Trials that fall
+behind are pruned (Optuna's MedianPruner through optuna-integration's Lightning callback).
+The study lives in a journal file next to the trials, or in any Optuna storage URL
+(PostgreSQL for several machines); running the same command again continues it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import os
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import time
+import warnings
+from contextlib import redirect_stdout
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+
+try:
+    import optuna
+except ModuleNotFoundError:  # an optional part of the package
+    sys.exit("error: the search needs Optuna: pip install 'fashion-lightning[tune]' (make does)")
+from optuna.distributions import (
+    BaseDistribution,
+    CategoricalDistribution,
+    FloatDistribution,
+    IntDistribution,
+)
+from optuna.storages import JournalStorage, RDBStorage, RetryHeartbeatStaleTrialCallback
+from optuna.storages.journal import JournalFileBackend
+from optuna.trial import FrozenTrial, TrialState
+from optuna_integration import PyTorchLightningPruningCallback
+
+from fashion_lightning import cli
+from fashion_lightning.errors import NonFiniteLossError, TrainingInterrupted, UserError
+
+PROG = "python -m fashion_lightning.tune"
+OBJECTIVE = "val/acc"
+# what may follow the search's own flags: the fit command line's groups
+FIT_ARGUMENTS = (
+    "--trainer.",
+    "--model.",
+    "--data.",
+    "--checkpoint.",
+    "--images.",
+    "--seed_everything",
+)
+DISTRIBUTIONS = {
+    "float": FloatDistribution,
+    "int": IntDistribution,
+    "categorical": CategoricalDistribution,
+}
+MAX_RETRIES = 2  # how often the parameters of a trial that was stopped or died are tried again
+DONE = (TrialState.COMPLETE, TrialState.PRUNED)  # what counts toward --trials
+
+
+class SearchError(UserError):
+    """The search's own input is wrong (flags, search file, storage); exit code 2 like a parse error."""
+
+    exit_code = 2
+
+
+class SearchStopped(Exception):
+    """SIGINT or SIGTERM reached the search outside a trial's training."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(f"stopped by {signal.Signals(signum).name}")
+        self.exit_code = 128 + signum
+
+
+class OneLineErrorParser(argparse.ArgumentParser):
+    """argparse, with its error as one line like the fit command's (not usage, then the error)."""
+
+    def error(self, message: str):
+        print(f"error: {message} (see: {self.prog} --help)", file=sys.stderr)
+        sys.exit(2)
+
+
+def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
+    parser = OneLineErrorParser(prog=PROG, description=__doc__.split("\n\n")[0])
+    parser.add_argument("--config", required=True, help="the fit config the trials start from")
+    parser.add_argument("--search", required=True, help="YAML: dotted config key -> distribution")
+    parser.add_argument(
+        "--trials", type=_positive, required=True, help="total the study should reach"
+    )
+    parser.add_argument("--study", help="study name (default: the config file's name)")
+    parser.add_argument(
+        "--storage",
+        help="a journal file path, or an Optuna storage URL such as postgresql://user@host/db "
+        "(default: lightning_logs/tune/<study>/study.journal)",
+    )
+    parser.add_argument("--workers", type=_positive, default=1, help="worker processes here")
+    parser.add_argument(
+        "--confirm_seeds",
+        type=int,
+        default=0,
+        help="retrain the best config with this many seeds and report its test accuracy",
+    )
+    parser.add_argument(
+        "--pruner",
+        choices=("median", "none"),
+        default="median",
+        help="stop trials that fall behind",
+    )
+    parser.add_argument(
+        "--startup_trials",
+        type=int,
+        default=5,
+        help="trials sampled at random and never pruned, before TPE and pruning start",
+    )
+    parser.add_argument("--worker_of", type=int, default=0, help=argparse.SUPPRESS)
+    args, fit_overrides = parser.parse_known_args(argv)
+    unknown = [a for a in fit_overrides if a.startswith("-") and not a.startswith(FIT_ARGUMENTS)]
+    if unknown:
+        parser.error(
+            f"unrecognized arguments: {' '.join(unknown)} (beyond its own flags, the search takes "
+            "the fit command line's --trainer.*, --model.*, --data.* ...)"
+        )
+    return args, fit_overrides
+
+
+def _positive(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
+def load_search_space(path: Path) -> dict[str, BaseDistribution]:
+    """The search file: ``dotted.config.key: {type: float|int|categorical, <Optuna's arguments>}``."""
+    try:
+        content = yaml.safe_load(path.read_text())
+    except OSError as err:
+        raise SearchError(f"--search {path}: {err.strerror}") from None
+    except yaml.YAMLError as err:
+        raise SearchError(
+            f"--search {path}: not valid YAML ({' '.join(str(err).split())})"
+        ) from None
+    if not isinstance(content, dict) or not content:
+        raise SearchError(
+            f"--search {path}: expected a mapping of config keys to distributions, e.g. "
+            "'model.optimizer.init_args.lr: {type: float, low: 1.0e-4, high: 1.0e-1, log: true}'"
+        )
+    space = {}
+    for key, spec in content.items():
+        arguments = dict(spec) if isinstance(spec, dict) else {}
+        kind = arguments.pop("type", None)
+        if kind not in DISTRIBUTIONS:
+            raise SearchError(
+                f"--search {path}: {key}: 'type' must be one of {', '.join(DISTRIBUTIONS)}, got {kind!r}"
+            )
+        try:
+            space[str(key)] = DISTRIBUTIONS[kind](**arguments)
+        except (TypeError, ValueError) as err:
+            raise SearchError(f"--search {path}: {key}: {err}") from None
+    return space
+
+
+def sample(trial: optuna.Trial, key: str, distribution: BaseDistribution) -> Any:
+    if isinstance(distribution, CategoricalDistribution):
+        return trial.suggest_categorical(key, distribution.choices)
+    suggest = (
+        trial.suggest_int if isinstance(distribution, IntDistribution) else trial.suggest_float
+    )
+    return suggest(
+        key, distribution.low, distribution.high, step=distribution.step, log=distribution.log
+    )
+
+
+def overrides(params: dict[str, Any]) -> list[str]:
+    return [f"--{key}={value}" for key, value in params.items()]
+
+
+def fit_config(config: Path, arguments: list[str]) -> dict:
+    """The complete fit config for these arguments, as ``fit --print_config`` prints it: the
+    fit command line itself checks them, and says in one line what does not parse."""
+    printed = io.StringIO()
+    with redirect_stdout(printed):
+        try:
+            cli.main(["fit", "--config", str(config), *arguments, "--print_config"])
+        except SystemExit as exit_:
+            if exit_.code:
+                raise
+    return yaml.safe_load(printed.getvalue())
+
+
+def check_keys(
+    space: dict[str, BaseDistribution], config: dict, search: Path, fit_config_path: Path
+) -> None:
+    for key in space:
+        node = config
+        for part in key.split("."):
+            if not isinstance(node, dict) or part not in node:
+                raise SearchError(
+                    f"--search {search}: {key} is not a key of the fit config {fit_config_path} "
+                    "(keys are as in `python -m fashion_lightning fit --config ... --print_config`, "
+                    "e.g. model.optimizer.init_args.lr)"
+                )
+            node = node[part]
+
+
+def open_storage(spec: str | None, default: Path) -> optuna.storages.BaseStorage:
+    """A journal file (the default: several processes on one machine share it safely) or an
+    Optuna RDB URL (sqlite:///..., postgresql://...), whose workers send heartbeats so that
+    a dead machine's trial is failed and its parameters tried again."""
+    if spec is None or "://" not in spec:
+        path = Path(spec) if spec else default
+        path.parent.mkdir(parents=True, exist_ok=True)
+        return JournalStorage(JournalFileBackend(str(path)))
+    for attempt in range(5):
+        try:
+            return RDBStorage(
+                spec,
+                heartbeat_interval=60,
+                grace_period=180,
+                heartbeat_stale_trial_callback=RetryHeartbeatStaleTrialCallback(
+                    max_retry=MAX_RETRIES
+                ),
+            )
+        except Exception as err:  # SQLAlchemy's errors: a bad URL, a missing driver, no server
+            first = (str(err).strip().splitlines() or [type(err).__name__])[0]
+            # machines that start together race to create the tables: the loser tries again
+            racing = "already exists" in first or "duplicate key" in first
+            if not racing or attempt == 4:
+                raise UserError(
+                    f"--storage {spec}: cannot open the study storage ({first})"
+                ) from None
+            time.sleep(0.5 + attempt)
+
+
+def _process_start(pid: int) -> str | None:
+    """When process ``pid`` started (Linux), to tell it from a later process with the same pid."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[19]
+    except (OSError, IndexError):
+        return None
+
+
+def _alive(pid: int, started: str | None) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return started is None or _process_start(pid) in (None, started)
+
+
+class Search:
+    """One study, and the trials that this process runs for it."""
+
+    def __init__(self, args: argparse.Namespace, fit_overrides: list[str]) -> None:
+        self.config_path = Path(args.config)
+        if not self.config_path.is_file():
+            raise SearchError(f"--config {self.config_path}: no such file")
+        search_path = Path(args.search)
+        self.space = load_search_space(search_path)
+        config = fit_config(self.config_path, fit_overrides)
+        check_keys(self.space, config, search_path, self.config_path)
+        # and a value of each distribution parses where it goes (an int for data.batch_size...)
+        fit_config(self.config_path, [*fit_overrides, *overrides(_probe(self.space))])
+        root = Path(config["trainer"].get("default_root_dir") or os.getcwd())
+        self.name = args.study or self.config_path.stem
+        self.folder = root / "lightning_logs" / "tune" / self.name
+        self.storage_spec = args.storage or str(self.folder / "study.journal")
+        storage = open_storage(args.storage, self.folder / "study.journal")
+        pruner = (
+            optuna.pruners.MedianPruner(n_startup_trials=args.startup_trials, n_warmup_steps=1)
+            if args.pruner == "median"
+            else optuna.pruners.NopPruner()
+        )
+        sampler = optuna.samplers.TPESampler(
+            n_startup_trials=args.startup_trials, multivariate=True, constant_liar=True
+        )
+        try:
+            self.study = optuna.create_study(
+                study_name=self.name,
+                storage=storage,
+                direction="maximize",
+                sampler=sampler,
+                pruner=pruner,
+                load_if_exists=True,
+            )
+        except Exception as err:
+            first = (str(err).strip().splitlines() or [type(err).__name__])[0]
+            raise UserError(
+                f"--storage {self.storage_spec}: cannot use the study ({first})"
+            ) from None
+        self.trials = args.trials
+        self.fit_overrides = fit_overrides
+
+    def done(self) -> int:
+        return len(self.study.get_trials(deepcopy=False, states=DONE))
+
+    def fail_dead_trials(self) -> None:
+        """Fail the running trials whose process on this machine is gone (a ``kill -9``, a
+        crash), and try their parameters again. Optuna's journal file keeps no heartbeat, so
+        such a trial would otherwise stay RUNNING forever."""
+        host = socket.gethostname()
+        for trial in self.study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+            attrs = trial.user_attrs
+            if attrs.get("host") != host or "pid" not in attrs:
+                continue
+            if _alive(attrs["pid"], attrs.get("process_start")):
+                continue
+            try:
+                self.study.tell(trial.number, state=TrialState.FAIL)
+            except (ValueError, RuntimeError):
+                continue  # another worker got there first
+            self.retry(trial, "its process died")
+
+    def retry(self, trial: FrozenTrial | optuna.Trial, reason: str) -> None:
+        retries = trial.user_attrs.get("retries", 0)
+        if retries < MAX_RETRIES:
+            self.study.enqueue_trial(
+                trial.params, user_attrs={"retry_of": trial.number, "retries": retries + 1}
+            )
+            print(
+                f"trial {trial.number} {reason}: its parameters will be tried again",
+                file=sys.stderr,
+            )
+
+    def objective(self, trial: optuna.Trial) -> float:
+        params = {key: sample(trial, key, d) for key, d in self.space.items()}
+        run_dir = self.folder / f"trial_{trial.number}"
+        for key, value in (
+            ("host", socket.gethostname()),
+            ("pid", os.getpid()),
+            ("process_start", _process_start(os.getpid())),
+            ("run_dir", str(run_dir)),
+        ):
+            trial.set_user_attr(key, value)
+        args = ["fit", "--config", str(self.config_path), *self.fit_overrides, *overrides(params)]
+        print(f"trial {trial.number}: {' '.join(overrides(params))} -> {run_dir}", file=sys.stderr)
+        start = time.monotonic()
+        try:
+            fit = cli.run(
+                args,
+                run_dir=run_dir,
+                callbacks=[PyTorchLightningPruningCallback(trial, monitor=OBJECTIVE)],
+                test_after_fit=False,
+            )
+        except NonFiniteLossError as err:  # diverged: as bad as it gets, and finished
+            raise optuna.TrialPruned(str(err)) from None
+        except (TrainingInterrupted, SearchStopped):
+            self.retry(trial, "was stopped")
+            raise
+        finally:
+            trial.set_user_attr("seconds", round(time.monotonic() - start, 1))
+        checkpoint = fit.trainer.checkpoint_callback
+        if checkpoint is None or checkpoint.best_model_score is None:
+            raise UserError(f"trial {trial.number} recorded no {OBJECTIVE}")
+        return float(checkpoint.best_model_score)
+
+    def work(self) -> None:
+        """Run trials until the study holds ``--trials`` finished ones. Trials running in other
+        workers count too, so that parallel workers do not overshoot; the parameters of a trial
+        that failed (stopped, or its worker died) are tried again before new ones."""
+        self.fail_dead_trials()
+        counted = (*DONE, TrialState.RUNNING)
+        if len(self.study.get_trials(deepcopy=False, states=counted)) >= self.trials:
+            return
+        self.study.optimize(
+            self.objective,
+            callbacks=[
+                lambda study, trial: self.fail_dead_trials(),
+                optuna.study.MaxTrialsCallback(self.trials, states=counted),
+            ],
+        )
+
+    def summary(self) -> Path | None:
+        """Print the best trials, draw Optuna's plots, write the best trial's config."""
+        trials = self.study.get_trials(deepcopy=False)
+        counts = {state: sum(t.state == state for t in trials) for state in TrialState}
+        minutes = sum(t.user_attrs.get("seconds", 0) for t in trials) / 60
+        print(
+            f"study {self.name} ({self.storage_spec}): {len(trials)} trials, "
+            f"{counts[TrialState.COMPLETE]} complete, {counts[TrialState.PRUNED]} pruned, "
+            f"{counts[TrialState.FAIL]} failed, {minutes:.1f} min of training"
+        )
+        finished = sorted(
+            (t for t in trials if t.state == TrialState.COMPLETE), key=lambda t: -t.value
+        )
+        if not finished:
+            return None
+        keys = list(self.space)
+        print(" | ".join(["trial", OBJECTIVE, "epochs", "seconds", *keys]))
+        for trial in finished[:10]:
+            cells = [
+                str(trial.number),
+                f"{trial.value:.4f}",
+                str(len(trial.intermediate_values)),
+                str(trial.user_attrs.get("seconds", "")),
+                *(_short(trial.params.get(key)) for key in keys),
+            ]
+            print(" | ".join(cells))
+        self.plot()
+        return self.write_best(finished[0])
+
+    def plot(self) -> None:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        from optuna.visualization import matplotlib as plots
+
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # Optuna marks its matplotlib plots experimental
+            for name, draw in (
+                ("history", plots.plot_optimization_history),
+                ("importances", plots.plot_param_importances),
+            ):
+                try:
+                    axes = draw(self.study)
+                except (ValueError, RuntimeError) as err:  # importances need 2+ finished trials
+                    print(f"no {name} plot yet: {err}", file=sys.stderr)
+                    continue
+                path = self.folder / f"{name}.png"
+                axes.figure.savefig(path, dpi=110, bbox_inches="tight")
+                matplotlib.pyplot.close(axes.figure)
+                print(f"plot: {path}")
+
+    def write_best(self, best: FrozenTrial) -> Path:
+        """The best trial's complete config, runnable as ``fit --config`` as it is."""
+        config = yaml.safe_load((Path(best.user_attrs["run_dir"]) / "config.yaml").read_text())
+        config["ckpt_path"] = None
+        path = self.folder / "best.yaml"
+        curve = best.intermediate_values  # val/acc after each epoch
+        epoch = max(curve, key=curve.get) + 1 if curve else "?"
+        header = (
+            f"# Best trial of the search '{self.name}': trial {best.number}, "
+            f"{OBJECTIVE} {best.value:.4f} at epoch {epoch} of {len(curve)}.\n"
+            f"# Sampled: {' '.join(overrides(best.params))}\n"
+            f"#   python -m fashion_lightning fit --config {path}\n"
+        )
+        path.write_text(header + yaml.safe_dump(config, sort_keys=False))
+        return path
+
+    def confirm(self, best_config: Path, seeds: int) -> None:
+        """Retrain the best config with several seeds and report the official test accuracy:
+        the only step of the search that reads the test split."""
+        accuracies = []
+        for seed in range(42, 42 + seeds):
+            run_dir = self.folder / f"confirm_seed_{seed}"
+            args = [
+                "fit",
+                "--config",
+                str(best_config),
+                f"--seed_everything={seed}",
+                f"--data.seed={seed}",
+            ]
+            fit = cli.run(args, run_dir=run_dir)
+            accuracy = float(fit.trainer.callback_metrics["test/acc"]) * 100
+            accuracies.append(accuracy)
+            print(f"confirm seed {seed}: test/acc {accuracy:.2f}% -> {run_dir}")
+        spread = statistics.stdev(accuracies) if len(accuracies) > 1 else 0.0
+        print(
+            f"test accuracy of {best_config} over {seeds} seeds: "
+            f"{statistics.mean(accuracies):.2f} ± {spread:.2f}% "
+            f"({', '.join(f'{a:.2f}' for a in accuracies)})"
+        )
+
+
+def _probe(space: dict[str, BaseDistribution]) -> dict[str, Any]:
+    """One value of each distribution: its first choice, or its low end."""
+    return {
+        key: d.choices[0] if isinstance(d, CategoricalDistribution) else d.low
+        for key, d in space.items()
+    }
+
+
+def _short(value: Any) -> str:
+    return f"{value:.4g}" if isinstance(value, float) else str(value)
+
+
+def _stop_on_signals() -> None:
+    """SIGINT/SIGTERM between trials stop the search at once (during a trial's training the
+    trial's own handler saves its checkpoint first)."""
+
+    def stop(signum, frame):
+        raise SearchStopped(signum)
+
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(signum, stop)
+
+
+def _run_workers(argv: list[str], workers: int) -> int:
+    """Start ``workers`` processes on the study; pass signals on; the first failure's code."""
+    command = [sys.executable, "-m", "fashion_lightning.tune", *argv, "--worker_of", str(workers)]
+    processes = [subprocess.Popen(command) for _ in range(workers)]
+
+    def forward(signum, frame):
+        for process in processes:
+            if process.poll() is None:
+                process.send_signal(signum)
+
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(signum, forward)
+    codes = [process.wait() for process in processes]
+    failed = [code for code in codes if code != 0]
+    return failed[0] if failed else 0
+
+
+def main_tune(argv: list[str] | None = None) -> None:
+    argv = sys.argv[1:] if argv is None else argv
+    sys.argv[0] = "python -m fashion_lightning"  # the fit command's messages name it so
+    # heartbeats and the matplotlib plots are marked experimental in Optuna 5
+    warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
+    args, fit_overrides = parse_args(argv)
+    _stop_on_signals()
+    search = Search(args, fit_overrides)
+    if args.worker_of:  # one of --workers processes: share the machine's cores
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // args.worker_of))
+        search.work()
+        return
+    if args.workers > 1:
+        search.fail_dead_trials()
+        code = _run_workers(argv, args.workers)
+        if code:
+            raise SystemExit(code)
+    else:
+        search.work()
+    best = search.summary()
+    if best is None:
+        raise UserError(f"study {search.name}: no trial finished, so there is no best config")
+    if args.confirm_seeds > 0:
+        search.confirm(best, args.confirm_seeds)
+    print(f"optuna-dashboard {search.storage_spec}    # to watch the study in a browser")
+    print(f"best config: {best}")
+
+
+def main(argv: list[str] | None = None) -> None:
+    """``python -m fashion_lightning.tune``: one-line errors and signal exit codes, as ``fit``."""
+    try:
+        main_tune(argv)
+    except (UserError, SearchStopped) as err:
+        if os.environ.get(cli.DEBUG_ENV):
+            raise
+        print(f"error: {' '.join(str(err).split())}", file=sys.stderr)
+        raise SystemExit(err.exit_code) from None
+
+
+if __name__ == "__main__":
+    main()
