@@ -118,6 +118,12 @@ def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
         help="stop trials that fall behind",
     )
     parser.add_argument(
+        "--warmup_epochs",
+        type=int,
+        default=5,
+        help="epochs a trial trains before it can be pruned (early epochs tell little)",
+    )
+    parser.add_argument(
         "--startup_trials",
         type=int,
         default=5,
@@ -280,7 +286,9 @@ class Search:
         self.storage_spec = args.storage or str(self.folder / "study.journal")
         storage = open_storage(args.storage, self.folder / "study.journal")
         pruner = (
-            optuna.pruners.MedianPruner(n_startup_trials=args.startup_trials, n_warmup_steps=1)
+            optuna.pruners.MedianPruner(
+                n_startup_trials=args.startup_trials, n_warmup_steps=args.warmup_epochs
+            )
             if args.pruner == "median"
             else optuna.pruners.NopPruner()
         )

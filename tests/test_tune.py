@@ -150,6 +150,7 @@ def test_a_trial_that_falls_behind_is_pruned(data_dir, tmp_path):
         3,
         "--pruner=median",
         "--startup_trials=2",
+        "--warmup_epochs=1",
         "--trainer.max_epochs=4",
         space=space,
     )
