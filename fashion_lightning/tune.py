@@ -309,6 +309,7 @@ class Search:
             raise UserError(
                 f"--storage {self.storage_spec}: cannot use the study ({first})"
             ) from None
+        self.study.set_metric_names([OBJECTIVE])  # what optuna-dashboard calls the objective
         self.trials = args.trials
         self.fit_overrides = fit_overrides
 
