@@ -220,14 +220,21 @@ class FashionCLI(LightningCLI):
     TensorBoard logs under ``lightning_logs/``, resumable runs, and a test pass after ``fit``."""
 
     def __init__(
-        self, *args, run_dir: Path | None = None, test_after_fit: bool = True, **kwargs
+        self,
+        *args,
+        run_dir: Path | None = None,
+        test_after_fit: bool = True,
+        searched: dict[str, Any] | None = None,
+        **kwargs,
     ) -> None:
         """``run_dir``: log into this folder instead of a new ``lightning_logs/version_N``;
-        ``test_after_fit``: test the best checkpoint after ``fit`` (a search must not)."""
+        ``test_after_fit``: test the best checkpoint after ``fit`` (a search must not);
+        ``searched``: a search trial's sampled values, first columns of TensorBoard's HParams."""
         self._checkpoint: tuple[Path, dict] | None = None  # --ckpt_path, resolved and read
         self._resuming_last = False
         self.run_dir = run_dir
         self.test_after_fit = test_after_fit
+        self.searched = searched
         super().__init__(
             *args,
             parser_class=OneLineErrorParser,
@@ -361,7 +368,7 @@ class FashionCLI(LightningCLI):
         trainer = super().instantiate_trainer(**kwargs)
         trainer.callbacks.append(ResumableTraining())
         if trainer.logger is not None:
-            trainer.callbacks.append(HParamsSummary())
+            trainer.callbacks.append(HParamsSummary(self.searched))
         if self.subcommand == "predict":
             trainer.callbacks.append(PredictionWriter())
         if not any(isinstance(callback, ProgressBar) for callback in user_callbacks):
@@ -541,6 +548,7 @@ def run(
     run_dir: Path | None = None,
     callbacks: list[Callback] | None = None,
     test_after_fit: bool = True,
+    searched: dict[str, Any] | None = None,
 ) -> FashionCLI:
     """Run a command line in this process and return the CLI with its trainer, for callers such
     as the hyperparameter search: the run logs into ``run_dir``, with ``callbacks`` added to
@@ -554,6 +562,7 @@ def run(
         trainer_defaults={"callbacks": callbacks or []},
         run_dir=run_dir,
         test_after_fit=test_after_fit,
+        searched=searched,
     )
 
 

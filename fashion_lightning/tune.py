@@ -16,7 +16,11 @@ from __future__ import annotations
 
 import argparse
 import io
+import json
+import logging
 import os
+import re
+import shlex
 import signal
 import socket
 import statistics
@@ -24,7 +28,7 @@ import subprocess
 import sys
 import time
 import warnings
-from contextlib import redirect_stdout
+from contextlib import redirect_stderr, redirect_stdout
 from pathlib import Path
 from typing import Any
 
@@ -40,6 +44,7 @@ from optuna.distributions import (
     CategoricalDistribution,
     FloatDistribution,
     IntDistribution,
+    distribution_to_json,
 )
 from optuna.storages import JournalStorage, RDBStorage, RetryHeartbeatStaleTrialCallback
 from optuna.storages.journal import JournalFileBackend
@@ -67,6 +72,33 @@ DISTRIBUTIONS = {
 }
 MAX_RETRIES = 2  # how often the parameters of a trial that was stopped or died are tried again
 DONE = (TrialState.COMPLETE, TrialState.PRUNED)  # what counts toward --trials
+SCALARS = (bool, int, float, str, type(None))  # what a categorical choice may be
+# config keys that may differ between the machines or runs of one study: where files are,
+# the hardware, and what is shown; not what is trained
+NOT_COMPARED = (
+    "ckpt_path",
+    "data.data_dir",
+    "data.source_dir",
+    "data.download",
+    "data.predict_dir",
+    "data.num_workers",
+    "data.data_on_device",
+    "data.eval_batch_size",
+    "trainer.default_root_dir",
+    "trainer.accelerator",
+    "trainer.strategy",
+    "trainer.devices",
+    "trainer.num_nodes",
+    "trainer.logger",
+    "trainer.enable_progress_bar",
+    "trainer.enable_model_summary",
+    "trainer.log_every_n_steps",
+    "trainer.num_sanity_val_steps",
+    "trainer.profiler",
+    "images",
+    "checkpoint.dirpath",
+    "checkpoint.verbose",
+)
 
 
 class SearchError(UserError):
@@ -75,11 +107,17 @@ class SearchError(UserError):
     exit_code = 2
 
 
+class FitArgumentsError(UserError):
+    """The fit command line refused the arguments a trial would run with."""
+
+    exit_code = 2
+
+
 class SearchStopped(Exception):
     """SIGINT or SIGTERM reached the search outside a trial's training."""
 
-    def __init__(self, signum: int) -> None:
-        super().__init__(f"stopped by {signal.Signals(signum).name}")
+    def __init__(self, signum: int, message: str = "") -> None:
+        super().__init__(message or f"stopped by {signal.Signals(signum).name}")
         self.exit_code = 128 + signum
 
 
@@ -96,18 +134,20 @@ def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
     parser.add_argument("--config", required=True, help="the fit config the trials start from")
     parser.add_argument("--search", required=True, help="YAML: dotted config key -> distribution")
     parser.add_argument(
-        "--trials", type=_positive, required=True, help="total the study should reach"
+        "--trials", type=whole_number(1), required=True, help="total the study should reach"
     )
-    parser.add_argument("--study", help="study name (default: the config file's name)")
+    parser.add_argument(
+        "--study", type=study_name, help="study name (default: the config file's name)"
+    )
     parser.add_argument(
         "--storage",
         help="a journal file path, or an Optuna storage URL such as postgresql://user@host/db "
         "(default: lightning_logs/tune/<study>/study.journal)",
     )
-    parser.add_argument("--workers", type=_positive, default=1, help="worker processes here")
+    parser.add_argument("--workers", type=whole_number(1), default=1, help="worker processes here")
     parser.add_argument(
         "--confirm_seeds",
-        type=int,
+        type=whole_number(0),
         default=0,
         help="retrain the best config with this many seeds and report its test accuracy",
     )
@@ -119,13 +159,13 @@ def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
     )
     parser.add_argument(
         "--warmup_epochs",
-        type=int,
+        type=whole_number(0),
         default=5,
         help="epochs a trial trains before it can be pruned (early epochs tell little)",
     )
     parser.add_argument(
         "--startup_trials",
-        type=int,
+        type=whole_number(0),
         default=5,
         help="trials sampled at random and never pruned, before TPE and pruning start",
     )
@@ -140,11 +180,26 @@ def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
     return args, fit_overrides
 
 
-def _positive(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
-    return value
+def whole_number(minimum: int):
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"must be at least {minimum}, got {value}")
+        return value
+
+    return parse
+
+
+def study_name(text: str) -> str:
+    """A study's name is also its folder's name under lightning_logs/tune/."""
+    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", text):
+        raise argparse.ArgumentTypeError(
+            f"{text!r}: use letters, digits, '.', '_' and '-' (it names a folder), e.g. mlp-wide"
+        )
+    return text
 
 
 def load_search_space(path: Path) -> dict[str, BaseDistribution]:
@@ -170,11 +225,36 @@ def load_search_space(path: Path) -> dict[str, BaseDistribution]:
             raise SearchError(
                 f"--search {path}: {key}: 'type' must be one of {', '.join(DISTRIBUTIONS)}, got {kind!r}"
             )
+        for bound in ("low", "high", "step"):
+            arguments[bound] = _number(arguments[bound]) if bound in arguments else None
+            if arguments[bound] is None:
+                del arguments[bound]
+        if kind == "categorical" and not all(
+            isinstance(choice, SCALARS) for choice in arguments.get("choices") or ()
+        ):
+            raise SearchError(
+                f"--search {path}: {key}: choices must be numbers, strings, booleans or null "
+                "(Optuna stores them); for classes, list class paths such as "
+                "[torch.optim.SGD, torch.optim.AdamW]"
+            )
         try:
             space[str(key)] = DISTRIBUTIONS[kind](**arguments)
         except (TypeError, ValueError) as err:
             raise SearchError(f"--search {path}: {key}: {err}") from None
     return space
+
+
+def _number(value: Any) -> Any:
+    """YAML 1.1 (PyYAML) reads ``1e-4`` as text; take it as the number it means."""
+    if isinstance(value, str):
+        try:
+            return int(value)
+        except ValueError:
+            try:
+                return float(value)
+            except ValueError:
+                pass
+    return value
 
 
 def sample(trial: optuna.Trial, key: str, distribution: BaseDistribution) -> Any:
@@ -189,35 +269,65 @@ def sample(trial: optuna.Trial, key: str, distribution: BaseDistribution) -> Any
 
 
 def overrides(params: dict[str, Any]) -> list[str]:
-    return [f"--{key}={value}" for key, value in params.items()]
+    """``--key=value`` with values as the fit command line reads them (null, true, 0.001)."""
+    return [
+        f"--{key}={value if isinstance(value, str) else json.dumps(value)}"
+        for key, value in params.items()
+    ]
 
 
 def fit_config(config: Path, arguments: list[str]) -> dict:
     """The complete fit config for these arguments, as ``fit --print_config`` prints it: the
-    fit command line itself checks them, and says in one line what does not parse."""
-    printed = io.StringIO()
-    with redirect_stdout(printed):
+    fit command line itself checks them; what it refuses is raised with its one-line reason."""
+    printed, errors = io.StringIO(), io.StringIO()
+    with redirect_stdout(printed), redirect_stderr(errors):
         try:
             cli.main(["fit", "--config", str(config), *arguments, "--print_config"])
         except SystemExit as exit_:
             if exit_.code:
-                raise
+                lines = errors.getvalue().strip().splitlines() or [f"exit {exit_.code}"]
+                reason = next((x for x in reversed(lines) if x.startswith("error: ")), lines[-1])
+                raise FitArgumentsError(reason.removeprefix("error: ")) from None
     return yaml.safe_load(printed.getvalue())
 
 
-def check_keys(
-    space: dict[str, BaseDistribution], config: dict, search: Path, fit_config_path: Path
-) -> None:
-    for key in space:
+def check_space(
+    space: dict[str, BaseDistribution],
+    config_path: Path,
+    fit_overrides: list[str],
+    search: Path,
+) -> dict:
+    """Refuse, before any trial, a key the fit config lacks and a value that does not parse
+    where it goes: each end of every range and every choice is tried. Returns the config."""
+    config = fit_config(config_path, fit_overrides)
+    for key, distribution in space.items():
         node = config
         for part in key.split("."):
             if not isinstance(node, dict) or part not in node:
                 raise SearchError(
-                    f"--search {search}: {key} is not a key of the fit config {fit_config_path} "
+                    f"--search {search}: {key} is not a key of the fit config {config_path} "
                     "(keys are as in `python -m fashion_lightning fit --config ... --print_config`, "
                     "e.g. model.optimizer.init_args.lr)"
                 )
             node = node[part]
+        if isinstance(node, dict) and not isinstance(distribution, CategoricalDistribution):
+            raise SearchError(
+                f"--search {search}: {key} is a group of settings, not a number: search one of "
+                f"its keys, e.g. {key}.{next(iter(node), 'lr')}"
+            )
+    for values in _probes(space):
+        try:
+            fit_config(config_path, [*fit_overrides, *overrides(values)])
+        except FitArgumentsError:
+            for key, value in values.items():  # which one: only now, one key at a time
+                try:
+                    fit_config(config_path, [*fit_overrides, *overrides({key: value})])
+                except FitArgumentsError as err:
+                    raise SearchError(
+                        f"--search {search}: {key}: {value!r} is refused: {err}"
+                    ) from None
+            raise
+    return config
 
 
 def open_storage(spec: str | None, default: Path) -> optuna.storages.BaseStorage:
@@ -226,8 +336,16 @@ def open_storage(spec: str | None, default: Path) -> optuna.storages.BaseStorage
     a dead machine's trial is failed and its parameters tried again."""
     if spec is None or "://" not in spec:
         path = Path(spec) if spec else default
-        path.parent.mkdir(parents=True, exist_ok=True)
-        return JournalStorage(JournalFileBackend(str(path)))
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            return JournalStorage(JournalFileBackend(str(path)))
+        except OSError as err:
+            raise UserError(
+                f"--storage {path}: cannot write the study's journal file there "
+                f"({err.strerror or err}); name a file in a writable folder"
+            ) from None
+    if spec.startswith("sqlite:///") and spec != "sqlite:///:memory:":
+        Path(spec.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
     for attempt in range(5):
         try:
             return RDBStorage(
@@ -244,9 +362,21 @@ def open_storage(spec: str | None, default: Path) -> optuna.storages.BaseStorage
             racing = "already exists" in first or "duplicate key" in first
             if not racing or attempt == 4:
                 raise UserError(
-                    f"--storage {spec}: cannot open the study storage ({first})"
+                    f"--storage {shown(spec)}: cannot open the study storage ({first})"
                 ) from None
             time.sleep(0.5 + attempt)
+
+
+def shown(storage: str) -> str:
+    """A storage URL as it may be printed: without its password."""
+    if "://" not in storage:
+        return storage
+    from sqlalchemy.engine import make_url  # Optuna's RDB storage is SQLAlchemy
+
+    try:
+        return make_url(storage).render_as_string(hide_password=True)
+    except Exception:  # not a URL SQLAlchemy reads: opening it says so
+        return storage
 
 
 def _process_start(pid: int) -> str | None:
@@ -276,10 +406,12 @@ class Search:
             raise SearchError(f"--config {self.config_path}: no such file")
         search_path = Path(args.search)
         self.space = load_search_space(search_path)
-        config = fit_config(self.config_path, fit_overrides)
-        check_keys(self.space, config, search_path, self.config_path)
-        # and a value of each distribution parses where it goes (an int for data.batch_size...)
-        fit_config(self.config_path, [*fit_overrides, *overrides(_probe(self.space))])
+        config = check_space(self.space, self.config_path, fit_overrides, search_path)
+        if config["trainer"].get("fast_dev_run"):
+            raise SearchError(
+                "--trainer.fast_dev_run: a debug run records no val/acc for the search; "
+                "use --trainer.limit_train_batches and --trainer.max_epochs for short trials"
+            )
         root = Path(config["trainer"].get("default_root_dir") or os.getcwd())
         self.name = args.study or self.config_path.stem
         self.folder = root / "lightning_logs" / "tune" / self.name
@@ -307,11 +439,61 @@ class Search:
         except Exception as err:
             first = (str(err).strip().splitlines() or [type(err).__name__])[0]
             raise UserError(
-                f"--storage {self.storage_spec}: cannot use the study ({first})"
+                f"--storage {shown(self.storage_spec)}: cannot use the study ({first})"
             ) from None
         self.study.set_metric_names([OBJECTIVE])  # what optuna-dashboard calls the objective
+        self.check_same_study(config)
+        self.check_trial_folders()
         self.trials = args.trials
         self.fit_overrides = fit_overrides
+
+    def check_same_study(self, config: dict) -> None:
+        """A study continues only with the config and search it started with: trials of another
+        config or space would be ranked together (and Optuna refuses a changed distribution).
+        Machine-specific paths may differ (several machines, each with its own folders)."""
+        started = {
+            "search": {key: distribution_to_json(d) for key, d in self.space.items()},
+            "config": _flat(config, skip=NOT_COMPARED),
+        }
+        recorded = self.study.user_attrs.get("started_with")
+        if recorded is None:
+            self.study.set_user_attr("started_with", started)
+            return
+        for part, now in started.items():
+            then = recorded.get(part, {})
+            changed = sorted(k for k in then.keys() | now.keys() if then.get(k) != now.get(k))
+            if changed:
+                key = changed[0]
+                raise SearchError(
+                    f"study {self.name} in {shown(self.storage_spec)} was started with another "
+                    f"{'search file' if part == 'search' else 'config'} ({key}: "
+                    f"{then.get(key, 'absent')} then, {now.get(key, 'absent')} now"
+                    f"{f', and {len(changed) - 1} more' if len(changed) > 1 else ''}); continue "
+                    "it with the same arguments, or start another with --study NAME"
+                )
+
+    def check_trial_folders(self) -> None:
+        """Every trial_N folder here belongs to a trial of this study: a study started anew
+        (another storage, a deleted journal) would otherwise log into an old trial's folder."""
+        known = {
+            t.number
+            for t in self.study.get_trials(deepcopy=False)
+            if Path(t.user_attrs.get("run_dir", "")).resolve()
+            == (self.folder / f"trial_{t.number}").resolve()
+        }
+        strangers = sorted(
+            p.name
+            for p in self.folder.glob("trial_*")
+            if not p.name.removeprefix("trial_").isdigit()
+            or int(p.name.removeprefix("trial_")) not in known
+        )
+        if strangers:
+            raise SearchError(
+                f"{self.folder} holds {', '.join(strangers[:3])}{' ...' if len(strangers) > 3 else ''}, "
+                f"which the study {self.name} in {shown(self.storage_spec)} does not know (another "
+                "study of this name, or its storage was replaced): start another with --study "
+                "NAME, or move that folder away"
+            )
 
     def done(self) -> int:
         return len(self.study.get_trials(deepcopy=False, states=DONE))
@@ -346,7 +528,7 @@ class Search:
 
     def objective(self, trial: optuna.Trial) -> float:
         params = {key: sample(trial, key, d) for key, d in self.space.items()}
-        run_dir = self.folder / f"trial_{trial.number}"
+        run_dir = (self.folder / f"trial_{trial.number}").absolute()
         for key, value in (
             ("host", socket.gethostname()),
             ("pid", os.getpid()),
@@ -354,6 +536,13 @@ class Search:
             ("run_dir", str(run_dir)),
         ):
             trial.set_user_attr(key, value)
+        try:
+            run_dir.mkdir(parents=True)  # the claim: no two trials, of any study, share one
+        except FileExistsError:
+            raise SearchError(
+                f"{run_dir} exists already: another study of this name logs here; start "
+                "another with --study NAME, or move that folder away"
+            ) from None
         args = ["fit", "--config", str(self.config_path), *self.fit_overrides, *overrides(params)]
         print(f"trial {trial.number}: {' '.join(overrides(params))} -> {run_dir}", file=sys.stderr)
         start = time.monotonic()
@@ -363,17 +552,32 @@ class Search:
                 run_dir=run_dir,
                 callbacks=[PyTorchLightningPruningCallback(trial, monitor=OBJECTIVE)],
                 test_after_fit=False,
+                searched=params,
             )
         except NonFiniteLossError as err:  # diverged: as bad as it gets, and finished
             raise optuna.TrialPruned(str(err)) from None
-        except (TrainingInterrupted, SearchStopped):
+        except TrainingInterrupted as err:
+            self.retry(trial, "was stopped")
+            where = str(err).split(". Continue with", 1)[0]
+            raise SearchStopped(
+                err.exit_code - 128,
+                f"trial {trial.number} {where}; the same command continues the study",
+            ) from None
+        except SearchStopped:
             self.retry(trial, "was stopped")
             raise
+        except SystemExit:  # the fit command line refused the sampled values
+            raise SearchError(
+                f"trial {trial.number}: fit refused {' '.join(overrides(params))} (the "
+                "error above); narrow the search file's ranges"
+            ) from None
         finally:
             trial.set_user_attr("seconds", round(time.monotonic() - start, 1))
         checkpoint = fit.trainer.checkpoint_callback
         if checkpoint is None or checkpoint.best_model_score is None:
             raise UserError(f"trial {trial.number} recorded no {OBJECTIVE}")
+        # the complete config, in the study: the best one is written from here, on any machine
+        trial.set_user_attr("config", (run_dir / "config.yaml").read_text())
         return float(checkpoint.best_model_score)
 
     def work(self) -> None:
@@ -392,13 +596,13 @@ class Search:
             ],
         )
 
-    def summary(self) -> Path | None:
+    def summary(self) -> Path:
         """Print the best trials, draw Optuna's plots, write the best trial's config."""
         trials = self.study.get_trials(deepcopy=False)
         counts = {state: sum(t.state == state for t in trials) for state in TrialState}
         minutes = sum(t.user_attrs.get("seconds", 0) for t in trials) / 60
         print(
-            f"study {self.name} ({self.storage_spec}): {len(trials)} trials, "
+            f"study {self.name} ({shown(self.storage_spec)}): {len(trials)} trials, "
             f"{counts[TrialState.COMPLETE]} complete, {counts[TrialState.PRUNED]} pruned, "
             f"{counts[TrialState.FAIL]} failed, {minutes:.1f} min of training"
         )
@@ -406,7 +610,11 @@ class Search:
             (t for t in trials if t.state == TrialState.COMPLETE), key=lambda t: -t.value
         )
         if not finished:
-            return None
+            raise UserError(
+                f"study {self.name}: no trial completed ({counts[TrialState.PRUNED]} pruned, "
+                f"{counts[TrialState.FAIL]} failed), so there is no best config; search more "
+                "with a higher --trials, or --pruner none"
+            )
         keys = list(self.space)
         print(" | ".join(["trial", OBJECTIVE, "epochs", "seconds", *keys]))
         for trial in finished[:10]:
@@ -435,7 +643,7 @@ class Search:
             ):
                 try:
                     axes = draw(self.study)
-                except (ValueError, RuntimeError) as err:  # importances need 2+ finished trials
+                except (ValueError, RuntimeError, TypeError) as err:  # e.g. 1 finished trial
                     print(f"no {name} plot yet: {err}", file=sys.stderr)
                     continue
                 path = self.folder / f"{name}.png"
@@ -445,16 +653,24 @@ class Search:
 
     def write_best(self, best: FrozenTrial) -> Path:
         """The best trial's complete config, runnable as ``fit --config`` as it is."""
-        config = yaml.safe_load((Path(best.user_attrs["run_dir"]) / "config.yaml").read_text())
+        text = best.user_attrs.get("config")
+        if text is None:  # a trial of an earlier version, which kept it only in its folder
+            text = (Path(best.user_attrs["run_dir"]) / "config.yaml").read_text()
+        config = yaml.safe_load(text)
         config["ckpt_path"] = None
         path = self.folder / "best.yaml"
+        if path.resolve() == self.config_path.resolve():
+            raise SearchError(
+                f"--config {self.config_path} is where this study writes its best config: "
+                "copy it elsewhere, or start another study with --study NAME"
+            )
         curve = best.intermediate_values  # val/acc after each epoch
         epoch = max(curve, key=curve.get) + 1 if curve else "?"
         header = (
             f"# Best trial of the search '{self.name}': trial {best.number}, "
             f"{OBJECTIVE} {best.value:.4f} at epoch {epoch} of {len(curve)}.\n"
             f"# Sampled: {' '.join(overrides(best.params))}\n"
-            f"#   python -m fashion_lightning fit --config {path}\n"
+            f"#   python -m fashion_lightning fit --config {shlex.quote(str(path))}\n"
         )
         path.write_text(header + yaml.safe_dump(config, sort_keys=False))
         return path
@@ -464,7 +680,10 @@ class Search:
         the only step of the search that reads the test split."""
         accuracies = []
         for seed in range(42, 42 + seeds):
-            run_dir = self.folder / f"confirm_seed_{seed}"
+            run_dir, again = self.folder / f"confirm_seed_{seed}", 1
+            while run_dir.exists():  # confirmed before: keep that run, and its numbers
+                again += 1
+                run_dir = self.folder / f"confirm_seed_{seed}_{again}"
             args = [
                 "fit",
                 "--config",
@@ -484,16 +703,44 @@ class Search:
         )
 
 
-def _probe(space: dict[str, BaseDistribution]) -> dict[str, Any]:
-    """One value of each distribution: its first choice, or its low end."""
-    return {
-        key: d.choices[0] if isinstance(d, CategoricalDistribution) else d.low
-        for key, d in space.items()
-    }
+def _probes(space: dict[str, BaseDistribution]) -> list[dict[str, Any]]:
+    """Values that together cover both ends of every range and every choice."""
+    lengths = [len(d.choices) for d in space.values() if isinstance(d, CategoricalDistribution)]
+    return [
+        {
+            key: d.choices[min(i, len(d.choices) - 1)]
+            if isinstance(d, CategoricalDistribution)
+            else (d.low if i == 0 else d.high)
+            for key, d in space.items()
+        }
+        for i in range(max([2, *lengths]))
+    ]
+
+
+def _flat(config: Any, skip: tuple[str, ...] = (), prefix: str = "") -> dict[str, Any]:
+    """``{"model.dropout": 0.1, ...}``: a config's leaves under their dotted keys."""
+    if prefix.rstrip(".") in skip:
+        return {}
+    if not isinstance(config, dict):
+        return {prefix.rstrip("."): config}
+    flat = {}
+    for key, value in config.items():
+        flat.update(_flat(value, skip, f"{prefix}{key}."))
+    return flat
 
 
 def _short(value: Any) -> str:
     return f"{value:.4g}" if isinstance(value, float) else str(value)
+
+
+def _no_traceback_for_known_errors(record: logging.LogRecord) -> bool:
+    """Optuna logs a failed trial with its traceback; for a stop or an error this command
+    explains in one line, the line is enough."""
+    error = record.exc_info[1] if record.exc_info else None
+    if isinstance(error, (UserError, SearchStopped)):
+        record.exc_info = None
+        record.msg = str(record.msg).split(" because of the following error")[0]
+    return not str(record.msg).endswith("failed with value None.")  # it says no more
 
 
 def _stop_on_signals() -> None:
@@ -520,7 +767,11 @@ def _run_workers(argv: list[str], workers: int) -> int:
     for signum in (signal.SIGINT, signal.SIGTERM):
         signal.signal(signum, forward)
     codes = [process.wait() for process in processes]
-    failed = [code for code in codes if code != 0]
+    for process in processes:
+        if process.returncode < 0:  # killed (kill -9, out of memory): others go on
+            name = signal.Signals(-process.returncode).name
+            print(f"worker {process.pid} was killed by {name}", file=sys.stderr)
+    failed = [code for code in codes if code > 0]
     return failed[0] if failed else 0
 
 
@@ -529,6 +780,9 @@ def main_tune(argv: list[str] | None = None) -> None:
     sys.argv[0] = "python -m fashion_lightning"  # the fit command's messages name it so
     # heartbeats and the matplotlib plots are marked experimental in Optuna 5
     warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
+    # the trials run the fit command line in this process on purpose (one CLI, one parser)
+    warnings.filterwarnings("ignore", message="LightningCLI's args parameter is intended")
+    logging.getLogger("optuna.study._optimize").addFilter(_no_traceback_for_known_errors)
     args, fit_overrides = parse_args(argv)
     _stop_on_signals()
     search = Search(args, fit_overrides)
@@ -541,14 +795,11 @@ def main_tune(argv: list[str] | None = None) -> None:
         code = _run_workers(argv, args.workers)
         if code:
             raise SystemExit(code)
-    else:
-        search.work()
+    search.work()  # with workers: what a killed one left undone
     best = search.summary()
-    if best is None:
-        raise UserError(f"study {search.name}: no trial finished, so there is no best config")
     if args.confirm_seeds > 0:
         search.confirm(best, args.confirm_seeds)
-    print(f"optuna-dashboard {search.storage_spec}    # to watch the study in a browser")
+    print(f"optuna-dashboard {shlex.quote(shown(search.storage_spec))}    # to watch the study")
     print(f"best config: {best}")
 
 

@@ -124,7 +124,14 @@ def _all_arguments(trainer: L.Trainer, pl_module: L.LightningModule) -> dict[str
     return arguments
 
 
-def hparams_summaries(params: dict[str, Any]) -> list[Summary]:
+def _column_value(value: Any) -> float | bool | str:
+    """Fractions as numbers; whole numbers and everything else as text (as run_hparams)."""
+    return value if isinstance(value, (bool, float)) else str(value)
+
+
+def hparams_summaries(
+    params: dict[str, Any], first: tuple[str, ...] = FIRST_COLUMNS
+) -> list[Summary]:
     """The HParams plugin's experiment (columns) and session-start (values) entries.
 
     Written here rather than with ``torch.utils.tensorboard.summary.hparams`` because that
@@ -136,7 +143,7 @@ def hparams_summaries(params: dict[str, Any]) -> list[Summary]:
         api_pb2.HParamInfo(
             name=name,
             type=kind.get(type(value), api_pb2.DATA_TYPE_STRING),
-            differs=name in FIRST_COLUMNS,
+            differs=name in first,
         )
         for name, value in params.items()
     ]
@@ -183,7 +190,10 @@ class HParamsSummary(Callback):
     ``hp_metric`` to -1; TensorBoard keeps the first entry of a run, so this is the only one.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, searched: dict[str, Any] | None = None) -> None:
+        """``searched``: a search trial's sampled values (dotted config keys), shown as the
+        first columns so that the trials of a search compare on what was searched."""
+        self.searched = searched or {}
         self.best = float("nan")
         self.best_epoch = 0
 
@@ -193,10 +203,11 @@ class HParamsSummary(Callback):
             return
         # hparams.yaml keeps every argument (metrics={}: no -1 placeholder in TensorBoard)
         logger.log_hyperparams(_all_arguments(trainer, pl_module), metrics={})
-        params = run_hparams(trainer, pl_module)
+        searched = {key: _column_value(value) for key, value in self.searched.items()}
+        params = {**searched, **run_hparams(trainer, pl_module)}
         experiment = logger.experiment
         writer = experiment._get_file_writer()  # SummaryWriter has no public call for these
-        for summary in hparams_summaries(params):
+        for summary in hparams_summaries(params, first=(*searched, *FIRST_COLUMNS)):
             writer.add_summary(summary)
         experiment.add_custom_scalars(LAYOUT)
 

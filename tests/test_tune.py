@@ -20,6 +20,7 @@ from optuna.storages import JournalStorage
 from optuna.storages.journal import JournalFileBackend
 from optuna.trial import TrialState
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+from tensorboard.plugins.hparams import plugin_data_pb2
 
 from fashion_lightning.cli import main
 from tests.helpers import ROOT, SGD_CONFIG, last_line
@@ -78,6 +79,23 @@ def _study(root: Path, name: str = "sgd") -> optuna.Study:
     )
 
 
+def _hparams_columns(events: EventAccumulator) -> dict:
+    """TensorBoard's HParams columns of a run, in order, with the run's values."""
+    content = events.SummaryMetadata("_hparams_/experiment").plugin_data.content
+    names = [
+        info.name
+        for info in plugin_data_pb2.HParamsPluginData.FromString(content).experiment.hparam_infos
+    ]
+    content = events.SummaryMetadata("_hparams_/session_start_info").plugin_data.content
+    values = plugin_data_pb2.HParamsPluginData.FromString(content).session_start_info.hparams
+    return {
+        name: values[name].number_value
+        if values[name].HasField("number_value")
+        else values[name].string_value
+        for name in names
+    }
+
+
 def _states(study: optuna.Study) -> list[TrialState]:
     return [trial.state for trial in study.get_trials()]
 
@@ -114,6 +132,12 @@ def test_a_search_runs_trials_in_their_folders_and_writes_a_runnable_best_config
         events.Reload()
         assert not [tag for tag in events.Tags()["scalars"] if tag.startswith("test/")]  # unseen
         assert max(e.value for e in events.Scalars("val/acc")) == pytest.approx(trial.value)
+        columns = _hparams_columns(events)  # the searched keys come first, with their values
+        assert sorted(list(columns)[:2]) == sorted(SPACE)
+        assert columns["model.optimizer.init_args.lr"] == pytest.approx(
+            trial.params["model.optimizer.init_args.lr"]
+        )
+        assert columns["data.batch_size"] == str(trial.params["data.batch_size"])
     assert (folder / "history.png").stat().st_size > 0
     assert (folder / "importances.png").stat().st_size > 0
     assert f"optuna-dashboard {folder / 'study.journal'}" in result.stdout
@@ -130,6 +154,42 @@ def test_a_search_runs_trials_in_their_folders_and_writes_a_runnable_best_config
     study = _study(tmp_path)
     assert _states(study) == [TrialState.COMPLETE] * 5
     assert [(t.number, t.params, t.value) for t in study.trials][:3] == before
+
+
+def test_a_study_continues_only_as_it_began_and_its_best_config_lives_in_the_study(
+    data_dir, tmp_path
+):
+    args = _args(data_dir, tmp_path, 1)
+    assert (first := _tune(*args)).returncode == 0, first.stderr[-3000:]
+    folder = tmp_path / "lightning_logs" / "tune" / "sgd"
+
+    def refused(result, phrase):
+        errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+        assert result.returncode == 2 and len(errors) == 1, result.stderr[-2000:]
+        assert phrase in errors[0], errors[0]
+
+    wider = {**SPACE, "data.batch_size": {"type": "categorical", "choices": [32, 64, 128]}}
+    other_space = _args(data_dir, tmp_path, 2, space=_space(tmp_path / "lightning_logs", wider))
+    refused(_tune(*other_space), "was started with another search file (data.batch_size:")
+    refused(
+        _tune(*args, "--trainer.max_epochs=1", "--trials=2"),
+        "was started with another config (trainer.max_epochs: 2 then, 1 now)",
+    )
+    assert len(_study(tmp_path).trials) == 1  # neither ran a trial
+
+    # on another machine of the study the trial's folder is not there: the study has its config
+    shutil.move(folder / "trial_0", tmp_path / "elsewhere")
+    (folder / "best.yaml").unlink()
+    assert (again := _tune(*args)).returncode == 0, again.stderr[-3000:]
+    best = yaml.safe_load((folder / "best.yaml").read_text())
+    lr = _study(tmp_path).trials[0].params["model.optimizer.init_args.lr"]
+    assert best["model"]["optimizer"]["init_args"]["lr"] == lr
+
+    # a study started anew under the same name would write into the old trial's folder
+    shutil.move(tmp_path / "elsewhere", folder / "trial_0")
+    (folder / "study.journal").unlink()
+    refused(_tune(*args), "holds trial_0, which the study sgd")
+    assert not (folder / "trial_0" / "config-2.yaml").exists()  # the old trial is untouched
 
 
 def test_a_trial_that_falls_behind_is_pruned(data_dir, tmp_path):
@@ -176,6 +236,30 @@ def test_two_workers_share_a_study_and_each_trial_runs_once(data_dir, tmp_path):
     )
 
 
+def test_when_one_of_two_workers_is_killed_the_search_still_finishes(data_dir, tmp_path):
+    args = _args(
+        data_dir,
+        tmp_path,
+        3,
+        "--workers=2",
+        "--trainer.limit_train_batches=400",
+        "--trainer.max_epochs=2",
+    )
+    process = subprocess.Popen(_command(*args), cwd=ROOT, stderr=subprocess.PIPE, text=True)
+    folder = tmp_path / "lightning_logs" / "tune" / "sgd"
+    _wait_for(lambda: len(list(folder.glob("trial_*/events.out.tfevents.*"))) == 2, process)
+    children = Path(f"/proc/{process.pid}/task/{process.pid}/children").read_text().split()
+    os.kill(int(children[0]), signal.SIGKILL)
+    _, stderr = process.communicate(timeout=300)
+    assert process.returncode == 0, stderr[-3000:]
+    assert f"worker {children[0]} was killed by SIGKILL" in stderr
+    study = _study(tmp_path)
+    failed = [t for t in study.trials if t.state == TrialState.FAIL]
+    assert len(failed) == 1 and failed[0].user_attrs["pid"] == int(children[0])
+    complete = [t for t in study.trials if t.state == TrialState.COMPLETE]
+    assert len(complete) >= 3 and failed[0].params in [t.params for t in complete]  # retried
+
+
 def test_kill_9_of_a_worker_fails_its_trial_and_the_next_run_retries_it(data_dir, tmp_path):
     long = ("--trainer.limit_train_batches=400", "--trainer.max_epochs=3")
     args = _args(data_dir, tmp_path, 2, *long)
@@ -187,7 +271,7 @@ def test_kill_9_of_a_worker_fails_its_trial_and_the_next_run_retries_it(data_dir
     study = _study(tmp_path)  # still readable
     assert _states(study) == [TrialState.RUNNING]  # Optuna alone would leave it so forever
 
-    result = _tune(*_args(data_dir, tmp_path, 2))
+    result = _tune(*args)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "trial 0 its process died: its parameters will be tried again" in result.stderr
     study = _study(tmp_path)
@@ -200,21 +284,24 @@ def test_kill_9_of_a_worker_fails_its_trial_and_the_next_run_retries_it(data_dir
 def test_a_signal_stops_the_trial_with_its_checkpoint_and_the_search_goes_on(
     signum, code, data_dir, tmp_path
 ):
-    long = ("--trainer.limit_train_batches=400", "--trainer.max_epochs=3")
-    process = subprocess.Popen(
-        _command(*_args(data_dir, tmp_path, 2, *long)), cwd=ROOT, stderr=subprocess.PIPE, text=True
+    args = _args(
+        data_dir, tmp_path, 2, "--trainer.limit_train_batches=400", "--trainer.max_epochs=3"
     )
+    process = subprocess.Popen(_command(*args), cwd=ROOT, stderr=subprocess.PIPE, text=True)
     trial_0 = tmp_path / "lightning_logs" / "tune" / "sgd" / "trial_0"
     _wait_for(lambda: any(trial_0.glob("events.out.tfevents.*")), process)
     time.sleep(1)  # into the training steps
     process.send_signal(signum)
     assert process.wait(timeout=120) == code
+    stderr = process.stderr.read()
+    assert "Traceback" not in stderr and "--ckpt_path" not in stderr
+    assert "the same command continues the study" in last_line(stderr)
     assert (trial_0 / "checkpoints" / "last.ckpt").is_file()
     study = _study(tmp_path)
     assert study.trials[0].state == TrialState.FAIL  # not counted as a result
     assert [t.state for t in study.trials[1:]] == [TrialState.WAITING]  # its retry
 
-    result = _tune(*_args(data_dir, tmp_path, 2))
+    result = _tune(*args)
     assert result.returncode == 0, result.stderr[-3000:]
     study = _study(tmp_path)
     assert _states(study) == [TrialState.FAIL, TrialState.COMPLETE, TrialState.COMPLETE]
@@ -317,6 +404,25 @@ def test_two_machines_share_a_study_in_postgresql(postgres_url, data_dir, tmp_pa
         (SPACE, ["--storage=nosuchdb://x/y"], "--storage nosuchdb://x/y: cannot open"),
         (SPACE, ["--storage=postgresql://postgres@127.0.0.1:1/optuna"], "cannot open"),
         (SPACE, ["--no_such_flag"], "unrecognized arguments: --no_such_flag"),
+        (
+            {"model.dropout": {"type": "float", "low": 0.0, "high": 1.5}},
+            [],
+            "model.dropout: 1.5 is refused",
+        ),
+        (
+            {"model.optimizer": {"type": "categorical", "choices": [{"class_path": "x.Y"}]}},
+            [],
+            "choices must be numbers, strings, booleans or null",
+        ),
+        (
+            {"model.optimizer": {"type": "float", "low": 0, "high": 1}},
+            [],
+            "model.optimizer is a group of settings",
+        ),
+        (SPACE, ["--trainer.fast_dev_run=true"], "a debug run records no val/acc"),
+        (SPACE, ["--study=../escape"], "use letters, digits"),
+        (SPACE, ["--warmup_epochs=-1"], "must be at least 0, got -1"),
+        (SPACE, ["--storage=/proc/no/study.journal"], "cannot write the study's journal file"),
     ],
     ids=[
         "unknown-key",
@@ -327,6 +433,13 @@ def test_two_machines_share_a_study_in_postgresql(postgres_url, data_dir, tmp_pa
         "bad-url",
         "no-db",
         "bad-flag",
+        "partly-out-of-range",
+        "dict-choice",
+        "group-key",
+        "fast-dev-run",
+        "study-path",
+        "negative",
+        "unwritable-storage",
     ],
 )
 def test_bad_input_is_one_line_before_any_trial(space, extra, phrase, data_dir, tmp_path):
@@ -339,12 +452,16 @@ def test_bad_input_is_one_line_before_any_trial(space, extra, phrase, data_dir, 
 
 
 def test_the_shipped_search_space_fits_the_recipe_it_searches_over():
-    from fashion_lightning.tune import check_keys, fit_config, load_search_space, overrides
+    from fashion_lightning.tune import check_space, load_search_space
 
     search, recipe = ROOT / "configs" / "search" / "mlp.yaml", ROOT / "configs" / "best.yaml"
-    space = load_search_space(search)
-    check_keys(space, fit_config(recipe, []), search, recipe)
-    for key, distribution in space.items():  # every end of every range parses where it goes
-        ends = getattr(distribution, "choices", None) or (distribution.low, distribution.high)
-        for value in ends:
-            fit_config(recipe, overrides({key: value}))
+    check_space(load_search_space(search), recipe, [], search)  # every end of every range
+
+
+def test_numbers_yaml_reads_as_text_are_taken_as_numbers(tmp_path):
+    from fashion_lightning.tune import load_search_space
+
+    search = tmp_path / "space.yaml"
+    search.write_text("model.dropout: {type: float, low: 1e-4, high: 1e-2, log: true}\n")
+    distribution = load_search_space(search)["model.dropout"]
+    assert (distribution.low, distribution.high) == (1e-4, 1e-2)
