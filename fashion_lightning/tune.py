@@ -15,8 +15,6 @@ The study lives in a journal file next to the trials, or in any Optuna storage U
 from __future__ import annotations
 
 import argparse
-import io
-import json
 import logging
 import os
 import re
@@ -28,7 +26,6 @@ import subprocess
 import sys
 import time
 import warnings
-from contextlib import redirect_stderr, redirect_stdout
 from pathlib import Path
 from typing import Any
 
@@ -39,20 +36,26 @@ try:
     import optuna
 except ModuleNotFoundError:  # an optional part of the package
     sys.exit("error: the search needs Optuna: pip install 'fashion-lightning[tune]' (make does)")
-from optuna.distributions import (
-    BaseDistribution,
-    CategoricalDistribution,
-    FloatDistribution,
-    IntDistribution,
-    distribution_to_json,
-)
-from optuna.storages import JournalStorage, RDBStorage, RetryHeartbeatStaleTrialCallback
-from optuna.storages.journal import JournalFileBackend
+from optuna.distributions import distribution_to_json
 from optuna.trial import FrozenTrial, TrialState
 from optuna_integration import PyTorchLightningPruningCallback
 
 from fashion_lightning import cli
 from fashion_lightning.errors import NonFiniteLossError, TrainingInterrupted, UserError
+from fashion_lightning.search_space import (
+    SearchError,
+    check_space,
+    load_search_space,
+    overrides,
+    sample,
+)
+from fashion_lightning.study_storage import (
+    MAX_RETRIES,
+    alive,
+    open_storage,
+    process_start,
+    shown,
+)
 
 PROG = "python -m fashion_lightning.tune"
 OBJECTIVE = "val/acc"
@@ -65,14 +68,7 @@ FIT_ARGUMENTS = (
     "--images.",
     "--seed_everything",
 )
-DISTRIBUTIONS = {
-    "float": FloatDistribution,
-    "int": IntDistribution,
-    "categorical": CategoricalDistribution,
-}
-MAX_RETRIES = 2  # how often the parameters of a trial that was stopped or died are tried again
 DONE = (TrialState.COMPLETE, TrialState.PRUNED)  # what counts toward --trials
-SCALARS = (bool, int, float, str, type(None))  # what a categorical choice may be
 # config keys that may differ between the machines or runs of one study: where files are,
 # the hardware, and what is shown; not what is trained
 NOT_COMPARED = (
@@ -99,18 +95,6 @@ NOT_COMPARED = (
     "checkpoint.dirpath",
     "checkpoint.verbose",
 )
-
-
-class SearchError(UserError):
-    """The search's own input is wrong (flags, search file, storage); exit code 2 like a parse error."""
-
-    exit_code = 2
-
-
-class FitArgumentsError(UserError):
-    """The fit command line refused the arguments a trial would run with."""
-
-    exit_code = 2
 
 
 class SearchStopped(Exception):
@@ -200,201 +184,6 @@ def study_name(text: str) -> str:
             f"{text!r}: use letters, digits, '.', '_' and '-' (it names a folder), e.g. mlp-wide"
         )
     return text
-
-
-def load_search_space(path: Path) -> dict[str, BaseDistribution]:
-    """The search file: ``dotted.config.key: {type: float|int|categorical, <Optuna's arguments>}``."""
-    try:
-        content = yaml.safe_load(path.read_text())
-    except OSError as err:
-        raise SearchError(f"--search {path}: {err.strerror}") from None
-    except yaml.YAMLError as err:
-        raise SearchError(
-            f"--search {path}: not valid YAML ({' '.join(str(err).split())})"
-        ) from None
-    if not isinstance(content, dict) or not content:
-        raise SearchError(
-            f"--search {path}: expected a mapping of config keys to distributions, e.g. "
-            "'model.optimizer.init_args.lr: {type: float, low: 1.0e-4, high: 1.0e-1, log: true}'"
-        )
-    space = {}
-    for key, spec in content.items():
-        arguments = dict(spec) if isinstance(spec, dict) else {}
-        kind = arguments.pop("type", None)
-        if kind not in DISTRIBUTIONS:
-            raise SearchError(
-                f"--search {path}: {key}: 'type' must be one of {', '.join(DISTRIBUTIONS)}, got {kind!r}"
-            )
-        for bound in ("low", "high", "step"):
-            arguments[bound] = _number(arguments[bound]) if bound in arguments else None
-            if arguments[bound] is None:
-                del arguments[bound]
-        if kind == "categorical" and not all(
-            isinstance(choice, SCALARS) for choice in arguments.get("choices") or ()
-        ):
-            raise SearchError(
-                f"--search {path}: {key}: choices must be numbers, strings, booleans or null "
-                "(Optuna stores them); for classes, list class paths such as "
-                "[torch.optim.SGD, torch.optim.AdamW]"
-            )
-        try:
-            space[str(key)] = DISTRIBUTIONS[kind](**arguments)
-        except (TypeError, ValueError) as err:
-            raise SearchError(f"--search {path}: {key}: {err}") from None
-    return space
-
-
-def _number(value: Any) -> Any:
-    """YAML 1.1 (PyYAML) reads ``1e-4`` as text; take it as the number it means."""
-    if isinstance(value, str):
-        try:
-            return int(value)
-        except ValueError:
-            try:
-                return float(value)
-            except ValueError:
-                pass
-    return value
-
-
-def sample(trial: optuna.Trial, key: str, distribution: BaseDistribution) -> Any:
-    if isinstance(distribution, CategoricalDistribution):
-        return trial.suggest_categorical(key, distribution.choices)
-    suggest = (
-        trial.suggest_int if isinstance(distribution, IntDistribution) else trial.suggest_float
-    )
-    return suggest(
-        key, distribution.low, distribution.high, step=distribution.step, log=distribution.log
-    )
-
-
-def overrides(params: dict[str, Any]) -> list[str]:
-    """``--key=value`` with values as the fit command line reads them (null, true, 0.001)."""
-    return [
-        f"--{key}={value if isinstance(value, str) else json.dumps(value)}"
-        for key, value in params.items()
-    ]
-
-
-def fit_config(config: Path, arguments: list[str]) -> dict:
-    """The complete fit config for these arguments, as ``fit --print_config`` prints it: the
-    fit command line itself checks them; what it refuses is raised with its one-line reason."""
-    printed, errors = io.StringIO(), io.StringIO()
-    with redirect_stdout(printed), redirect_stderr(errors):
-        try:
-            cli.main(["fit", "--config", str(config), *arguments, "--print_config"])
-        except SystemExit as exit_:
-            if exit_.code:
-                lines = errors.getvalue().strip().splitlines() or [f"exit {exit_.code}"]
-                reason = next((x for x in reversed(lines) if x.startswith("error: ")), lines[-1])
-                raise FitArgumentsError(reason.removeprefix("error: ")) from None
-    return yaml.safe_load(printed.getvalue())
-
-
-def check_space(
-    space: dict[str, BaseDistribution],
-    config_path: Path,
-    fit_overrides: list[str],
-    search: Path,
-) -> dict:
-    """Refuse, before any trial, a key the fit config lacks and a value that does not parse
-    where it goes: each end of every range and every choice is tried. Returns the config."""
-    config = fit_config(config_path, fit_overrides)
-    for key, distribution in space.items():
-        node = config
-        for part in key.split("."):
-            if not isinstance(node, dict) or part not in node:
-                raise SearchError(
-                    f"--search {search}: {key} is not a key of the fit config {config_path} "
-                    "(keys are as in `python -m fashion_lightning fit --config ... --print_config`, "
-                    "e.g. model.optimizer.init_args.lr)"
-                )
-            node = node[part]
-        if isinstance(node, dict) and not isinstance(distribution, CategoricalDistribution):
-            raise SearchError(
-                f"--search {search}: {key} is a group of settings, not a number: search one of "
-                f"its keys, e.g. {key}.{next(iter(node), 'lr')}"
-            )
-    for values in _probes(space):
-        try:
-            fit_config(config_path, [*fit_overrides, *overrides(values)])
-        except FitArgumentsError:
-            for key, value in values.items():  # which one: only now, one key at a time
-                try:
-                    fit_config(config_path, [*fit_overrides, *overrides({key: value})])
-                except FitArgumentsError as err:
-                    raise SearchError(
-                        f"--search {search}: {key}: {value!r} is refused: {err}"
-                    ) from None
-            raise
-    return config
-
-
-def open_storage(spec: str | None, default: Path) -> optuna.storages.BaseStorage:
-    """A journal file (the default: several processes on one machine share it safely) or an
-    Optuna RDB URL (sqlite:///..., postgresql://...), whose workers send heartbeats so that
-    a dead machine's trial is failed and its parameters tried again."""
-    if spec is None or "://" not in spec:
-        path = Path(spec) if spec else default
-        try:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            return JournalStorage(JournalFileBackend(str(path)))
-        except OSError as err:
-            raise UserError(
-                f"--storage {path}: cannot write the study's journal file there "
-                f"({err.strerror or err}); name a file in a writable folder"
-            ) from None
-    if spec.startswith("sqlite:///") and spec != "sqlite:///:memory:":
-        Path(spec.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
-    for attempt in range(5):
-        try:
-            return RDBStorage(
-                spec,
-                heartbeat_interval=60,
-                grace_period=180,
-                heartbeat_stale_trial_callback=RetryHeartbeatStaleTrialCallback(
-                    max_retry=MAX_RETRIES
-                ),
-            )
-        except Exception as err:  # SQLAlchemy's errors: a bad URL, a missing driver, no server
-            first = (str(err).strip().splitlines() or [type(err).__name__])[0]
-            # machines that start together race to create the tables: the loser tries again
-            racing = "already exists" in first or "duplicate key" in first
-            if not racing or attempt == 4:
-                raise UserError(
-                    f"--storage {shown(spec)}: cannot open the study storage ({first})"
-                ) from None
-            time.sleep(0.5 + attempt)
-
-
-def shown(storage: str) -> str:
-    """A storage URL as it may be printed: without its password."""
-    if "://" not in storage:
-        return storage
-    from sqlalchemy.engine import make_url  # Optuna's RDB storage is SQLAlchemy
-
-    try:
-        return make_url(storage).render_as_string(hide_password=True)
-    except Exception:  # not a URL SQLAlchemy reads: opening it says so
-        return storage
-
-
-def _process_start(pid: int) -> str | None:
-    """When process ``pid`` started (Linux), to tell it from a later process with the same pid."""
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[19]
-    except (OSError, IndexError):
-        return None
-
-
-def _alive(pid: int, started: str | None) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return started is None or _process_start(pid) in (None, started)
 
 
 class Search:
@@ -507,7 +296,7 @@ class Search:
             attrs = trial.user_attrs
             if attrs.get("host") != host or "pid" not in attrs:
                 continue
-            if _alive(attrs["pid"], attrs.get("process_start")):
+            if alive(attrs["pid"], attrs.get("process_start")):
                 continue
             try:
                 self.study.tell(trial.number, state=TrialState.FAIL)
@@ -532,7 +321,7 @@ class Search:
         for key, value in (
             ("host", socket.gethostname()),
             ("pid", os.getpid()),
-            ("process_start", _process_start(os.getpid())),
+            ("process_start", process_start(os.getpid())),
             ("run_dir", str(run_dir)),
         ):
             trial.set_user_attr(key, value)
@@ -701,20 +490,6 @@ class Search:
             f"{statistics.mean(accuracies):.2f} ± {spread:.2f}% "
             f"({', '.join(f'{a:.2f}' for a in accuracies)})"
         )
-
-
-def _probes(space: dict[str, BaseDistribution]) -> list[dict[str, Any]]:
-    """Values that together cover both ends of every range and every choice."""
-    lengths = [len(d.choices) for d in space.values() if isinstance(d, CategoricalDistribution)]
-    return [
-        {
-            key: d.choices[min(i, len(d.choices) - 1)]
-            if isinstance(d, CategoricalDistribution)
-            else (d.low if i == 0 else d.high)
-            for key, d in space.items()
-        }
-        for i in range(max([2, *lengths]))
-    ]
 
 
 def _flat(config: Any, skip: tuple[str, ...] = (), prefix: str = "") -> dict[str, Any]:

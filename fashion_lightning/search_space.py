@@ -1,0 +1,183 @@
+"""The search file: dotted config keys mapped to Optuna distributions, checked against the fit
+command line before any trial runs, and the sampled values as that command line's overrides."""
+
+from __future__ import annotations
+
+import io
+import json
+from contextlib import redirect_stderr, redirect_stdout
+from pathlib import Path
+from typing import Any
+
+import optuna
+import yaml
+from optuna.distributions import (
+    BaseDistribution,
+    CategoricalDistribution,
+    FloatDistribution,
+    IntDistribution,
+)
+
+from fashion_lightning import cli
+from fashion_lightning.errors import UserError
+
+DISTRIBUTIONS = {
+    "float": FloatDistribution,
+    "int": IntDistribution,
+    "categorical": CategoricalDistribution,
+}
+SCALARS = (bool, int, float, str, type(None))  # what a categorical choice may be
+
+
+class SearchError(UserError):
+    """The search's own input is wrong (flags, search file, storage); exit code 2 like a parse error."""
+
+    exit_code = 2
+
+
+class FitArgumentsError(UserError):
+    """The fit command line refused the arguments a trial would run with."""
+
+    exit_code = 2
+
+
+def load_search_space(path: Path) -> dict[str, BaseDistribution]:
+    """The search file: ``dotted.config.key: {type: float|int|categorical, <Optuna's arguments>}``."""
+    try:
+        content = yaml.safe_load(path.read_text())
+    except OSError as err:
+        raise SearchError(f"--search {path}: {err.strerror}") from None
+    except yaml.YAMLError as err:
+        raise SearchError(
+            f"--search {path}: not valid YAML ({' '.join(str(err).split())})"
+        ) from None
+    if not isinstance(content, dict) or not content:
+        raise SearchError(
+            f"--search {path}: expected a mapping of config keys to distributions, e.g. "
+            "'model.optimizer.init_args.lr: {type: float, low: 1.0e-4, high: 1.0e-1, log: true}'"
+        )
+    space = {}
+    for key, spec in content.items():
+        arguments = dict(spec) if isinstance(spec, dict) else {}
+        kind = arguments.pop("type", None)
+        if kind not in DISTRIBUTIONS:
+            raise SearchError(
+                f"--search {path}: {key}: 'type' must be one of {', '.join(DISTRIBUTIONS)}, got {kind!r}"
+            )
+        for bound in ("low", "high", "step"):
+            arguments[bound] = _number(arguments[bound]) if bound in arguments else None
+            if arguments[bound] is None:
+                del arguments[bound]
+        if kind == "categorical" and not all(
+            isinstance(choice, SCALARS) for choice in arguments.get("choices") or ()
+        ):
+            raise SearchError(
+                f"--search {path}: {key}: choices must be numbers, strings, booleans or null "
+                "(Optuna stores them); for classes, list class paths such as "
+                "[torch.optim.SGD, torch.optim.AdamW]"
+            )
+        try:
+            space[str(key)] = DISTRIBUTIONS[kind](**arguments)
+        except (TypeError, ValueError) as err:
+            raise SearchError(f"--search {path}: {key}: {err}") from None
+    return space
+
+
+def _number(value: Any) -> Any:
+    """YAML 1.1 (PyYAML) reads ``1e-4`` as text; take it as the number it means."""
+    if isinstance(value, str):
+        try:
+            return int(value)
+        except ValueError:
+            try:
+                return float(value)
+            except ValueError:
+                pass
+    return value
+
+
+def sample(trial: optuna.Trial, key: str, distribution: BaseDistribution) -> Any:
+    if isinstance(distribution, CategoricalDistribution):
+        return trial.suggest_categorical(key, distribution.choices)
+    suggest = (
+        trial.suggest_int if isinstance(distribution, IntDistribution) else trial.suggest_float
+    )
+    return suggest(
+        key, distribution.low, distribution.high, step=distribution.step, log=distribution.log
+    )
+
+
+def overrides(params: dict[str, Any]) -> list[str]:
+    """``--key=value`` with values as the fit command line reads them (null, true, 0.001)."""
+    return [
+        f"--{key}={value if isinstance(value, str) else json.dumps(value)}"
+        for key, value in params.items()
+    ]
+
+
+def fit_config(config: Path, arguments: list[str]) -> dict:
+    """The complete fit config for these arguments, as ``fit --print_config`` prints it: the
+    fit command line itself checks them; what it refuses is raised with its one-line reason."""
+    printed, errors = io.StringIO(), io.StringIO()
+    with redirect_stdout(printed), redirect_stderr(errors):
+        try:
+            cli.main(["fit", "--config", str(config), *arguments, "--print_config"])
+        except SystemExit as exit_:
+            if exit_.code:
+                lines = errors.getvalue().strip().splitlines() or [f"exit {exit_.code}"]
+                reason = next((x for x in reversed(lines) if x.startswith("error: ")), lines[-1])
+                raise FitArgumentsError(reason.removeprefix("error: ")) from None
+    return yaml.safe_load(printed.getvalue())
+
+
+def check_space(
+    space: dict[str, BaseDistribution],
+    config_path: Path,
+    fit_overrides: list[str],
+    search: Path,
+) -> dict:
+    """Refuse, before any trial, a key the fit config lacks and a value that does not parse
+    where it goes: each end of every range and every choice is tried. Returns the config."""
+    config = fit_config(config_path, fit_overrides)
+    for key, distribution in space.items():
+        node = config
+        for part in key.split("."):
+            if not isinstance(node, dict) or part not in node:
+                raise SearchError(
+                    f"--search {search}: {key} is not a key of the fit config {config_path} "
+                    "(keys are as in `python -m fashion_lightning fit --config ... --print_config`, "
+                    "e.g. model.optimizer.init_args.lr)"
+                )
+            node = node[part]
+        if isinstance(node, dict) and not isinstance(distribution, CategoricalDistribution):
+            raise SearchError(
+                f"--search {search}: {key} is a group of settings, not a number: search one of "
+                f"its keys, e.g. {key}.{next(iter(node), 'lr')}"
+            )
+    for values in _probes(space):
+        try:
+            fit_config(config_path, [*fit_overrides, *overrides(values)])
+        except FitArgumentsError:
+            for key, value in values.items():  # which one: only now, one key at a time
+                try:
+                    fit_config(config_path, [*fit_overrides, *overrides({key: value})])
+                except FitArgumentsError as err:
+                    raise SearchError(
+                        f"--search {search}: {key}: {value!r} is refused: {err}"
+                    ) from None
+            raise
+    return config
+
+
+def _probes(space: dict[str, BaseDistribution]) -> list[dict[str, Any]]:
+    """Values that together cover both ends of every range and every choice."""
+    lengths = [len(d.choices) for d in space.values() if isinstance(d, CategoricalDistribution)]
+    return [
+        {
+            key: d.choices[min(i, len(d.choices) - 1)]
+            if isinstance(d, CategoricalDistribution)
+            else (d.low if i == 0 else d.high)
+            for key, d in space.items()
+        }
+        for i in range(max([2, *lengths]))
+    ]
