@@ -30,8 +30,18 @@ def open_storage(spec: str | None, default: Path) -> optuna.storages.BaseStorage
                 f"--storage {path}: cannot write the study's journal file there "
                 f"({err.strerror or err}); name a file in a writable folder"
             ) from None
+        except ValueError as err:  # json's error: not a journal, or a damaged one
+            raise UserError(
+                f"--storage {path}: not a readable Optuna journal ({err}); name another file"
+            ) from None
     if spec.startswith("sqlite:///") and spec != "sqlite:///:memory:":
-        Path(spec.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
+        folder = Path(spec.removeprefix("sqlite:///")).parent
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+        except OSError as err:
+            raise UserError(
+                f"--storage {shown(spec)}: cannot create {folder} ({err.strerror or err})"
+            ) from None
     for attempt in range(5):
         try:
             return RDBStorage(

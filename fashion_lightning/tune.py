@@ -15,6 +15,8 @@ The study lives in a journal file next to the trials, or in any Optuna storage U
 from __future__ import annotations
 
 import argparse
+import ctypes
+import json
 import logging
 import os
 import re
@@ -203,6 +205,14 @@ class Search:
             )
         root = Path(config["trainer"].get("default_root_dir") or os.getcwd())
         self.name = args.study or self.config_path.stem
+        if args.study is None:
+            try:
+                study_name(self.name)
+            except argparse.ArgumentTypeError:
+                raise SearchError(
+                    f"--config {self.config_path}: its file name cannot name the study (it "
+                    "names a folder); pass --study NAME"
+                ) from None
         self.folder = root / "lightning_logs" / "tune" / self.name
         self.storage_spec = args.storage or str(self.folder / "study.journal")
         storage = open_storage(args.storage, self.folder / "study.journal")
@@ -311,7 +321,7 @@ class Search:
                 trial.params, user_attrs={"retry_of": trial.number, "retries": retries + 1}
             )
             print(
-                f"trial {trial.number} {reason}: its parameters will be tried again",
+                f"trial {trial.number}: {reason}; its parameters will be tried again",
                 file=sys.stderr,
             )
 
@@ -346,14 +356,14 @@ class Search:
         except NonFiniteLossError as err:  # diverged: as bad as it gets, and finished
             raise optuna.TrialPruned(str(err)) from None
         except TrainingInterrupted as err:
-            self.retry(trial, "was stopped")
+            self.retry(trial, "it was stopped")
             where = str(err).split(". Continue with", 1)[0]
             raise SearchStopped(
                 err.exit_code - 128,
                 f"trial {trial.number} {where}; the same command continues the study",
             ) from None
         except SearchStopped:
-            self.retry(trial, "was stopped")
+            self.retry(trial, "it was stopped")
             raise
         except SystemExit:  # the fit command line refused the sampled values
             raise SearchError(
@@ -505,7 +515,10 @@ def _flat(config: Any, skip: tuple[str, ...] = (), prefix: str = "") -> dict[str
 
 
 def _short(value: Any) -> str:
-    return f"{value:.4g}" if isinstance(value, float) else str(value)
+    """A value as the config writes it (null, true), fractions to 4 digits."""
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    return value if isinstance(value, str) else json.dumps(value)
 
 
 def _no_traceback_for_known_errors(record: logging.LogRecord) -> bool:
@@ -527,6 +540,18 @@ def _stop_on_signals() -> None:
 
     for signum in (signal.SIGINT, signal.SIGTERM):
         signal.signal(signum, stop)
+
+
+def _stop_when_parent_dies() -> None:
+    """A worker gets SIGTERM when the command that started it dies, even by ``kill -9``: its
+    trial stops with its checkpoint and is tried again later, rather than the search going on
+    unseen. Linux's ``prctl(PR_SET_PDEATHSIG)``, which Python's library does not offer."""
+    try:
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # 1: PR_SET_PDEATHSIG
+    except (OSError, AttributeError):  # not Linux: the worker finishes its trials
+        return
+    if os.getppid() == 1:  # the parent died before the call
+        os.kill(os.getpid(), signal.SIGTERM)
 
 
 def _run_workers(argv: list[str], workers: int) -> int:
@@ -562,6 +587,7 @@ def main_tune(argv: list[str] | None = None) -> None:
     _stop_on_signals()
     search = Search(args, fit_overrides)
     if args.worker_of:  # one of --workers processes: share the machine's cores
+        _stop_when_parent_dies()
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // args.worker_of))
         search.work()
         return

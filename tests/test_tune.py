@@ -260,6 +260,32 @@ def test_when_one_of_two_workers_is_killed_the_search_still_finishes(data_dir, t
     assert len(complete) >= 3 and failed[0].params in [t.params for t in complete]  # retried
 
 
+def test_workers_stop_when_the_command_is_killed_and_their_trials_are_retried(data_dir, tmp_path):
+    args = _args(
+        data_dir,
+        tmp_path,
+        4,
+        "--workers=2",
+        "--trainer.limit_train_batches=400",
+        "--trainer.max_epochs=3",
+    )
+    process = subprocess.Popen(_command(*args), cwd=ROOT, stderr=subprocess.PIPE, text=True)
+    folder = tmp_path / "lightning_logs" / "tune" / "sgd"
+    _wait_for(lambda: len(list(folder.glob("trial_*/events.out.tfevents.*"))) == 2, process)
+    children = Path(f"/proc/{process.pid}/task/{process.pid}/children").read_text().split()
+    process.kill()
+    process.wait(timeout=30)
+    deadline = time.monotonic() + 120
+    while any(Path(f"/proc/{pid}").exists() for pid in children):
+        assert time.monotonic() < deadline, "the workers went on without the command"
+        time.sleep(0.2)
+    study = _study(tmp_path)  # both stopped (with a checkpoint if training had begun)
+    assert _states(study) == [TrialState.FAIL] * 2 + [TrialState.WAITING] * 2
+    queued = [t.system_attrs["fixed_params"] for t in study.trials[2:]]  # Optuna's enqueue
+    stopped = [t.params for t in study.trials[:2]]
+    assert sorted(queued, key=str) == sorted(stopped, key=str)
+
+
 def test_kill_9_of_a_worker_fails_its_trial_and_the_next_run_retries_it(data_dir, tmp_path):
     long = ("--trainer.limit_train_batches=400", "--trainer.max_epochs=3")
     args = _args(data_dir, tmp_path, 2, *long)
@@ -273,7 +299,7 @@ def test_kill_9_of_a_worker_fails_its_trial_and_the_next_run_retries_it(data_dir
 
     result = _tune(*args)
     assert result.returncode == 0, result.stderr[-3000:]
-    assert "trial 0 its process died: its parameters will be tried again" in result.stderr
+    assert "trial 0: its process died; its parameters will be tried again" in result.stderr
     study = _study(tmp_path)
     assert _states(study) == [TrialState.FAIL, TrialState.COMPLETE, TrialState.COMPLETE]
     retry = study.trials[1]
@@ -423,6 +449,7 @@ def test_two_machines_share_a_study_in_postgresql(postgres_url, data_dir, tmp_pa
         (SPACE, ["--study=../escape"], "use letters, digits"),
         (SPACE, ["--warmup_epochs=-1"], "must be at least 0, got -1"),
         (SPACE, ["--storage=/proc/no/study.journal"], "cannot write the study's journal file"),
+        (SPACE, ["--storage=sqlite:////proc/no/study.db"], "cannot create /proc/no"),
     ],
     ids=[
         "unknown-key",
@@ -440,6 +467,7 @@ def test_two_machines_share_a_study_in_postgresql(postgres_url, data_dir, tmp_pa
         "study-path",
         "negative",
         "unwritable-storage",
+        "unwritable-sqlite",
     ],
 )
 def test_bad_input_is_one_line_before_any_trial(space, extra, phrase, data_dir, tmp_path):
@@ -449,6 +477,15 @@ def test_bad_input_is_one_line_before_any_trial(space, extra, phrase, data_dir, 
     assert len(errors) == 1 and phrase in errors[0], result.stderr[-2000:]
     assert "Traceback" not in result.stderr
     assert not list(tmp_path.glob("lightning_logs/tune/*/trial_*"))
+
+
+def test_a_file_that_is_not_a_journal_is_refused_and_left_as_it_was(data_dir, tmp_path):
+    notes = tmp_path / "notes.yaml"
+    notes.write_text("model:\n  dropout: 0.1\n")
+    result = _tune(*_args(data_dir, tmp_path, 2, f"--storage={notes}"))
+    assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr[-2000:]
+    assert "not a readable Optuna journal" in last_line(result.stderr)
+    assert notes.read_text() == "model:\n  dropout: 0.1\n"
 
 
 def test_the_shipped_search_space_fits_the_recipe_it_searches_over():
