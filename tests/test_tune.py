@@ -236,19 +236,24 @@ def test_two_workers_share_a_study_and_each_trial_runs_once(data_dir, tmp_path):
     )
 
 
-def test_when_one_of_two_workers_is_killed_the_search_still_finishes(data_dir, tmp_path):
+def _two_workers_in_their_trials(data_dir, root, trials: int, epochs: int):
+    """A search with two workers, once both are in a trial: the command and the workers' pids."""
     args = _args(
         data_dir,
-        tmp_path,
-        3,
+        root,
+        trials,
         "--workers=2",
         "--trainer.limit_train_batches=400",
-        "--trainer.max_epochs=2",
+        f"--trainer.max_epochs={epochs}",
     )
     process = subprocess.Popen(_command(*args), cwd=ROOT, stderr=subprocess.PIPE, text=True)
-    folder = tmp_path / "lightning_logs" / "tune" / "sgd"
+    folder = root / "lightning_logs" / "tune" / "sgd"
     _wait_for(lambda: len(list(folder.glob("trial_*/events.out.tfevents.*"))) == 2, process)
-    children = Path(f"/proc/{process.pid}/task/{process.pid}/children").read_text().split()
+    return process, Path(f"/proc/{process.pid}/task/{process.pid}/children").read_text().split()
+
+
+def test_when_one_of_two_workers_is_killed_the_search_still_finishes(data_dir, tmp_path):
+    process, children = _two_workers_in_their_trials(data_dir, tmp_path, trials=3, epochs=2)
     os.kill(int(children[0]), signal.SIGKILL)
     _, stderr = process.communicate(timeout=300)
     assert process.returncode == 0, stderr[-3000:]
@@ -261,18 +266,7 @@ def test_when_one_of_two_workers_is_killed_the_search_still_finishes(data_dir, t
 
 
 def test_workers_stop_when_the_command_is_killed_and_their_trials_are_retried(data_dir, tmp_path):
-    args = _args(
-        data_dir,
-        tmp_path,
-        4,
-        "--workers=2",
-        "--trainer.limit_train_batches=400",
-        "--trainer.max_epochs=3",
-    )
-    process = subprocess.Popen(_command(*args), cwd=ROOT, stderr=subprocess.PIPE, text=True)
-    folder = tmp_path / "lightning_logs" / "tune" / "sgd"
-    _wait_for(lambda: len(list(folder.glob("trial_*/events.out.tfevents.*"))) == 2, process)
-    children = Path(f"/proc/{process.pid}/task/{process.pid}/children").read_text().split()
+    process, children = _two_workers_in_their_trials(data_dir, tmp_path, trials=4, epochs=3)
     process.kill()
     process.wait(timeout=30)
     deadline = time.monotonic() + 120
