@@ -253,9 +253,9 @@ class ResumableTraining(Callback):
         path = save_last_checkpoint(trainer)
         name = signal.Signals(self._signal).name
         raise TrainingInterrupted(
-            f"stopped by {name} {where} (step {trainer.global_step}); saved {path}. "
-            "Continue with the same command and --ckpt_path last",
+            f"stopped by {name} {where} (step {trainer.global_step}); saved {path}",
             self._signal,
+            advice="Continue with the same command and --ckpt_path last",
         )
 
     def state_dict(self) -> dict[str, int]:

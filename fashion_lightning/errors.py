@@ -29,6 +29,7 @@ class NonFiniteLossError(UserError):
 class TrainingInterrupted(UserError):
     """SIGINT or SIGTERM stopped training after a checkpoint of the exact state was written."""
 
-    def __init__(self, message: str, signum: int) -> None:
-        super().__init__(message)
+    def __init__(self, stopped: str, signum: int, advice: str = "") -> None:
+        super().__init__(f"{stopped}. {advice}" if advice else stopped)
+        self.stopped = stopped  # what happened, without the advice (the search gives its own)
         self.exit_code = 128 + signum  # the shell's convention: 130 for SIGINT, 143 for SIGTERM

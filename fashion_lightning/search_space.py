@@ -65,9 +65,8 @@ def load_search_space(path: Path) -> dict[str, BaseDistribution]:
                 f"--search {path}: {key}: 'type' must be one of {', '.join(DISTRIBUTIONS)}, got {kind!r}"
             )
         for bound in ("low", "high", "step"):
-            arguments[bound] = _number(arguments[bound]) if bound in arguments else None
-            if arguments[bound] is None:
-                del arguments[bound]
+            if arguments.get(bound) is not None:
+                arguments[bound] = _number(arguments[bound])
         if kind == "categorical" and not all(
             isinstance(choice, SCALARS) for choice in arguments.get("choices") or ()
         ):
@@ -107,12 +106,14 @@ def sample(trial: optuna.Trial, key: str, distribution: BaseDistribution) -> Any
     )
 
 
+def config_text(value: Any) -> str:
+    """A value as the fit command line reads it and a config writes it (null, true, 0.001)."""
+    return value if isinstance(value, str) else json.dumps(value)
+
+
 def overrides(params: dict[str, Any]) -> list[str]:
-    """``--key=value`` with values as the fit command line reads them (null, true, 0.001)."""
-    return [
-        f"--{key}={value if isinstance(value, str) else json.dumps(value)}"
-        for key, value in params.items()
-    ]
+    """``--key=value`` for each sampled value."""
+    return [f"--{key}={config_text(value)}" for key, value in params.items()]
 
 
 def fit_config(config: Path, arguments: list[str]) -> dict:

@@ -53,7 +53,7 @@ def open_storage(spec: str | None, default: Path) -> optuna.storages.BaseStorage
                 ),
             )
         except Exception as err:  # SQLAlchemy's errors: a bad URL, a missing driver, no server
-            first = (str(err).strip().splitlines() or [type(err).__name__])[0]
+            first = first_line(err)
             # machines that start together race to create the tables: the loser tries again
             racing = "already exists" in first or "duplicate key" in first
             if not racing or attempt == 4:
@@ -61,6 +61,11 @@ def open_storage(spec: str | None, default: Path) -> optuna.storages.BaseStorage
                     f"--storage {shown(spec)}: cannot open the study storage ({first})"
                 ) from None
             time.sleep(0.5 + attempt)
+
+
+def first_line(err: BaseException) -> str:
+    """A library error's first line (SQLAlchemy's messages run on with SQL and links)."""
+    return (str(err).strip().splitlines() or [type(err).__name__])[0]
 
 
 def shown(storage: str) -> str:

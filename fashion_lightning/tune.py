@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import ctypes
-import json
 import logging
 import os
 import re
@@ -47,6 +46,7 @@ from fashion_lightning.errors import NonFiniteLossError, TrainingInterrupted, Us
 from fashion_lightning.search_space import (
     SearchError,
     check_space,
+    config_text,
     load_search_space,
     overrides,
     sample,
@@ -54,6 +54,7 @@ from fashion_lightning.search_space import (
 from fashion_lightning.study_storage import (
     MAX_RETRIES,
     alive,
+    first_line,
     open_storage,
     process_start,
     shown,
@@ -236,9 +237,8 @@ class Search:
                 load_if_exists=True,
             )
         except Exception as err:
-            first = (str(err).strip().splitlines() or [type(err).__name__])[0]
             raise UserError(
-                f"--storage {shown(self.storage_spec)}: cannot use the study ({first})"
+                f"--storage {shown(self.storage_spec)}: cannot use the study ({first_line(err)})"
             ) from None
         self.study.set_metric_names([OBJECTIVE])  # what optuna-dashboard calls the objective
         self.check_same_study(config)
@@ -293,9 +293,6 @@ class Search:
                 "study of this name, or its storage was replaced): start another with --study "
                 "NAME, or move that folder away"
             )
-
-    def done(self) -> int:
-        return len(self.study.get_trials(deepcopy=False, states=DONE))
 
     def fail_dead_trials(self) -> None:
         """Fail the running trials whose process on this machine is gone (a ``kill -9``, a
@@ -357,10 +354,9 @@ class Search:
             raise optuna.TrialPruned(str(err)) from None
         except TrainingInterrupted as err:
             self.retry(trial, "it was stopped")
-            where = str(err).split(". Continue with", 1)[0]
             raise SearchStopped(
                 err.exit_code - 128,
-                f"trial {trial.number} {where}; the same command continues the study",
+                f"trial {trial.number} {err.stopped}; the same command continues the study",
             ) from None
         except SearchStopped:
             self.retry(trial, "it was stopped")
@@ -516,9 +512,7 @@ def _flat(config: Any, skip: tuple[str, ...] = (), prefix: str = "") -> dict[str
 
 def _short(value: Any) -> str:
     """A value as the config writes it (null, true), fractions to 4 digits."""
-    if isinstance(value, float):
-        return f"{value:.4g}"
-    return value if isinstance(value, str) else json.dumps(value)
+    return f"{value:.4g}" if isinstance(value, float) else config_text(value)
 
 
 def _no_traceback_for_known_errors(record: logging.LogRecord) -> bool:
