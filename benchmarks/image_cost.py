@@ -27,7 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from fashion_lightning.data import FashionMNISTDataModule
 from fashion_lightning.model import ImageClassifier
 from fashion_lightning.raw_files import DEBIAN_SOURCE_DIR, ensure_raw_files
-from fashion_lightning.runs import RunFolderLogger
+from fashion_lightning.run_folders import RunFolderLogger
 from fashion_lightning.visuals import ClassificationImages, HParamsSummary
 
 SPENT: dict[str, float] = defaultdict(float)

@@ -1,8 +1,11 @@
-"""``python -m fashion_lightning {fit,validate,test,predict} --config configs/sgd.yaml``."""
+"""``python -m fashion_lightning {fit,validate,test,predict} --config configs/sgd.yaml``: the
+LightningCLI wiring and the exit codes. What each piece does lives in its own module:
+checking configs (:mod:`.configs`), ``--ckpt_path`` (:mod:`.checkpoints`), run folders
+(:mod:`.run_folders`), stopping and resuming (:mod:`.resume`), errors (:mod:`.errors`).
+"""
 
 from __future__ import annotations
 
-import errno
 import os
 import sys
 import threading
@@ -11,38 +14,60 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import yaml
 from jsonargparse import Namespace
-from lightning.fabric.plugins import TorchCheckpointIO
+from lightning.fabric.plugins import CheckpointIO
 from lightning.fabric.utilities.exceptions import MisconfigurationException
 from lightning.pytorch import Trainer
-from lightning.pytorch.callbacks import Callback, ProgressBar, TQDMProgressBar
-from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback
-from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
+from lightning.pytorch.callbacks import (
+    Callback,
+    ProgressBar,
+    StochasticWeightAveraging,
+    TQDMProgressBar,
+)
+from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
+from lightning.pytorch.loggers import Logger
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
-from fashion_lightning.callbacks import (
-    AtomicCheckpointIO,
-    ResumableTraining,
-    RunCheckpoint,
-    os_error_in,
+from fashion_lightning import __version__
+from fashion_lightning.checkpoints import (
+    Checkpoint,
+    check_fits,
+    checkpoint_folders,
+    differences,
+    find_checkpoint,
+    read_checkpoint,
+)
+from fashion_lightning.configs import (
+    check_model_classes,
+    config_file_problem,
+    config_files,
+    plain_numbers,
+    refused_import,
+    restrict_imports,
 )
 from fashion_lightning.data import FashionMNISTDataModule
-from fashion_lightning.errors import CheckpointError, ConfigError, UserError
+from fashion_lightning.errors import (
+    WRITE_ERRNOS,
+    CheckpointError,
+    ConfigError,
+    UserError,
+    cause_of,
+    exit_with,
+    parse_error,
+    write_failure,
+)
+from fashion_lightning.files import ensure_writable_dir
 from fashion_lightning.model import ImageClassifier
 from fashion_lightning.predict import PredictionWriter
-from fashion_lightning.raw_files import ensure_writable_dir
-from fashion_lightning.runs import (
+from fashion_lightning.resume import ResumableCheckpointIO, ResumableTraining, RunCheckpoint
+from fashion_lightning.run_folders import (
     RunFolderLogger,
-    best_checkpoint_of,
-    checkpoint_folders,
-    continue_run,
+    SaveRunConfig,
+    continued_logger,
     default_logger,
-    newest_last_checkpoint,
 )
 from fashion_lightning.visuals import ClassificationImages, HParamsSummary
 
-DEBUG_ENV = "FASHION_LIGHTNING_DEBUG"
 PLAIN_TENSORBOARD = (
     "lightning.pytorch.loggers.TensorBoardLogger",
     "lightning.pytorch.loggers.tensorboard.TensorBoardLogger",
@@ -50,10 +75,8 @@ PLAIN_TENSORBOARD = (
 # the data values that decide which images a run trains on, in which order: fixed on resume
 TRAINING_ORDER = ("batch_size", "seed", "val_size")
 PROGRESS_BAR_REFRESH_RATE = 10  # batches between redraws of the default progress bar
-# what a failed write of run outputs looks like (a full disk, a quota, a file-size limit)
-WRITE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS, errno.EIO}
 
-# ResumableTraining makes a mid-epoch resume exact; Lightning cannot see that and warns.
+# The project's ResumableTraining makes a mid-epoch resume exact; Lightning cannot see that.
 warnings.filterwarnings("ignore", message="You're resuming from a checkpoint that ended before")
 
 
@@ -62,157 +85,10 @@ class OneLineErrorParser(LightningArgumentParser):
     two and prints the whole usage first, about 80 lines for this CLI."""
 
     def error(self, message: str, ex: Exception | None = None):
-        message = " ".join(message.split())
         if not self.exit_on_error or os.environ.get("JSONARGPARSE_DEBUG"):
             super().error(message, ex)  # raises, as jsonargparse does inside its own parsing
         prog = (getattr(ex, "subcommand_parser", None) or self).prog.replace(" [options]", "")
-        print(f"error: {message} (see: {prog} --help)", file=sys.stderr)
-        sys.exit(2)
-
-
-class SaveRunConfig(SaveConfigCallback):
-    """Saves the config into the run folder as ``config.yaml``, or ``config-2.yaml`` and so on
-    when one is there already (a resumed run, a pinned logger version, several runs without a
-    logger), so a second run never fails and never overwrites another run's record. The name
-    is claimed by creating the file exclusively, so runs that start together get one each."""
-
-    def setup(self, trainer, pl_module, stage: str) -> None:
-        if not self.already_saved:
-            log_dir = trainer.log_dir  # a collective call under DDP: every rank makes it once
-            name = claim_file(Path(log_dir), "config", ".yaml") if trainer.is_global_zero else None
-            self.config_filename = trainer.strategy.broadcast(name)
-            self.overwrite = True  # the file is the empty one claimed above
-        super().setup(trainer, pl_module, stage)
-
-
-def claim_file(folder: Path, stem: str, suffix: str) -> str:
-    """Create ``stem + suffix`` in ``folder``, or ``stem-2 + suffix`` and so on if it exists;
-    return the name. Creating with O_EXCL fails if another process got there first."""
-    folder.mkdir(parents=True, exist_ok=True)
-    n = 1
-    while True:
-        name = f"{stem}{suffix}" if n == 1 else f"{stem}-{n}{suffix}"
-        try:
-            with (folder / name).open("x"):
-                return name
-        except FileExistsError:
-            n += 1
-
-
-def read_checkpoint(path: Path) -> dict:
-    """Load the checkpoint at ``path``; CheckpointError if it is missing, empty or unreadable."""
-    if not path.is_file():
-        raise CheckpointError(
-            f"--ckpt_path {path}: no such file. Runs keep theirs in "
-            "lightning_logs/version_N/checkpoints/; --ckpt_path last takes the newest"
-        )
-    if path.stat().st_size == 0:
-        raise CheckpointError(f"--ckpt_path {path}: the file is empty; pick another checkpoint")
-    try:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:
-        raise CheckpointError(
-            f"--ckpt_path {path}: not a readable checkpoint, truncated or not a PyTorch file "
-            f"({type(err).__name__}); pick another checkpoint"
-        ) from None
-    if not isinstance(checkpoint, dict) or not isinstance(checkpoint.get("state_dict"), dict):
-        raise CheckpointError(f"--ckpt_path {path}: not a Lightning checkpoint (no state_dict)")
-    return checkpoint
-
-
-def check_checkpoint_fits(path: Path, checkpoint: dict, model: torch.nn.Module) -> None:
-    """CheckpointError unless the checkpoint's weights have the names and shapes of ``model``'s."""
-    expected = {name: tuple(t.shape) for name, t in model.state_dict().items()}
-    found = {name: tuple(getattr(t, "shape", ())) for name, t in checkpoint["state_dict"].items()}
-    if found != expected:
-        differences = sorted(set(expected.items()) ^ set(found.items()))[:3]
-        raise CheckpointError(
-            f"--ckpt_path {path}: a checkpoint of another model (differs in "
-            f"{', '.join(f'{name} {shape}' for name, shape in differences)}); "
-            "pass a checkpoint that this project's fit wrote"
-        )
-
-
-def flat(value: Any, prefix: str = "") -> dict[str, Any]:
-    """A config branch as ``{"optimizer.init_args.lr": 0.001, ...}``."""
-    if isinstance(value, Namespace):
-        value = value.as_dict()
-    if not isinstance(value, dict):
-        return {prefix: value}
-    flattened = {}
-    for key, item in value.items():
-        flattened.update(flat(item, f"{prefix}.{key}" if prefix else key))
-    return flattened
-
-
-def differences(group: str, recorded: dict[str, Any], asked: dict[str, Any]) -> list[str]:
-    """``"model.hidden_size 512 (asked: 256)"`` for each value of ``asked`` that differs from
-    the checkpoint's ``recorded`` one; a class (optimizer, scheduler) counts as one value when
-    it is set on one side only."""
-    shown = []
-    for key in recorded.keys() | asked.keys():
-        mine, theirs = recorded.get(key), asked.get(key)
-        if mine == theirs:
-            continue
-        if isinstance(mine, dict) and isinstance(theirs, dict):
-            ours, others = flat(mine, key), flat(theirs, key)
-            leaves = sorted(k for k in ours.keys() | others.keys() if ours.get(k) != others.get(k))
-            shown += [
-                f"{group}.{k} {_value(ours.get(k))} (asked: {_value(others.get(k))})"
-                for k in leaves
-            ]
-        else:
-            shown.append(f"{group}.{key} {_value(mine)} (asked: {_value(theirs)})")
-    return sorted(shown)
-
-
-def _value(value: Any) -> str:
-    if isinstance(value, dict) and "class_path" in value:
-        return value["class_path"]
-    return "none" if value is None else str(value)
-
-
-def plain_numbers(config: Namespace) -> None:
-    """Turn jsonargparse's restricted numbers (``PositiveInt``...) in ``config`` into ``int`` and
-    ``float``: Lightning stores the model's arguments in checkpoints, and ``torch.load`` with
-    ``weights_only=True`` (Lightning's own, and ours) refuses any other class."""
-    for key, value in config.items():
-        if isinstance(value, int) and not isinstance(value, bool) and type(value) is not int:
-            config[key] = int(value)
-        elif isinstance(value, float) and type(value) is not float:
-            config[key] = float(value)
-        elif isinstance(value, list):
-            for item in value:
-                if isinstance(item, Namespace):
-                    plain_numbers(item)
-
-
-def config_files(args: list[str]) -> list[Path]:
-    """The files that ``--config``/``-c`` name in a command line."""
-    files = []
-    for i, arg in enumerate(args):
-        if arg in ("--config", "-c") and i + 1 < len(args):
-            files.append(Path(args[i + 1]))
-        elif arg.startswith("--config="):
-            files.append(Path(arg.split("=", 1)[1]))
-    return files
-
-
-def config_file_problem(path: Path) -> str | None:
-    """What makes ``path`` unusable as a config that jsonargparse would only say vaguely."""
-    try:
-        content = yaml.safe_load(path.read_text())
-    except (OSError, yaml.YAMLError):
-        return None  # missing files and YAML syntax errors get jsonargparse's own message
-    if content is None:
-        return "the file is empty (or only comments)"
-    if not isinstance(content, dict):
-        return f"it holds a {type(content).__name__}, not settings"
-    for group in ("trainer", "model", "data", "checkpoint", "images"):
-        value = content.get(group)
-        if value is not None and not isinstance(value, dict):
-            return f"'{group}:' holds {value!r}, not settings"
-    return None
+        parse_error(prog, refused_import(message) or message)
 
 
 class FashionCLI(LightningCLI):
@@ -230,14 +106,17 @@ class FashionCLI(LightningCLI):
         """``run_dir``: log into this folder instead of a new ``lightning_logs/version_N``;
         ``test_after_fit``: test the best checkpoint after ``fit`` (a search must not);
         ``searched``: a search trial's sampled values, first columns of TensorBoard's HParams."""
-        self._checkpoint: tuple[Path, dict] | None = None  # --ckpt_path, resolved and read
-        self._resuming_last = False
+        self.checkpoint: Checkpoint | None = None  # --ckpt_path, found, read and checked
+        self.asked_ckpt_path: str | None = None  # as given: last, best or a file
         self.run_dir = run_dir
         self.test_after_fit = test_after_fit
         self.searched = searched
+        self.resumable = ResumableTraining()
+        restrict_imports()
         super().__init__(
             *args,
             parser_class=OneLineErrorParser,
+            parser_kwargs={"version": __version__},
             # the optimizer is set in one place, model.optimizer; LightningCLI would also offer
             # --optimizer, which replaces it in training but not in hparams.yaml or TensorBoard
             auto_configure_optimizers=False,
@@ -257,6 +136,8 @@ class FashionCLI(LightningCLI):
             }
         )
 
+    # --- parsing -------------------------------------------------------------------------
+
     def parse_arguments(self, parser: LightningArgumentParser, args) -> None:
         command_line = sys.argv[1:] if args is None else args
         if isinstance(command_line, list):
@@ -268,143 +149,160 @@ class FashionCLI(LightningCLI):
                         "to their settings, as configs/sgd.yaml does"
                     )
         super().parse_arguments(parser, args)
-
-    def _parse_ckpt_path(self) -> None:
-        """Resolve ``--ckpt_path`` (``last``, ``best`` or a file) and check it before Lightning
-        reads the model's hyperparameters from it (its own read of a damaged file is a
-        traceback), then refuse or report values that the checkpoint overrides."""
         subcommand = self.config.get("subcommand")
-        config = self.config[subcommand] if subcommand else None
-        ckpt_path = config.get("ckpt_path") if config else None
-        if ckpt_path is None:
-            return
-        path = self._checkpoint_file(ckpt_path, config)
-        self._checkpoint = (path, read_checkpoint(path))
-        self._resuming_last = subcommand == "fit" and ckpt_path == "last"
-        config.ckpt_path = str(path)
+        if subcommand and self.config[subcommand].get("ckpt_path") is not None:
+            self._take_checkpoint(parser, subcommand)
+
+    def _take_checkpoint(self, parser: LightningArgumentParser, subcommand: str) -> None:
+        """Find, read and check ``--ckpt_path`` (``last``, ``best`` or a file), then take the
+        model's arguments from it, as LightningCLI would, once the file proved to be data.
+
+        A resumed ``fit`` refuses values that differ from the checkpoint's; evaluation says
+        which ones it replaced. LightningCLI's own merge of the checkpoint (which would read
+        the file again, unchecked) is kept out by holding ``ckpt_path`` back until the classes
+        are built (:meth:`before_instantiate_classes`).
+        """
+        config = self.config[subcommand]
+        folders, where = [], ""
+        if config.ckpt_path in ("last", "best"):
+            folders, where = checkpoint_folders(
+                config.trainer.default_root_dir, config.trainer.logger, config.checkpoint.dirpath
+            )
+        checkpoint = find_checkpoint(config.ckpt_path, folders, where)
+        self.asked_ckpt_path = config.ckpt_path
         asked = config.model.as_dict()
-        super()._parse_ckpt_path()  # a new config, with the checkpoint's model arguments
-        differing = differences("model", self.config[subcommand].model.as_dict(), asked)
-        if subcommand == "fit":  # the data values that decide which images train in which order
-            recorded = self._checkpoint[1].get("datamodule_hyper_parameters") or {}
-            data = {key: recorded[key] for key in TRAINING_ORDER if key in recorded}
-            given = {key: config.data.get(key) for key in data}
-            differing += differences("data", data, given)
+        recorded = checkpoint.hyper_parameters
+        unknown = sorted(recorded.keys() - asked.keys())
+        if unknown:
+            raise CheckpointError(
+                f"--ckpt_path {checkpoint.path}: a checkpoint of another model (its arguments "
+                f"include {', '.join(unknown[:3])}); pass a checkpoint that this project's fit wrote"
+            )
+        if recorded:
+            self.config = parser.parse_object({subcommand: {"model": recorded}}, self.config)
+        config = self.config[subcommand]
+        config.ckpt_path = None
+        self.checkpoint = checkpoint
+        differing = differences("model", config.model.as_dict(), asked)
+        if subcommand == "fit":
+            recorded_data = checkpoint.data_hyper_parameters
+            data = {key: recorded_data[key] for key in TRAINING_ORDER if key in recorded_data}
+            differing += differences("data", data, {key: config.data.get(key) for key in data})
         if not differing:
             return
         shown = ", ".join(differing[:3])
         more = f" and {len(differing) - 3} more" if len(differing) > 3 else ""
         if subcommand == "fit":
-            own_config = path.parent.parent / "config.yaml"
+            own_config = checkpoint.path.parent.parent / "config.yaml"
             remedy = f"--config {own_config}" if own_config.is_file() else "the run's own config"
             raise CheckpointError(
-                f"--ckpt_path {path}: the checkpoint was trained with {shown}{more}; a resumed "
-                f"run keeps its model and data order, so drop the other values or resume with "
-                f"{remedy}"
+                f"--ckpt_path {checkpoint.path}: the checkpoint was trained with {shown}{more}; "
+                "a resumed run keeps its model and data order, so drop the other values or "
+                f"resume with {remedy}"
             )
         print(f"note: {subcommand} uses the checkpoint's {shown}{more}", file=sys.stderr)
 
-    def _checkpoint_file(self, ckpt_path: str, config: Namespace) -> Path:
-        """The file that ``--ckpt_path`` means: itself, or the newest run's last or best."""
-        if ckpt_path not in ("last", "best"):
-            return Path(ckpt_path)
-        folders, where = checkpoint_folders(
-            config.trainer.default_root_dir, config.trainer.logger, config.checkpoint.dirpath
-        )
-        last = newest_last_checkpoint(folders)
-        if last is None and ckpt_path == "last":
-            raise CheckpointError(
-                f"--ckpt_path last: no last.ckpt under {where} to resume; "
-                "drop --ckpt_path to start a new run"
-            )
-        if last is None:
-            raise CheckpointError(
-                f"--ckpt_path best: no last.ckpt under {where} to find the best checkpoint "
-                "from; pass a checkpoint file to --ckpt_path"
-            )
-        if ckpt_path == "last":
-            return last
-        best = best_checkpoint_of(last)
-        if best is None:
-            raise CheckpointError(
-                f"--ckpt_path best: the newest run ({last.parent}) records no best checkpoint "
-                "that still exists; pass a checkpoint file to --ckpt_path"
-            )
-        return best
+    def _section(self, config: Namespace) -> Namespace:
+        """The part of a config for this command (all of it without subcommands)."""
+        return config[self.subcommand] if self.subcommand else config
 
     def before_instantiate_classes(self) -> None:
-        config = self.config[self.subcommand] if self.subcommand else self.config
+        config = self._section(self.config)
+        if self.checkpoint is not None:
+            config.ckpt_path = str(self.checkpoint.path)
         plain_numbers(config)
+        check_model_classes(config.model)
         loggers = config.trainer.logger
         for logger in loggers if isinstance(loggers, list) else [loggers]:
             if isinstance(logger, Namespace) and logger.class_path in PLAIN_TENSORBOARD:
                 # the same logger, except that a new run claims its folder atomically
                 logger.class_path = f"{RunFolderLogger.__module__}.{RunFolderLogger.__name__}"
-        accelerator = config.trainer.accelerator
-        if isinstance(accelerator, str) and accelerator.lower() in ("gpu", "cuda", "mps"):
-            cuda = torch.cuda.is_available()
-            mps = torch.backends.mps.is_available()
-            found = {"gpu": cuda or mps, "cuda": cuda, "mps": mps}[accelerator.lower()]
-            if not found:
-                raise UserError(
-                    f"--trainer.accelerator {accelerator}: PyTorch sees no such device on this "
-                    f"machine (torch {torch.__version__}, CUDA available: {cuda}); use "
-                    "--trainer.accelerator auto or cpu, or a PyTorch build for your GPU"
-                )
-
-    def instantiate_trainer(self, **kwargs) -> Trainer:
-        config = self._get(self.config_init, "trainer", default={})
-        if self.run_dir is not None:  # given by the caller, not the config: config.yaml reruns
-            kwargs["logger"] = RunFolderLogger(
-                self.run_dir.parent, name="", version=self.run_dir.name
-            )
-        elif config.get("logger") in (None, True) and not config.get("barebones"):
-            kwargs["logger"] = default_logger(config.get("default_root_dir") or os.getcwd())
-        # what the user configured: Lightning adds its own callbacks to this same list
-        user_callbacks = config.get("callbacks") or []
-        user_callbacks = list(
-            user_callbacks if isinstance(user_callbacks, list) else [user_callbacks]
-        )
-        trainer = super().instantiate_trainer(**kwargs)
-        trainer.callbacks.append(ResumableTraining())
-        if trainer.logger is not None:
-            trainer.callbacks.append(HParamsSummary(self.searched))
-        if self.subcommand == "predict":
-            trainer.callbacks.append(PredictionWriter())
-        if not any(isinstance(callback, ProgressBar) for callback in user_callbacks):
-            self._slow_down_default_progress_bar(trainer)
-        if type(trainer.strategy.checkpoint_io) is TorchCheckpointIO:
-            trainer.strategy.checkpoint_io = AtomicCheckpointIO()
-        return trainer
+        self._check_accelerator(config.trainer.accelerator)
 
     @staticmethod
-    def _slow_down_default_progress_bar(trainer: Trainer) -> None:
-        """Refresh Lightning's default progress bar every few batches instead of every batch.
-
-        Redrawing it after every one of this model's ~2 ms steps costs up to 10% of an epoch.
-        """
-        bar = trainer.progress_bar_callback
-        if type(bar) is TQDMProgressBar and bar.refresh_rate == 1:
-            trainer.callbacks[trainer.callbacks.index(bar)] = TQDMProgressBar(
-                refresh_rate=PROGRESS_BAR_REFRESH_RATE
+    def _check_accelerator(accelerator: Any) -> None:
+        if not isinstance(accelerator, str) or accelerator.lower() not in ("gpu", "cuda", "mps"):
+            return
+        cuda = torch.cuda.is_available()
+        mps = torch.backends.mps.is_available()
+        if not {"gpu": cuda or mps, "cuda": cuda, "mps": mps}[accelerator.lower()]:
+            raise UserError(
+                f"--trainer.accelerator {accelerator}: PyTorch sees no such device on this "
+                f"machine (torch {torch.__version__}, CUDA available: {cuda}); use "
+                "--trainer.accelerator auto or cpu, or a PyTorch build for your GPU"
             )
+
+    # --- the Trainer ---------------------------------------------------------------------
+
+    def instantiate_trainer(self, **kwargs) -> Trainer:
+        """The configured Trainer, plus what every run of the project has: its run folder's
+        logger, the stop-and-resume callback, the atomic checkpoint IO, TensorBoard's HParams."""
+        config = self._section(self.config_init).trainer
+        logger = self._logger(config)
+        if logger is not None:
+            kwargs["logger"] = logger
+        callbacks = _as_list(config.get("callbacks"))
+        _refuse_unsupported(callbacks)
+        extra: list[Callback] = [self.resumable]
+        has_logger = (logger or config.get("logger")) not in (None, False) and not config.get(
+            "barebones"
+        )
+        if has_logger:
+            extra.append(HParamsSummary(self.searched))
+        if self.subcommand == "predict":
+            extra.append(PredictionWriter())
+        if config.get("enable_progress_bar") is not False and not any(
+            isinstance(c, ProgressBar) for c in callbacks
+        ):
+            # Lightning's default redraws after every step: up to 10% of this model's epoch
+            extra.append(TQDMProgressBar(refresh_rate=PROGRESS_BAR_REFRESH_RATE))
+        kwargs["callbacks"] = [*callbacks, *extra]
+        plugins = _as_list(config.get("plugins"))
+        if not any(isinstance(p, CheckpointIO) for p in plugins):
+            checkpoint_io = ResumableCheckpointIO()
+            if self.checkpoint is not None:
+                checkpoint_io.preload(self.checkpoint.path, self.checkpoint.contents)
+            plugins.append(checkpoint_io)
+        kwargs["plugins"] = plugins
+        return super().instantiate_trainer(**kwargs)
+
+    def _logger(self, config: dict[str, Any]) -> Logger | None:
+        """The logger this run writes with, when it is not simply the configured one: the
+        caller's run folder, the resumed run's own folder, or a newly claimed one."""
+        configured = config.get("logger")
+        if self.run_dir is not None:  # given by the caller, not the config: config.yaml reruns
+            return RunFolderLogger(self.run_dir.parent, name="", version=self.run_dir.name)
+        default = configured in (None, True) and not config.get("barebones")
+        root = config.get("default_root_dir") or os.getcwd()
+        if self.subcommand == "fit" and self.checkpoint is not None and self._resuming_last():
+            run_dir = self.checkpoint.path.parent.parent
+            base = default_logger(root) if default else configured
+            continued = continued_logger(base, run_dir, self.checkpoint.global_step)
+            if continued is not None:
+                if isinstance(base, RunFolderLogger):
+                    base.release_unused_folder()  # claimed by building it; the resume has its own
+                return continued
+            return base if default else None
+        return default_logger(root) if default else None
+
+    def _resuming_last(self) -> bool:
+        return self.asked_ckpt_path == "last"
+
+    # --- checks before running -----------------------------------------------------------
 
     def _check_inputs(self) -> None:
         """Turn the expected failures after parsing into one-line errors, before any work."""
-        if self._checkpoint is not None:
-            path, checkpoint = self._checkpoint
-            check_checkpoint_fits(path, checkpoint, self.model)
-            if self._resuming_last:
-                self._continue_run_folder(path, checkpoint["global_step"])
+        if self.checkpoint is not None:
+            check_fits(self.checkpoint, self.model)
         if self.subcommand == "fit":
             self._check_optimizer()
         self._check_writable(self._log_root(), "run outputs", self._root_option())
-        checkpoint_folder = self.trainer.checkpoint_callback
-        if self.subcommand == "fit" and checkpoint_folder and checkpoint_folder.dirpath:
+        checkpoint_callback = self.trainer.checkpoint_callback
+        if self.subcommand == "fit" and checkpoint_callback and checkpoint_callback.dirpath:
             self._check_writable(
-                Path(checkpoint_folder.dirpath), "checkpoints", "--checkpoint.dirpath"
+                Path(checkpoint_callback.dirpath), "checkpoints", "--checkpoint.dirpath"
             )
-        if self.subcommand in ("validate", "test") and self._checkpoint is None:
+        if self.subcommand in ("validate", "test") and self.checkpoint is None:
             print(
                 f"note: {self.subcommand} without --ckpt_path measures the untrained model; "
                 "pass --ckpt_path best, last or a checkpoint file to measure a trained one",
@@ -425,7 +323,7 @@ class FashionCLI(LightningCLI):
         return Path(root or self.trainer.default_root_dir)
 
     def _root_option(self) -> str:
-        configured = isinstance(self._get(self.config, "trainer").logger, Namespace)
+        configured = isinstance(self._section(self.config).trainer.logger, Namespace)
         return "--trainer.logger.save_dir" if configured else "--trainer.default_root_dir"
 
     @staticmethod
@@ -436,16 +334,6 @@ class FashionCLI(LightningCLI):
             raise UserError(
                 f"cannot write {what} to {folder} ({err}); pass a writable {option}"
             ) from None
-
-    def _continue_run_folder(self, checkpoint: Path, global_step: int) -> None:
-        """Log into the resumed run's own ``version_N`` so its curves continue in TensorBoard."""
-        logger = self.trainer.logger
-        run_dir = checkpoint.parent.parent
-        if (
-            isinstance(logger, (TensorBoardLogger, CSVLogger))
-            and run_dir.parent.resolve() == Path(logger.root_dir).resolve()
-        ):
-            continue_run(logger, run_dir, global_step)
 
     def before_fit(self) -> None:
         self._check_inputs()
@@ -459,37 +347,41 @@ class FashionCLI(LightningCLI):
     def before_predict(self) -> None:
         self._check_inputs()
 
+    # --- running -------------------------------------------------------------------------
+
     # LightningCLI runs a method of this class in place of the Trainer's of the same name
     def fit(self, **kwargs) -> None:
-        self._reporting_write_errors(self.trainer.fit, **kwargs)
+        self._run(self.trainer.fit, **kwargs)
 
     def validate(self, **kwargs) -> None:
-        self._reporting_write_errors(self.trainer.validate, **kwargs)
+        self._run(self.trainer.validate, **kwargs)
 
     def test(self, **kwargs) -> None:
-        self._reporting_write_errors(self.trainer.test, **kwargs)
+        self._run(self.trainer.test, **kwargs)
 
     def predict(self, **kwargs) -> None:
-        self._reporting_write_errors(self.trainer.predict, **kwargs)
+        self._run(self.trainer.predict, **kwargs)
 
-    def _reporting_write_errors(self, run, **kwargs) -> None:
-        """Run a Trainer method; a failed write (a full disk) becomes one line that names the
-        file, the cause and the newest checkpoint that is still complete."""
+    def _run(self, method, **kwargs) -> None:
+        """Run a Trainer method with the project's signal handling; a failed write (a full
+        disk) becomes one line that names the file, the cause and what is kept."""
+        self.resumable.listen()
         try:
             with warnings.catch_warnings():
                 if self.subcommand != "fit":  # evaluation restores no checkpoint bookkeeping
                     warnings.filterwarnings("ignore", message="The dirpath has changed from")
-                run(**kwargs)
+                method(**kwargs)
         except Exception as err:
             if isinstance(self.trainer.logger, RunFolderLogger):
                 self.trainer.logger.release_unused_folder()
-            cause = os_error_in(err)
-            if cause is None or cause.errno not in WRITE_ERRNOS:
+            failure = write_failure(
+                err, f"the run outputs in {self.trainer.log_dir}", self._what_is_kept()
+            )
+            if failure is None:
                 raise
-            target = cause.filename or f"the run outputs in {self.trainer.log_dir}"
-            raise UserError(
-                f"cannot write {target}: {cause.strerror}; {self._what_is_kept()}"
-            ) from err
+            raise failure from err
+        finally:
+            self.resumable.stop_listening()
 
     def _what_is_kept(self) -> str:
         """What a user whose disk filled up still has, and what to do next."""
@@ -517,22 +409,24 @@ class FashionCLI(LightningCLI):
             # weights back when a checkpoint loads, while the checkpoint holds (and was chosen
             # for) the averaged ones that a later `test --ckpt_path` measures.
             print(f"Testing the best checkpoint {best}", file=sys.stderr)
-            state = torch.load(best, map_location="cpu", weights_only=True)["state_dict"]
-            self.model.load_state_dict(state)
+            self.model.load_state_dict(read_checkpoint(Path(best)).contents["state_dict"])
         self.test(model=self.model, datamodule=self.datamodule)
 
 
-def _report(err: BaseException, exit_code: int) -> None:
-    if os.environ.get(DEBUG_ENV):
-        raise err
-    print(f"error: {' '.join(str(err).split())}", file=sys.stderr)
-    sys.exit(exit_code)
+def _as_list(value: Any) -> list:
+    if value is None:
+        return []
+    return list(value) if isinstance(value, (list, tuple)) else [value]
 
 
-def _missing_module(err: BaseException) -> ModuleNotFoundError | None:
-    while err is not None and not isinstance(err, ModuleNotFoundError):
-        err = err.__cause__ or err.__context__
-    return err
+def _refuse_unsupported(callbacks: list[Callback]) -> None:
+    for callback in callbacks:
+        if isinstance(callback, StochasticWeightAveraging):
+            raise ConfigError(
+                "--trainer.callbacks StochasticWeightAveraging: its average reaches neither the "
+                "checkpoints nor the test; use --trainer.callbacks+=WeightAveraging (an equal "
+                "average, as SWA's) or EMAWeightAveraging, which this project keeps end to end"
+            )
 
 
 def _quiet_write_errors_in_threads(args) -> None:
@@ -575,15 +469,13 @@ def main(args: list[str] | None = None) -> None:
     try:
         run(args)
     except UserError as err:
-        _report(err, err.exit_code)
-    except SIGTERMException:
-        # Lightning exits 0 on SIGTERM outside training; a scheduler would read that as success
-        print("error: stopped by SIGTERM", file=sys.stderr)
-        sys.exit(143)
+        exit_with(err)
+    except SIGTERMException:  # Lightning's own, should a SIGTERM reach it first
+        exit_with(UserError("stopped by SIGTERM"), 143)
     except MisconfigurationException as err:  # Lightning refused a value of the config
-        _report(err, 2)
+        exit_with(err, 2)
     except Exception as err:
-        missing = _missing_module(err)  # e.g. a callback named in the config needs a package
+        missing = cause_of(err, ModuleNotFoundError)  # a callback's package is missing
         if missing is None:
             raise
-        _report(missing, 1)
+        exit_with(missing, 1)

@@ -11,19 +11,21 @@ import lightning as L
 import torch
 import torch.nn.functional as F
 from jsonargparse.typing import NonNegativeInt, PositiveInt, restricted_number_type
-from lightning.pytorch.overrides.distributed import UnrepeatedDistributedSampler
 from torch import Tensor
-from torch.utils.data import DataLoader, Dataset, Sampler
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
 from torchvision.datasets import FashionMNIST
 
+from fashion_lightning.fashion_mnist import IMAGE_SIZE, TRAINING_IMAGES
 from fashion_lightning.pictures import check_picture_folder, load_pictures
-from fashion_lightning.raw_files import DEBIAN_SOURCE_DIR, IMAGE_SIZE, ensure_raw_files
+from fashion_lightning.raw_files import DEBIAN_SOURCE_DIR, ensure_raw_files
 
-CLASS_NAMES = tuple(FashionMNIST.classes)
-TRAINING_IMAGES = 60000
 # validation images held out of the 60k training images: at least 1, and 1 left to train on
 ValidationSize = restricted_number_type(
     "ValidationSize", int, [(">=", 1), ("<", TRAINING_IMAGES)], docstring="an int in [1, 59999]"
+)
+# a seed as Lightning's seed_everything takes it
+Seed = restricted_number_type(
+    "Seed", int, [(">=", 0), ("<", 2**32)], docstring="an int in [0, 4294967295]"
 )
 
 
@@ -69,22 +71,42 @@ class EpochShuffleSampler(Sampler[int]):
         self.size = size
         self.seed = seed
         self.epoch = 0
-        self._start = 0
+        self._resume: tuple[int, int] | None = None  # (epoch, position) of a mid-epoch resume
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
 
-    def resume_within_epoch(self, start: int) -> None:
-        """Make the next pass begin at position ``start`` of this epoch's order (mid-epoch resume)."""
-        self._start = start
+    def resume_within_epoch(self, epoch: int, start: int) -> None:
+        """Make epoch ``epoch`` begin at position ``start`` of its order (a mid-epoch resume)."""
+        self._resume = (epoch, start)
 
     def __len__(self) -> int:
         return self.size
 
     def __iter__(self):
-        start, self._start = self._start, 0
-        generator = torch.Generator().manual_seed(self.seed + self.epoch)
+        start = self._resume[1] if self._resume and self._resume[0] == self.epoch else 0
+        generator = torch.Generator().manual_seed((self.seed + self.epoch) % 2**64)
         return iter(torch.randperm(self.size, generator=generator)[start:].tolist())
+
+
+class EvaluationShareSampler(DistributedSampler):
+    """One process's share of an evaluation set under DDP: every image exactly once.
+
+    The DistributedSampler that Lightning would add pads the shares to equal length by
+    repeating images, which the epoch metrics then count twice (5001 of 5000 on 3 processes).
+    Unequal shares are safe in evaluation: no collective runs per batch. (A DistributedSampler
+    itself, so that Lightning does not split it again.)
+    """
+
+    def __init__(self, dataset: Dataset, rank: int, world_size: int) -> None:
+        super().__init__(dataset, num_replicas=world_size, rank=rank, shuffle=False)
+        self.indices = range(rank, len(dataset), world_size)
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __iter__(self):
+        return iter(self.indices)
 
 
 def augment(images: Tensor, flip: bool, max_shift: int, generator: torch.Generator) -> Tensor:
@@ -120,7 +142,7 @@ class FashionMNISTDataModule(L.LightningDataModule):
         batch_size: PositiveInt = 64,
         eval_batch_size: PositiveInt = 1000,
         val_size: ValidationSize = 5000,
-        seed: int = 42,
+        seed: Seed = 42,
         num_workers: NonNegativeInt = 0,
         source_dir: str = DEBIAN_SOURCE_DIR,
         download: bool = True,
@@ -166,6 +188,7 @@ class FashionMNISTDataModule(L.LightningDataModule):
         self.predict_dir = predict_dir
         self.augment_flip = augment_flip
         self.augment_shift = augment_shift
+        self._continue_at: tuple[int, int] = (0, 0)  # (epoch, batches done) of a resumed run
         self.train_set: InMemoryImages | None = None
         self.val_set: InMemoryImages | None = None
         self.test_set: InMemoryImages | None = None
@@ -215,31 +238,33 @@ class FashionMNISTDataModule(L.LightningDataModule):
 
     def _loader(self, dataset: InMemoryImages, sampler: Sampler | None = None) -> DataLoader:
         training = sampler is not None
+        if not training and self.trainer is not None and self.trainer.world_size > 1:
+            trainer = self.trainer
+            sampler = EvaluationShareSampler(dataset, trainer.global_rank, trainer.world_size)
         return DataLoader(
             dataset,
             batch_size=self.batch_size if training else self.eval_batch_size,
-            sampler=sampler if training else self._evaluation_sampler(dataset),
+            sampler=sampler,
             collate_fn=keep_batch,
             num_workers=self.num_workers,
             persistent_workers=self.num_workers > 0,
+            # its own generator: a DataLoader otherwise draws a seed from the global random
+            # generator each epoch, which dropout draws from too (a resume would differ)
+            generator=torch.Generator().manual_seed(self.seed),
         )
 
-    def _evaluation_sampler(self, dataset: InMemoryImages) -> Sampler | None:
-        """Under DDP, each process's share of an evaluation set, every image exactly once.
-
-        The DistributedSampler that Lightning would add pads the shares to equal length by
-        repeating images, which the epoch metrics then count twice (5001 of 5000 on 3
-        processes). Unequal shares are safe in evaluation: no collective runs per batch.
-        """
-        trainer = self.trainer
-        if trainer is None or trainer.world_size == 1:
-            return None  # the DataLoader's plain sequential order
-        return UnrepeatedDistributedSampler(
-            dataset, num_replicas=trainer.world_size, rank=trainer.global_rank, shuffle=False
-        )
+    def continue_order(self, epoch: int, batches_done: int) -> None:
+        """Make training continue epoch ``epoch``'s order after ``batches_done`` batches (a
+        resumed run); called before the train loader is made."""
+        self._continue_at = (epoch, batches_done)
 
     def train_dataloader(self) -> DataLoader:
-        return self._loader(self.train_set, EpochShuffleSampler(len(self.train_set), self.seed))
+        sampler = EpochShuffleSampler(len(self.train_set), self.seed)
+        epoch, done = self._continue_at
+        sampler.set_epoch(epoch)  # Lightning sets it too, but only after its first iterator
+        if done:
+            sampler.resume_within_epoch(epoch, done * self.batch_size)
+        return self._loader(self.train_set, sampler)
 
     def val_dataloader(self) -> DataLoader:
         return self._loader(self.val_set)
@@ -254,6 +279,9 @@ class FashionMNISTDataModule(L.LightningDataModule):
         images, labels = batch
         images = to_float_images(images)
         trainer = self.trainer
+        module = trainer.lightning_module if trainer is not None else None
+        if module is not None and module.dtype != images.dtype:  # bf16-true, 64-true
+            images = images.to(module.dtype)
         if trainer is not None and trainer.training and (self.augment_flip or self.augment_shift):
             generator = torch.Generator(device=images.device)
             # a function of (seed, process, step): a resumed run draws the same

@@ -1,4 +1,22 @@
-"""Errors a user can cause and fix. The CLI prints them as one line and exits non-zero."""
+"""Every error a user can cause and fix, and how it is printed: one line, ``error: ...``, and an
+exit code (1, or 2 for a value that is refused, or 128 + the signal's number for a stop).
+
+Set ``FASHION_LIGHTNING_DEBUG=1`` to get the traceback instead.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import signal
+import sys
+from typing import NoReturn, TypeVar
+
+DEBUG_ENV = "FASHION_LIGHTNING_DEBUG"
+# what a failed write of run outputs looks like (a full disk, a quota, a file-size limit)
+WRITE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS, errno.EIO}
+
+E = TypeVar("E", bound=BaseException)
 
 
 class UserError(RuntimeError):
@@ -19,17 +37,85 @@ class DataError(UserError):
 
 
 class CheckpointError(UserError):
-    """``--ckpt_path`` names nothing usable: missing, damaged, or a checkpoint of another model."""
+    """``--ckpt_path`` names nothing usable: missing, damaged, crafted, or of another model."""
 
 
 class NonFiniteLossError(UserError):
     """The training loss became NaN or infinite; training stopped before the bad step was applied."""
 
 
-class TrainingInterrupted(UserError):
-    """SIGINT or SIGTERM stopped training after a checkpoint of the exact state was written."""
+class Stopped(UserError):
+    """SIGINT or SIGTERM stopped the command; exit code 130 or 143, as a shell expects."""
+
+    def __init__(self, message: str, signum: int) -> None:
+        super().__init__(message)
+        self.signum = signum
+        self.exit_code = 128 + signum
+
+
+class TrainingInterrupted(Stopped):
+    """SIGINT or SIGTERM stopped training, after a checkpoint of the exact state was written
+    (or, on a second signal, at once)."""
 
     def __init__(self, stopped: str, signum: int, advice: str = "") -> None:
-        super().__init__(f"{stopped}. {advice}" if advice else stopped)
+        super().__init__(f"{stopped}. {advice}" if advice else stopped, signum)
         self.stopped = stopped  # what happened, without the advice (the search gives its own)
-        self.exit_code = 128 + signum  # the shell's convention: 130 for SIGINT, 143 for SIGTERM
+
+
+class SearchError(UserError):
+    """The search's own input is wrong (flags, search file, storage); exit 2 like a parse error."""
+
+    exit_code = 2
+
+
+class FitArgumentsError(UserError):
+    """The fit command line refused the arguments a trial would run with."""
+
+    exit_code = 2
+
+
+class SearchStopped(Stopped):
+    """SIGINT or SIGTERM reached the search; the running trials are queued again."""
+
+    def __init__(self, signum: int, message: str = "") -> None:
+        super().__init__(message or f"stopped by {signal.Signals(signum).name}", signum)
+
+
+def one_line(text: str) -> str:
+    return " ".join(str(text).split())
+
+
+def first_line(err: BaseException) -> str:
+    """A library error's first line (SQLAlchemy's messages run on with SQL and links)."""
+    return (str(err).strip().splitlines() or [type(err).__name__])[0]
+
+
+def cause_of(error: BaseException | None, kind: type[E]) -> E | None:
+    """The exception of type ``kind`` that ``error`` is or that (in)directly caused it, if any:
+    a failed write deep in a library, a missing module behind a callback's import."""
+    while error is not None and not isinstance(error, kind):
+        error = error.__cause__ or error.__context__
+    return error
+
+
+def write_failure(err: BaseException, where: str, kept: str) -> UserError | None:
+    """A failed write (a full disk, a quota) anywhere under ``err`` as one line that names the
+    file, the cause and what is kept; None if ``err`` is no failed write."""
+    cause = cause_of(err, OSError)
+    if cause is None or cause.errno not in WRITE_ERRNOS:
+        return None
+    return UserError(f"cannot write {cause.filename or where}: {cause.strerror}; {kept}")
+
+
+def parse_error(prog: str, message: str) -> NoReturn:
+    """How both commands refuse their command line: one line naming ``--help``, exit 2."""
+    print(f"error: {one_line(message)} (see: {prog} --help)", file=sys.stderr)
+    sys.exit(2)
+
+
+def exit_with(err: BaseException, exit_code: int | None = None) -> NoReturn:
+    """Print ``err`` as one line and exit with its code (the traceback under DEBUG_ENV)."""
+    if os.environ.get(DEBUG_ENV):
+        raise err
+    print(f"error: {one_line(err)}", file=sys.stderr)
+    sys.exit(exit_code if exit_code is not None else getattr(err, "exit_code", 1))

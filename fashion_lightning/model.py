@@ -13,15 +13,15 @@ from torch import Tensor, nn
 from torchmetrics import MeanMetric
 from torchmetrics.classification import MulticlassAccuracy
 
-from fashion_lightning.data import CLASS_NAMES
 from fashion_lightning.errors import NonFiniteLossError, UserError
-from fashion_lightning.raw_files import IMAGE_SIZE
+from fashion_lightning.fashion_mnist import (
+    CLASS_TAGS,
+    IMAGE_SIZE,
+    NUM_CLASSES,
+    PIXEL_MEAN,
+    PIXEL_STD,
+)
 
-NUM_CLASSES = len(CLASS_NAMES)
-# class names as parts of TensorBoard tags ("T-shirt/top" would open another tag level)
-CLASS_TAGS = tuple(name.replace("/", "_") for name in CLASS_NAMES)
-# FashionMNIST's 60k training images, pixels in [0, 1]: their mean and standard deviation
-PIXEL_MEAN, PIXEL_STD = 0.2860, 0.3530
 # a dropout probability: 0 (none) up to, not including, 1 (which would drop everything)
 DropoutProbability = restricted_number_type(
     "DropoutProbability", float, [(">=", 0), ("<", 1)], docstring="a float in [0, 1)"
@@ -170,6 +170,14 @@ class ImageClassifier(L.LightningModule):
 
     def on_train_epoch_end(self) -> None:
         self.log("train/acc", self.train_acc)
+        self._log_at_optimizer_step()
+
+    def _log_at_optimizer_step(self) -> None:
+        """Write this epoch's values at the number of optimizer steps done, where the pictures
+        and ``hp_metric`` go too. (Lightning counts its own way: one step behind at the end of
+        an epoch, and in calls of ``training_step``, not optimizer steps, with several steps a
+        call.) A logged value named ``step`` sets the step of the values logged with it."""
+        self.log("step", float(self.global_step))
 
     def _step_is_logged(self) -> bool:
         """Whether Lightning writes this step's metrics (every ``log_every_n_steps`` steps).
@@ -179,7 +187,11 @@ class ImageClassifier(L.LightningModule):
         Lightning writes step values only every ``log_every_n_steps``, so only those are logged.
         """
         trainer = self._trainer
-        return trainer is None or trainer._logger_connector.should_update_logs
+        if trainer is None:
+            return True
+        every = trainer.log_every_n_steps
+        # Lightning's rule: it writes a step's values when (its step count + 1) is a multiple
+        return every > 0 and (trainer.global_step + 1) % every == 0
 
     def _stop_on_non_finite(self, loss: Tensor, batch_idx: int) -> None:
         """Stop before a NaN/inf loss is back-propagated into the weights."""
@@ -205,6 +217,7 @@ class ImageClassifier(L.LightningModule):
         self.log(f"{stage}/loss", getattr(self, f"{stage}_loss"))
         self.log(f"{stage}/acc", getattr(self, f"{stage}_acc"), prog_bar=True)
         self._log_per_class(stage)
+        self._log_at_optimizer_step()
 
     def _log_per_class(self, stage: str) -> None:
         """``val/acc_class/Sandal`` and so on: a class the model never predicts shows as 0."""

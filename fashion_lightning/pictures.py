@@ -11,7 +11,11 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 from torch import Tensor
 
 from fashion_lightning.errors import DataError
-from fashion_lightning.raw_files import IMAGE_SIZE
+from fashion_lightning.fashion_mnist import IMAGE_SIZE
+
+# what Pillow raises for a file it cannot read as a picture: not an image, truncated, a
+# decompression bomb (a small file that would unpack to gigabytes of pixels)
+UNREADABLE = (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError)
 
 
 def to_fashion_mnist(picture: Image.Image) -> Tensor:
@@ -85,24 +89,38 @@ def check_picture_folder(folder: str | Path) -> None:
     again later (a folder of your own pictures is small).
     """
     folder = Path(folder)
-    files = _files_in(folder)
-    for path in files:
+    entries = _entries_in(folder)
+    for path in entries:
         try:
             with Image.open(path) as picture:
                 picture.load()  # a truncated file has a good header
                 return
-        except (UnidentifiedImageError, OSError, ValueError):
+        except UNREADABLE:
             continue
-    raise _no_pictures(folder, skipped=len(files))
+    raise _no_pictures(folder, skipped=len(entries))
 
 
-def _files_in(folder: Path) -> list[Path]:
-    if folder.is_file():
-        raise DataError(f"--data.predict_dir {folder}: a file; pass the folder that holds it")
-    if not folder.is_dir():
-        raise DataError(f"--data.predict_dir {folder}: no such folder")
-    # broken links too: they are listed as skipped, with the reason
-    return sorted(p for p in folder.iterdir() if p.is_file() or p.is_symlink())
+def _entries_in(folder: Path) -> list[Path]:
+    """What the folder holds, sorted by name: files, links and subfolders (skipped, with
+    the reason, by the readers)."""
+    try:
+        if folder.is_file():
+            raise DataError(f"--data.predict_dir {folder}: a file; pass the folder that holds it")
+        if not folder.is_dir():
+            raise DataError(f"--data.predict_dir {folder}: no such folder")
+        return sorted(folder.iterdir())
+    except OSError as err:  # a name too long, a folder that cannot be read
+        raise DataError(
+            f"--data.predict_dir {folder}: cannot read it ({err.strerror or err})"
+        ) from None
+
+
+def _reason(err: Exception) -> str:
+    if isinstance(err, UnidentifiedImageError):
+        return "not an image"
+    if isinstance(err, Image.DecompressionBombError):
+        return "too many pixels to be a photo (Pillow refuses it as a decompression bomb)"
+    return str(err)
 
 
 def _no_pictures(folder: Path, skipped: int) -> DataError:
@@ -122,14 +140,16 @@ def load_pictures(folder: str | Path) -> tuple[Tensor, list[str]]:
     """
     folder = Path(folder)
     images, names, skipped = [], [], []
-    for path in _files_in(folder):
+    for path in _entries_in(folder):
+        if path.is_dir():
+            skipped.append(f"{path.name}/: a folder (pictures in subfolders are not read)")
+            continue
         try:
             with Image.open(path) as picture:
                 images.append(to_fashion_mnist(picture))
             names.append(path.name)
-        except (UnidentifiedImageError, OSError, ValueError) as err:
-            reason = "not an image" if isinstance(err, UnidentifiedImageError) else str(err)
-            skipped.append(f"{path.name}: {reason}")
+        except UNREADABLE as err:
+            skipped.append(f"{path.name}: {_reason(err)}")
     for line in skipped:
         print(f"skipped {line}", file=sys.stderr)
     if not images:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import csv
-import os
 from pathlib import Path
 from typing import Any
 
@@ -11,24 +10,29 @@ import lightning as L
 import torch
 from lightning.pytorch.callbacks import BasePredictionWriter
 
-from fashion_lightning.data import CLASS_NAMES
+from fashion_lightning.fashion_mnist import CLASS_NAMES
+from fashion_lightning.files import atomic_write
 
 
 def write_csv(path: Path, rows: list[list]) -> None:
-    """Write ``rows`` to ``path`` whole or not at all: into a temporary file, then renamed.
-    A failed write (a full disk) raises OSError naming ``path``, and leaves no partial file."""
-    partial = path.with_name(f".{path.name}.{os.getpid()}.part")
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        with partial.open("w", newline="") as f:
-            csv.writer(f).writerows(rows)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(partial, path)
-    except OSError as err:
-        raise OSError(err.errno, err.strerror, str(path)) from err
-    finally:
-        partial.unlink(missing_ok=True)
+    """Write ``rows`` to ``path`` whole or not at all (a failed write raises OSError naming
+    ``path`` and leaves no partial file)."""
+    with atomic_write(path, "w", newline="", encoding="utf-8") as f:
+        csv.writer(f).writerows([[_cell(value) for value in row] for row in rows])
+
+
+def _cell(value: Any) -> Any:
+    """A value as a spreadsheet may show it, never as a formula: text that begins with ``=``,
+    ``+``, ``-``, ``@``, a tab or a carriage return gets a leading ``'`` (OWASP's advice on
+    CSV injection); numbers are written as they are."""
+    if isinstance(value, str) and value.startswith(("=", "+", "-", "@", "\t", "\r")):
+        return "'" + value
+    return value
+
+
+def readable_name(name: str) -> str:
+    """A file name as text: bytes that are not UTF-8 (kept by Python as surrogates) as ``\\xNN``."""
+    return name.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
 
 
 class PredictionWriter(BasePredictionWriter):
@@ -49,7 +53,7 @@ class PredictionWriter(BasePredictionWriter):
         suffix = "" if trainer.world_size == 1 else f"-rank{trainer.global_rank}"
         path = Path(trainer.log_dir or trainer.default_root_dir) / f"predictions{suffix}.csv"
         rows = [
-            [index, target] if names is None else [names[index]]
+            [index, target] if names is None else [readable_name(names[index])]
             for index, target in zip(indices, targets, strict=True)
         ]
         rows = sorted(

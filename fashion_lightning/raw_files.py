@@ -12,10 +12,8 @@ from __future__ import annotations
 
 import gzip
 import hashlib
-import os
 import shutil
 import struct
-import tempfile
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,10 +22,11 @@ import torch
 from torchvision.datasets import FashionMNIST
 
 from fashion_lightning.errors import DataError
+from fashion_lightning.fashion_mnist import IMAGE_SIZE
+from fashion_lightning.files import atomic_write, ensure_writable_dir
 
 DEBIAN_SOURCE_DIR = "/usr/share/datasets/fashion-mnist"
 APT_INSTALL = "apt-get install -y dataset-fashion-mnist"
-IMAGE_SIZE = 28
 
 
 @dataclass(frozen=True)
@@ -120,25 +119,32 @@ def _fix_hint(source_dir: Path) -> str:
 
 
 def _decompress(gz_path: Path, target: Path, expected: RawFile) -> None:
-    """Decompress ``gz_path`` next to ``target``, verify, then rename: never a half-written file."""
-    # a name of this process's own, created like any other file (mkstemp would make it 0600,
-    # unreadable to the other users of a shared data folder)
-    tmp = target.with_name(f".{target.name}.{os.getpid()}.part")
-    with tmp.open("wb") as out:
-        try:
+    """Decompress ``gz_path`` into ``target``, verified before it takes the name: never a
+    half-written or wrong file (an interrupted run leaves no partial file either)."""
+    try:
+        # atomic_write creates the file as any other (mkstemp would make it 0600, unreadable
+        # to the other users of a shared data folder)
+        with atomic_write(target) as out:
             with gzip.open(gz_path, "rb") as src:
                 shutil.copyfileobj(src, out)
-            problem = None
-        except (gzip.BadGzipFile, EOFError, zlib.error) as err:
-            problem = f"corrupt gzip ({err})"
-    problem = problem or check_raw_file(tmp, expected)
-    if problem:
-        tmp.unlink(missing_ok=True)
-        raise DataError(
-            f"{gz_path}: {problem}. Reinstall it (`apt-get install --reinstall dataset-fashion-mnist`) "
-            "or pass another --data.source_dir"
-        )
-    tmp.replace(target)
+            out.flush()
+            problem = check_raw_file(Path(out.name), expected)
+            if problem:
+                raise _Refused(problem)
+    except (gzip.BadGzipFile, EOFError, zlib.error) as err:
+        problem = f"corrupt gzip ({err})"
+    except _Refused as err:
+        problem = str(err)
+    else:
+        return
+    raise DataError(
+        f"{gz_path}: {problem}. Reinstall it (`apt-get install --reinstall dataset-fashion-mnist`) "
+        "or pass another --data.source_dir"
+    )
+
+
+class _Refused(Exception):
+    """The unpacked file is not the one expected (kept from replacing the target)."""
 
 
 def _download(data_dir: Path) -> str | None:
@@ -202,14 +208,3 @@ def _make_dir(path: Path) -> None:
         raise DataError(
             f"cannot write to {path} ({err}); pass a writable --data.data_dir"
         ) from None
-
-
-def ensure_writable_dir(path: Path) -> None:
-    """Create ``path`` if needed and prove that a file can be written there (raises OSError).
-
-    A real write, not ``os.access``: root passes every permission check but still cannot
-    write to a read-only file system or under a regular file.
-    """
-    path.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryFile(dir=path):
-        pass

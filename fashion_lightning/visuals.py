@@ -10,8 +10,7 @@ import lightning as L
 import numpy as np
 import torch
 from jsonargparse.typing import NonNegativeInt, PositiveInt
-from lightning.pytorch.callbacks import Callback
-from lightning.pytorch.callbacks.weight_averaging import WeightAveraging
+from lightning.pytorch.callbacks import Callback, WeightAveraging
 from lightning.pytorch.loggers import TensorBoardLogger
 from PIL import Image, ImageDraw, ImageFont
 from tensorboard.compat.proto.summary_pb2 import Summary, SummaryMetadata
@@ -19,7 +18,7 @@ from tensorboard.plugins.hparams import api_pb2, metadata, plugin_data_pb2
 from torch import Tensor
 from torchmetrics.classification import MulticlassConfusionMatrix
 
-from fashion_lightning.data import CLASS_NAMES
+from fashion_lightning.fashion_mnist import CLASS_NAMES
 
 HP_METRIC = "hp_metric"  # Lightning's name for the run's headline metric: the best val/acc
 RIGHT, WRONG = (90, 200, 90), (235, 70, 70)
@@ -55,8 +54,8 @@ def _tensorboard(trainer: L.Trainer) -> TensorBoardLogger | None:
 
 def metrics_step(trainer: L.Trainer) -> int:
     """The step at which Lightning logs this epoch's metrics (``val/acc``...), so that pictures
-    and ``hp_metric`` line up with them. Lightning has no public name for this counter."""
-    return trainer.fit_loop.epoch_loop._batches_that_stepped
+    and ``hp_metric`` line up with them: the optimizer steps done."""
+    return trainer.global_step
 
 
 def _class_name(value: Any) -> str:
@@ -206,7 +205,7 @@ class HParamsSummary(Callback):
         searched = {key: _column_value(value) for key, value in self.searched.items()}
         params = {**searched, **run_hparams(trainer, pl_module)}
         experiment = logger.experiment
-        writer = experiment._get_file_writer()  # SummaryWriter has no public call for these
+        writer = experiment.file_writer  # SummaryWriter has no call for these summaries
         for summary in hparams_summaries(params, first=(*searched, *FIRST_COLUMNS)):
             writer.add_summary(summary)
         experiment.add_custom_scalars(LAYOUT)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -55,15 +56,46 @@ def last_line(text: str) -> str:
 
 
 class SendSignalAt(Callback):
-    """Sends a real signal to this process when training reaches ``step`` (deterministic timing)."""
+    """Sends a real signal to this process once, when training reaches optimizer step ``step``
+    (at the start of the batch that makes that step; deterministic timing)."""
 
     def __init__(self, signum: int, step: int) -> None:
         self.signum = signum
         self.step = step
+        self.sent = False
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        if trainer.global_step == self.step and not self.sent:
+            self.sent = True
+            os.kill(os.getpid(), self.signum)
+
+
+class SendSignalInValidation(Callback):
+    """Sends a real signal to this process at the first batch of the ``nth`` validation of a
+    fit (not the sanity check), counted from 1."""
+
+    def __init__(self, signum: int, nth: int = 1) -> None:
+        self.signum = signum
+        self.nth = nth
+        self.seen = 0
+
+    def on_validation_batch_start(self, trainer, pl_module, batch, batch_idx, dataloader_idx=0):
+        if trainer.sanity_checking or batch_idx != 0:
+            return
+        self.seen += 1
+        if self.seen == self.nth:
+            os.kill(os.getpid(), self.signum)
+
+
+class KillAt(Callback):
+    """``kill -9`` of this process at the start of the batch that makes optimizer step ``step``."""
+
+    def __init__(self, step: int) -> None:
+        self.step = step
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
         if trainer.global_step == self.step:
-            os.kill(os.getpid(), self.signum)
+            os.kill(os.getpid(), signal.SIGKILL)
 
 
 class RecordTrainOrder(Callback):

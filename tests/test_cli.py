@@ -132,8 +132,10 @@ def test_missing_data_is_a_one_line_error_without_traceback(tmp_path):
         ["--trainer.accelerator=auto"],
         ["--trainer.accelerator=cpu", "--trainer.precision=bf16-mixed"],
         ["--trainer.accelerator=cpu", "--model.compile=true"],
+        ["--trainer.precision=bf16-true"],
+        ["--trainer.precision=64-true"],
     ],
-    ids=["auto", "bf16-mixed", "compile"],
+    ids=["auto", "bf16-mixed", "compile", "bf16-true", "64-true"],
 )
 def test_same_config_runs_with_accelerator_precision_and_compile_options(extra, data_dir, tmp_path):
     main(

@@ -6,7 +6,9 @@ import gzip
 import hashlib
 import os
 import shutil
+import signal
 import threading
+import time
 from functools import partial
 from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -19,6 +21,7 @@ from torchvision.transforms import ToTensor
 from fashion_lightning.data import EpochShuffleSampler, FashionMNISTDataModule
 from fashion_lightning.errors import DataError
 from fashion_lightning.raw_files import RAW_FILES, ensure_raw_files
+from tests.helpers import fit_args, last_line, start_cli
 
 RAW = "FashionMNIST/raw"
 
@@ -229,3 +232,36 @@ def test_only_the_train_loader_shuffles_and_evaluation_keeps_the_last_batch(data
         batches = list(loader)
         assert sum(len(labels) for _, labels in batches) == size
         assert len(batches[-1][1]) == size % 300
+
+
+def _start_unpacking(tmp_path):
+    """A fit on an empty data folder, and the raw folder it unpacks Debian's files into."""
+    raw = tmp_path / "data" / "FashionMNIST" / "raw"
+    process = start_cli(*fit_args(tmp_path / "data", tmp_path, "--trainer.max_epochs=1"))
+    deadline = time.monotonic() + 60
+    while not list(raw.glob(".train-images-idx3-ubyte.*.part")):  # the largest: 47 MB
+        assert process.poll() is None and time.monotonic() < deadline, process.stderr.read()
+        time.sleep(0.001)
+    return process, raw
+
+
+@pytest.mark.slow
+def test_ctrl_c_while_unpacking_stops_with_130_and_leaves_nothing_half_done(tmp_path):
+    process, raw = _start_unpacking(tmp_path)
+    process.send_signal(signal.SIGINT)
+    assert process.wait(timeout=60) == 130
+    assert last_line(process.stderr.read()) == "error: stopped by SIGINT; nothing was saved"
+    assert not list(raw.glob(".*.part"))
+    assert not list(tmp_path.glob("lightning_logs/*"))  # no run folder left behind
+
+
+@pytest.mark.slow
+def test_a_kill_9_while_unpacking_leaves_a_part_file_that_the_next_run_removes(
+    tmp_path, debian_source
+):
+    process, raw = _start_unpacking(tmp_path)
+    process.kill()
+    process.wait(timeout=60)
+    assert list(raw.glob(".*.part"))
+    ensure_raw_files(tmp_path / "data", debian_source, download=False)
+    assert not list(raw.glob(".*.part"))

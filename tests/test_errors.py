@@ -167,6 +167,8 @@ def test_unwritable_location_is_one_line(option, phrase, tmp_path, capsys):
         ("--model.dropout=1.5", 'Parser key "model.dropout": Not of type DropoutProbability'),
         ("--images.every_n_epochs=-1", 'Parser key "images.every_n_epochs": Not of type'),
         ("--optimizer=Adam", "unrecognized arguments: --optimizer=Adam"),
+        ("--data.seed=18446744073709551615", 'Parser key "data.seed": Not of type Seed'),
+        ("--checkpoint.save_last=link", 'Parser key "checkpoint.save_last"'),
     ],
 )
 def test_out_of_range_values_are_refused_when_parsing(option, phrase, tmp_path, capsys):
@@ -228,6 +230,34 @@ def test_values_lightning_refuses_are_one_line(option, phrase, tmp_path, capsys)
     line = _fails(fit_args(tmp_path / "data", tmp_path, option), capsys, exit_code=code)
     assert line.startswith(phrase), line
     assert not (tmp_path / "lightning_logs").exists()
+
+
+def test_stochastic_weight_averaging_is_refused_in_one_line(tmp_path, capsys):
+    args = fit_args(tmp_path / "data", tmp_path, "--trainer.callbacks+=StochasticWeightAveraging")
+    line = _fails([*args, "--trainer.callbacks.swa_lrs=0.01"], capsys, exit_code=2)
+    assert line.startswith("error: --trainer.callbacks StochasticWeightAveraging: its average")
+    assert "--trainer.callbacks+=WeightAveraging" in line
+    assert not (tmp_path / "lightning_logs").exists()
+
+
+@pytest.mark.parametrize("option", ["--ckpt_path", "--data.predict_dir"])
+def test_a_path_too_long_to_exist_is_one_line(option, data_dir, tmp_path, capsys):
+    path = tmp_path / ("x" * 300)
+    subcommand = "predict" if option == "--data.predict_dir" else "test"
+    args = [subcommand, *fit_args(data_dir, tmp_path / "runs", *TINY_RUN)[1:], f"{option}={path}"]
+    line = _fails(args, capsys)
+    assert line.startswith(f"error: {option} {path}: "), line
+    assert "File name too long" in line
+    assert not list((tmp_path / "runs").glob("lightning_logs/*"))  # no run folder
+
+
+def test_version_prints_the_version(capsys):
+    from fashion_lightning import __version__
+
+    with pytest.raises(SystemExit) as exit_:
+        main(["--version"])
+    assert exit_.value.code == 0
+    assert capsys.readouterr().out.strip().endswith(__version__)
 
 
 def test_a_callback_whose_package_is_missing_is_one_line(tmp_path):

@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import csv
 import io
+import os
+import struct
+import zlib
 
 import numpy as np
 import pytest
@@ -83,6 +86,45 @@ def test_own_pictures_are_classified_and_broken_files_skipped(
     err = capsys.readouterr().err
     assert "skipped d_broken.png: " in err and "skipped e_notes.txt: not an image" in err
     assert "skipped f_link.png: [Errno 2] No such file or directory" in err
+
+
+def _png_header_only(width: int, height: int) -> bytes:
+    """A PNG that claims ``width`` x ``height`` pixels in a few bytes (a decompression bomb)."""
+    header = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
+    chunk = b"IHDR" + header
+    ihdr = struct.pack(">I", len(header)) + chunk + struct.pack(">I", zlib.crc32(chunk))
+    end = struct.pack(">I", 0) + b"IEND" + struct.pack(">I", zlib.crc32(b"IEND"))
+    return b"\x89PNG\r\n\x1a\n" + ihdr + end
+
+
+def test_odd_files_and_names_are_skipped_or_kept_harmless(trained_run, data_dir, tmp_path, capsys):
+    test_set = FashionMNIST(str(data_dir), train=False)
+    pictures = tmp_path / "pictures"
+    pictures.mkdir()
+    for name in ("=HYPERLINK(1).png", "+1.png", "-1.png", "@SUM(1).png"):
+        test_set[0][0].save(pictures / name)
+    test_set[0][0].save(os.fsdecode(bytes(pictures) + b"/\xff\xfe.png"))  # not UTF-8
+    (pictures / "bomb.png").write_bytes(_png_header_only(30000, 30000))
+    (pictures / "more").mkdir()
+    test_set[1][0].save(pictures / "more" / "inside.png")
+
+    rows = _predict(
+        data_dir,
+        tmp_path,
+        trained_run / "checkpoints" / "last.ckpt",
+        f"--data.predict_dir={pictures}",
+    )
+    # a spreadsheet would run a cell that begins with = + - @ as a formula (OWASP)
+    assert sorted(row["file"] for row in rows) == [
+        "'+1.png",
+        "'-1.png",
+        "'=HYPERLINK(1).png",
+        "'@SUM(1).png",
+        "\\xff\\xfe.png",
+    ]
+    err = capsys.readouterr().err
+    assert "skipped bomb.png: too many pixels" in err
+    assert "skipped more/: a folder (pictures in subfolders are not read)" in err
 
 
 def test_a_dark_on_light_photo_becomes_a_fashion_mnist_image(data_dir):

@@ -91,7 +91,9 @@ def test_augmentation_applies_to_training_batches_only_and_repeats(data_dir):
     images, labels = next(iter(datamodule.train_dataloader()))
 
     def transfer(training, step):
-        datamodule.trainer = SimpleNamespace(training=training, global_rank=0, global_step=step)
+        datamodule.trainer = SimpleNamespace(
+            training=training, global_rank=0, global_step=step, lightning_module=None
+        )
         return datamodule.on_after_batch_transfer((images, labels), 0)
 
     augmented, same_labels = transfer(training=True, step=5)

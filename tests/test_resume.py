@@ -98,6 +98,86 @@ def test_signal_mid_epoch_saves_exact_state_and_resume_is_exact(
     assert_same_run(uninterrupted, tmp_path)
 
 
+def _stop(data_dir, root, args, callback: str, code: int, **arguments) -> str:
+    """Run ``fit`` in a new process with a test callback that stops it; its last line."""
+    options = [f"--trainer.callbacks.{key}={value}" for key, value in arguments.items()]
+    stopped = run_cli(
+        *fit_args(data_dir, root, *args), f"--trainer.callbacks+=tests.helpers.{callback}", *options
+    )
+    assert stopped.returncode == code, stopped.stderr[-3000:]
+    assert "Traceback" not in stopped.stderr
+    return last_line(stopped.stderr)
+
+
+def _resume_and_compare(data_dir, root, args) -> None:
+    """Resume in a new process, then compare with an uninterrupted run of the same command."""
+    resumed = run_cli(*fit_args(data_dir, root, *args), "--ckpt_path=last")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    expected = root.parent / f"{root.name}-uninterrupted"
+    main(fit_args(data_dir, expected, *args))
+    assert_same_run(expected, root)
+
+
+SIGINT, SIGTERM = int(signal.SIGINT), int(signal.SIGTERM)
+
+
+@pytest.mark.parametrize(
+    ("extra", "callback", "arguments", "stopped_at"),
+    [
+        # dropout draws from the random generator: the checkpoint keeps its state
+        (["--model.dropout=0.3"], "SendSignalAt", {"signum": SIGINT, "step": 40}, "at epoch 1"),
+        # inside an accumulation window the gradients are not saved: stop at the window's end
+        (
+            ["--trainer.accumulate_grad_batches=4"],
+            "SendSignalAt",
+            {"signum": SIGTERM, "step": 9},
+            "at epoch 1, batch 7 (step 10)",
+        ),
+        # worker processes load the batches: the order continues where it stopped
+        (["--data.num_workers=2"], "SendSignalAt", {"signum": SIGTERM, "step": 40}, "at epoch 1"),
+        # the epoch's last batch: its validation, train/acc and checkpoint come first
+        ([], "SendSignalAt", {"signum": SIGINT, "step": 29}, "after epoch 0 (step 30)"),
+        # a validation is due after the batch: it runs, then the run stops
+        (
+            ["--trainer.val_check_interval=0.25"],
+            "SendSignalAt",
+            {"signum": SIGINT, "step": 6},
+            "at epoch 0, batch 7 (step 8)",
+        ),
+        # a signal during a validation in the middle of an epoch: it finishes, then a batch
+        (
+            ["--trainer.val_check_interval=0.25"],
+            "SendSignalInValidation",
+            {"signum": SIGTERM, "nth": 2},
+            "at epoch 0, batch 14 (step 15)",
+        ),
+    ],
+    ids=["dropout", "accumulation", "workers", "last-batch", "validation-due", "in-validation"],
+)
+def test_a_stop_anywhere_resumes_exactly(
+    extra, callback, arguments, stopped_at, data_dir, tmp_path
+):
+    args = (*SHORT_RUN, *extra)
+    code = 128 + arguments["signum"]
+    line = _stop(data_dir, tmp_path / "run", args, callback, code, **arguments)
+    assert stopped_at in line, line
+    _resume_and_compare(data_dir, tmp_path / "run", args)
+
+
+def test_a_kill_9_after_a_step_checkpoint_resumes_exactly(data_dir, tmp_path):
+    args = (*SHORT_RUN, "--checkpoint.every_n_train_steps=7")
+    _stop(data_dir, tmp_path / "run", args, "KillAt", -signal.SIGKILL, step=45)
+    assert _final_state(tmp_path / "run")["global_step"] == 42  # the last step checkpoint
+    _resume_and_compare(data_dir, tmp_path / "run", args)
+
+
+def test_epochs_without_validation_still_write_the_last_checkpoint(data_dir, tmp_path):
+    args = (*SHORT_RUN, "--trainer.max_epochs=3", "--trainer.check_val_every_n_epoch=2")
+    _stop(data_dir, tmp_path / "run", args, "KillAt", -signal.SIGKILL, step=45)
+    assert _final_state(tmp_path / "run")["global_step"] == 30  # epoch 1's end, not validated
+    _resume_and_compare(data_dir, tmp_path / "run", args)
+
+
 def _wait_for(predicate, process, timeout: float = 60) -> None:
     deadline = time.monotonic() + timeout
     while not predicate():

@@ -3,6 +3,7 @@ right file, `last.ckpt` is the latest state, and a resume keeps the model it was
 
 from __future__ import annotations
 
+import csv
 import signal
 import subprocess
 import sys
@@ -15,7 +16,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 from fashion_lightning.cli import FashionCLI, main
 from fashion_lightning.data import FashionMNISTDataModule
 from fashion_lightning.model import ImageClassifier
-from fashion_lightning.runs import RunFolderLogger
+from fashion_lightning.run_folders import RunFolderLogger
 from tests.helpers import ROOT, RecordLastCheckpoint, fit_args, last_line, run_cli
 
 pytestmark = pytest.mark.slow
@@ -294,13 +295,15 @@ def test_a_tensorboard_logger_named_in_the_config_claims_its_folder_too(tmp_path
 
 
 def test_resume_with_a_csv_logger_continues_its_folder(data_dir, tmp_path):
-    csv = ("--trainer.logger=CSVLogger", f"--trainer.logger.save_dir={tmp_path}", *TINY)
-    main(fit_args(data_dir, tmp_path, *csv, "--trainer.max_epochs=1"))
-    main(fit_args(data_dir, tmp_path, *csv, "--trainer.max_epochs=2", "--ckpt_path=last"))
+    logger = ("--trainer.logger=CSVLogger", f"--trainer.logger.save_dir={tmp_path}", *TINY)
+    main(fit_args(data_dir, tmp_path, *logger, "--trainer.max_epochs=1"))
+    main(fit_args(data_dir, tmp_path, *logger, "--trainer.max_epochs=2", "--ckpt_path=last"))
     runs = sorted(p.name for p in (tmp_path / "lightning_logs").iterdir())
     assert runs == ["version_0"]
-    rows = (tmp_path / "lightning_logs" / "version_0" / "metrics.csv").read_text().splitlines()
-    assert sum(",1," in row or row.startswith("1,") for row in rows) >= 1  # epoch 1 is there
+    with (tmp_path / "lightning_logs" / "version_0" / "metrics.csv").open() as f:
+        rows = list(csv.DictReader(f))
+    validated_at = [int(row["step"]) for row in rows if row.get("val/acc")]
+    assert validated_at == [10, 20]  # the first command's epoch is kept, the second's added
 
 
 @pytest.mark.parametrize(("signum", "code"), [(signal.SIGINT, 130), (signal.SIGTERM, 143)])

@@ -483,14 +483,14 @@ def test_a_file_that_is_not_a_journal_is_refused_and_left_as_it_was(data_dir, tm
 
 
 def test_the_shipped_search_space_fits_the_recipe_it_searches_over():
-    from fashion_lightning.search_space import check_space, load_search_space
+    from fashion_lightning.tune.space import check_space, load_search_space
 
     search, recipe = ROOT / "configs" / "search" / "mlp.yaml", ROOT / "configs" / "best.yaml"
     check_space(load_search_space(search), recipe, [], search)  # every end of every range
 
 
 def test_numbers_yaml_reads_as_text_are_taken_as_numbers(tmp_path):
-    from fashion_lightning.search_space import load_search_space
+    from fashion_lightning.tune.space import load_search_space
 
     search = tmp_path / "space.yaml"
     search.write_text("model.dropout: {type: float, low: 1e-4, high: 1e-2, log: true}\n")

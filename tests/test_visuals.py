@@ -13,7 +13,7 @@ from tensorboard.plugins.custom_scalar import layout_pb2
 from tensorboard.plugins.hparams import plugin_data_pb2
 
 from fashion_lightning.cli import main
-from fashion_lightning.data import CLASS_NAMES
+from fashion_lightning.fashion_mnist import CLASS_NAMES
 from fashion_lightning.visuals import (
     WRONG,
     render_confusion_matrix,

@@ -19,7 +19,7 @@ from optuna.distributions import (
 )
 
 from fashion_lightning import cli
-from fashion_lightning.errors import UserError
+from fashion_lightning.errors import FitArgumentsError, SearchError
 
 DISTRIBUTIONS = {
     "float": FloatDistribution,
@@ -27,18 +27,6 @@ DISTRIBUTIONS = {
     "categorical": CategoricalDistribution,
 }
 SCALARS = (bool, int, float, str, type(None))  # what a categorical choice may be
-
-
-class SearchError(UserError):
-    """The search's own input is wrong (flags, search file, storage); exit code 2 like a parse error."""
-
-    exit_code = 2
-
-
-class FitArgumentsError(UserError):
-    """The fit command line refused the arguments a trial would run with."""
-
-    exit_code = 2
 
 
 def load_search_space(path: Path) -> dict[str, BaseDistribution]:

@@ -11,7 +11,7 @@ import optuna
 from optuna.storages import JournalStorage, RDBStorage, RetryHeartbeatStaleTrialCallback
 from optuna.storages.journal import JournalFileBackend
 
-from fashion_lightning.errors import UserError
+from fashion_lightning.errors import UserError, first_line
 
 MAX_RETRIES = 2  # how often the parameters of a trial that was stopped or died are tried again
 
@@ -61,11 +61,6 @@ def open_storage(spec: str | None, default: Path) -> optuna.storages.BaseStorage
                     f"--storage {shown(spec)}: cannot open the study storage ({first})"
                 ) from None
             time.sleep(0.5 + attempt)
-
-
-def first_line(err: BaseException) -> str:
-    """A library error's first line (SQLAlchemy's messages run on with SQL and links)."""
-    return (str(err).strip().splitlines() or [type(err).__name__])[0]
 
 
 def shown(storage: str) -> str:

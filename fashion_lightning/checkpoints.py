@@ -1,0 +1,242 @@
+"""``--ckpt_path last``, ``best`` or a file: found, read once, checked, compared with the config.
+
+A checkpoint is data. It is read with ``torch.load(weights_only=True)`` (no pickled code), and
+the hyperparameters that LightningCLI would merge into the config may name only the classes
+that the model's arguments accept (:mod:`fashion_lightning.configs`), found among the modules
+already loaded: a crafted file is refused in one line before anything is built or run.
+
+Where runs keep their checkpoints follows Lightning: ``<save_dir>/<name>/version_N/checkpoints/``
+with the TensorBoard logger (``lightning_logs/version_N/checkpoints/`` by default),
+``<default_root_dir>/checkpoints/`` without a logger, or ``--checkpoint.dirpath``.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from fashion_lightning.configs import ACCEPTED_CLASSES, class_problem, flat
+from fashion_lightning.errors import CheckpointError
+
+LAST_CHECKPOINT = "last.ckpt"
+# ModelCheckpoint's names for the last checkpoint: last.ckpt, or last-v1.ckpt, last-v2.ckpt...
+# when a folder already holds another run's (several runs without a logger share a folder)
+LAST_CHECKPOINT_PATTERNS = ("last.ckpt", "last-v*.ckpt")
+# what LightningCLI itself writes into hyper_parameters (load_from_checkpoint's hook)
+LIGHTNING_INSTANTIATOR = "lightning.pytorch.cli.instantiate_module"
+
+
+@dataclass
+class Checkpoint:
+    """A checkpoint file and what it holds, read once."""
+
+    path: Path
+    contents: dict[str, Any]
+
+    @property
+    def hyper_parameters(self) -> dict[str, Any]:
+        """The model's arguments, without Lightning's bookkeeping key."""
+        found = dict(self.contents.get("hyper_parameters") or {})
+        found.pop("_instantiator", None)
+        return found
+
+    @property
+    def data_hyper_parameters(self) -> dict[str, Any]:
+        return dict(self.contents.get("datamodule_hyper_parameters") or {})
+
+    @property
+    def global_step(self) -> int:
+        return int(self.contents.get("global_step", 0))
+
+    def recorded_best(self) -> Path | None:
+        """The best checkpoint of this run as its checkpoint callback recorded it: the file, or
+        the file of that name next to this one if the run was moved."""
+        for key, state in (self.contents.get("callbacks") or {}).items():
+            if (
+                "Checkpoint" in str(key)
+                and isinstance(state, dict)
+                and state.get("best_model_path")
+            ):
+                recorded = Path(state["best_model_path"])
+                for candidate in (recorded, self.path.parent / recorded.name):
+                    if candidate.is_file():
+                        return candidate
+        return None
+
+
+def read_checkpoint(path: Path, option: str = "--ckpt_path") -> Checkpoint:
+    """Load the checkpoint at ``path``, checked to hold only what this project writes;
+    CheckpointError (one line naming ``option``) if it is missing, damaged or crafted."""
+    where = f"{option} {path}"
+    try:
+        exists, size = path.is_file(), path.stat().st_size if path.is_file() else 0
+    except OSError as err:  # a name too long, a folder that cannot be read
+        raise CheckpointError(f"{where}: cannot read it ({err.strerror or err})") from None
+    if not exists:
+        raise CheckpointError(
+            f"{where}: no such file. Runs keep theirs in lightning_logs/version_N/"
+            "checkpoints/; --ckpt_path last takes the newest"
+        )
+    if size == 0:
+        raise CheckpointError(f"{where}: the file is empty; pick another checkpoint")
+    try:
+        contents = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # torch's unpickler: truncated, not a PyTorch file, a code object
+        raise CheckpointError(
+            f"{where}: not a readable checkpoint, truncated or not a PyTorch file "
+            f"({type(err).__name__}); pick another checkpoint"
+        ) from None
+    if not isinstance(contents, dict) or not isinstance(contents.get("state_dict"), dict):
+        raise CheckpointError(f"{where}: not a Lightning checkpoint (no state_dict)")
+    checkpoint = Checkpoint(path, contents)
+    _check_named_classes(checkpoint, where)
+    return checkpoint
+
+
+def _check_named_classes(checkpoint: Checkpoint, where: str) -> None:
+    """Refuse hyperparameters that would make LightningCLI import or call anything but an
+    accepted optimizer or scheduler class: checked before any of it is parsed."""
+    raw = checkpoint.contents.get("hyper_parameters") or {}
+    if not isinstance(raw, dict):
+        raise CheckpointError(f"{where}: hyper_parameters is not a mapping; not this project's")
+    instantiator = raw.get("_instantiator")
+    if instantiator not in (None, LIGHTNING_INSTANTIATOR):
+        raise CheckpointError(
+            f"{where}: hyper_parameters._instantiator names {instantiator!r}, which this project "
+            "never writes; refusing a crafted checkpoint (nothing was run)"
+        )
+    if "_class_path" in raw:  # LightningCLI would build the model from the class it names
+        raise CheckpointError(
+            f"{where}: hyper_parameters._class_path names {raw['_class_path']!r} to build the "
+            "model with, which this project never writes; refusing a crafted checkpoint "
+            "(nothing was run)"
+        )
+    for key, value in checkpoint.hyper_parameters.items():
+        problem = None
+        if key in ACCEPTED_CLASSES:
+            problem = class_problem(key, value)
+        elif not _plain(value):
+            problem = "it is not a plain value, and this argument takes one"
+        if problem:
+            raise CheckpointError(
+                f"{where}: hyper_parameters.{key}: {problem}; refusing a crafted or foreign "
+                "checkpoint (nothing was run)"
+            )
+
+
+def _plain(value: Any) -> bool:
+    return value is None or isinstance(value, (bool, int, float, str))
+
+
+def check_fits(checkpoint: Checkpoint, model: torch.nn.Module) -> None:
+    """CheckpointError unless the checkpoint's weights have the names and shapes of ``model``'s."""
+    expected = {name: tuple(t.shape) for name, t in model.state_dict().items()}
+    found = {
+        name: tuple(getattr(t, "shape", ()))
+        for name, t in checkpoint.contents["state_dict"].items()
+    }
+    if found != expected:
+        differing = sorted(set(expected.items()) ^ set(found.items()))[:3]
+        raise CheckpointError(
+            f"--ckpt_path {checkpoint.path}: a checkpoint of another model (differs in "
+            f"{', '.join(f'{name} {shape}' for name, shape in differing)}); "
+            "pass a checkpoint that this project's fit wrote"
+        )
+
+
+def differences(group: str, recorded: dict[str, Any], asked: dict[str, Any]) -> list[str]:
+    """``"model.hidden_size 512 (asked: 256)"`` for each value of ``asked`` that differs from
+    the checkpoint's ``recorded`` one; a class (optimizer, scheduler) counts as one value when
+    it is set on one side only."""
+    shown = []
+    for key in recorded.keys() | asked.keys():
+        mine, theirs = recorded.get(key), asked.get(key)
+        if mine == theirs:
+            continue
+        if isinstance(mine, dict) and isinstance(theirs, dict):
+            ours, others = flat(mine, prefix=key), flat(theirs, prefix=key)
+            leaves = sorted(k for k in ours.keys() | others.keys() if ours.get(k) != others.get(k))
+            shown += [
+                f"{group}.{k} {_shown(ours.get(k))} (asked: {_shown(others.get(k))})"
+                for k in leaves
+            ]
+        else:
+            shown.append(f"{group}.{key} {_shown(mine)} (asked: {_shown(theirs)})")
+    return sorted(shown)
+
+
+def _shown(value: Any) -> str:
+    if isinstance(value, dict) and "class_path" in value:
+        return value["class_path"]
+    return "none" if value is None else str(value)
+
+
+def checkpoint_folders(
+    default_root_dir: str | None, logger: Any, checkpoint_dirpath: str | None
+) -> tuple[list[Path], str]:
+    """The folders where the runs of this config keep their checkpoints, from the parsed config,
+    and a phrase that says where that is (for messages).
+
+    ``logger`` is the config's ``trainer.logger``: ``None``/``True`` (the default logger),
+    ``False``, or a logger's ``class_path``/``init_args`` (or a list of them; the first counts).
+    """
+    if checkpoint_dirpath:
+        return [Path(checkpoint_dirpath)], str(checkpoint_dirpath)
+    root = Path(default_root_dir or os.getcwd())
+    if isinstance(logger, list):
+        logger = logger[0] if logger else False
+    if logger is False:
+        return [root / "checkpoints"], str(root / "checkpoints")
+    if logger is None or logger is True:
+        runs = root / "lightning_logs"
+    else:
+        init_args = getattr(logger, "init_args", None) or {}
+        save_dir = getattr(init_args, "save_dir", None)
+        if save_dir is None:
+            raise CheckpointError(
+                f"cannot tell where a {getattr(logger, 'class_path', logger)} run keeps its "
+                "checkpoints; pass the checkpoint file to --ckpt_path"
+            )
+        runs = Path(save_dir) / getattr(init_args, "name", "lightning_logs")
+    return sorted(runs.glob("*/checkpoints")), str(runs)
+
+
+def newest_last_checkpoint(folders: list[Path]) -> Path | None:
+    """The most recently written last checkpoint in ``folders``, or None."""
+    found = [
+        path for folder in folders for p in LAST_CHECKPOINT_PATTERNS for path in folder.glob(p)
+    ]
+    found = [path for path in found if path.is_file()]
+    return max(found, key=lambda path: path.stat().st_mtime_ns, default=None)
+
+
+def find_checkpoint(ckpt_path: str, folders: list[Path], where: str) -> Checkpoint:
+    """The checkpoint ``--ckpt_path`` means, read: the file itself, or the newest run's last
+    (``last``) or its recorded best (``best``)."""
+    if ckpt_path not in ("last", "best"):
+        return read_checkpoint(Path(ckpt_path))
+    last = newest_last_checkpoint(folders)
+    if last is None and ckpt_path == "last":
+        raise CheckpointError(
+            f"--ckpt_path last: no last.ckpt under {where} to resume; "
+            "drop --ckpt_path to start a new run"
+        )
+    if last is None:
+        raise CheckpointError(
+            f"--ckpt_path best: no last.ckpt under {where} to find the best checkpoint "
+            "from; pass a checkpoint file to --ckpt_path"
+        )
+    newest = read_checkpoint(last, option=f"--ckpt_path {ckpt_path}: the newest run's")
+    if ckpt_path == "last":
+        return newest
+    best = newest.recorded_best()
+    if best is None:
+        raise CheckpointError(
+            f"--ckpt_path best: the newest run ({last.parent}) records no best checkpoint "
+            "that still exists; pass a checkpoint file to --ckpt_path"
+        )
+    return read_checkpoint(best, option="--ckpt_path best:")

@@ -1,0 +1,177 @@
+"""What a config may name and hold, wherever it comes from: a YAML file, the command line, a
+checkpoint's hyperparameters or a study's stored trial. Configs and checkpoints travel between
+people; they are data, and nothing in them may import or call code the project did not choose.
+
+- jsonargparse imports every ``class_path`` a value names and, for a callable argument such as
+  ``model.optimizer``, calls whatever it finds (``os.system`` included). Its import-path policy
+  (:func:`restrict_imports`) denies everything but the packages below, before any import.
+- ``model.optimizer`` must be an optimizer class and ``model.lr_scheduler`` a scheduler class
+  (:func:`check_class`): jsonargparse checks that only for classes, not for functions.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import sys
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+from jsonargparse import Namespace, set_parsing_settings
+
+from fashion_lightning.errors import ConfigError
+
+TRUSTED_IMPORTS_ENV = "FASHION_LIGHTNING_TRUSTED_IMPORTS"
+# what a config may name: optimizers and schedulers, Lightning's callbacks, loggers, profilers,
+# strategies and plugins, and the project's own logger
+ALLOWED_IMPORTS = (
+    "torch.optim",
+    "lightning.pytorch.accelerators",
+    "lightning.pytorch.callbacks",
+    "lightning.pytorch.loggers",
+    "lightning.pytorch.plugins",
+    "lightning.pytorch.profilers",
+    "lightning.pytorch.strategies",
+    "lightning.fabric.plugins",
+    "fashion_lightning.run_folders.RunFolderLogger",
+)
+# the class each callable argument of the model must be (or subclass)
+ACCEPTED_CLASSES: dict[str, tuple[type, ...]] = {
+    "optimizer": (torch.optim.Optimizer,),
+    "lr_scheduler": (
+        torch.optim.lr_scheduler.LRScheduler,
+        torch.optim.lr_scheduler.ReduceLROnPlateau,
+    ),
+}
+CONFIG_GROUPS = ("trainer", "model", "data", "checkpoint", "images")
+
+
+def trusted_imports() -> list[str]:
+    """The modules a user trusts for their own classes (callbacks...), from the environment:
+    a file someone hands over cannot set it."""
+    return [entry for entry in os.environ.get(TRUSTED_IMPORTS_ENV, "").split(",") if entry]
+
+
+def restrict_imports() -> None:
+    """Let values name only :data:`ALLOWED_IMPORTS` and the user's trusted modules."""
+    set_parsing_settings(
+        import_path_denylist=["*"], import_path_allowlist=[*ALLOWED_IMPORTS, *trusted_imports()]
+    )
+
+
+def refused_import(message: str) -> str | None:
+    """jsonargparse's refusal of an import, in this project's words (its own names a setting
+    of jsonargparse's); None for any other message."""
+    found = re.search(r"Importing '([^']+)' is not allowed", message)
+    if found is None:
+        return None
+    key = re.search(r'Parser key "([^"]+)"', message)
+    where = f'Parser key "{key.group(1)}": ' if key else ""
+    return (
+        f"{where}{found.group(1)!r} may not be named in a config: a config names optimizers "
+        "and schedulers of torch.optim, Lightning's callbacks, loggers, profilers, strategies "
+        f"and plugins; to use your own module, list it in {TRUSTED_IMPORTS_ENV}"
+    )
+
+
+def loaded_object(path: str) -> Any:
+    """The object a dotted path names, found among the modules already imported; None when the
+    path names nothing loaded. Never imports (an import runs the module's code)."""
+    parts = path.split(".")
+    for split in range(len(parts) - 1, 0, -1):
+        module = sys.modules.get(".".join(parts[:split]))
+        if module is None:
+            continue
+        found: Any = module
+        for name in parts[split:]:
+            found = getattr(found, name, None)
+        return found
+    return None
+
+
+def class_problem(key: str, value: Any) -> str | None:
+    """What is wrong with ``value`` as the model's callable argument ``key`` (``optimizer``,
+    ``lr_scheduler``), or None: it must name a loaded class of :data:`ACCEPTED_CLASSES`."""
+    if value is None:
+        return None
+    if isinstance(value, Namespace):
+        value = value.as_dict()
+    path = value.get("class_path") if isinstance(value, dict) else value
+    if not isinstance(path, str):
+        target = getattr(value, "func", value)  # jsonargparse hands a class over as a partial
+        path = f"{getattr(target, '__module__', '?')}.{getattr(target, '__qualname__', target)}"
+    found = loaded_object(path) if isinstance(path, str) and "." in path else None
+    if isinstance(found, type) and issubclass(found, ACCEPTED_CLASSES[key]):
+        return None
+    kind = "an optimizer class (torch.optim.SGD, ...)"
+    if key == "lr_scheduler":
+        kind = "a learning-rate scheduler class (torch.optim.lr_scheduler.OneCycleLR, ...)"
+    return f"{path!r} is not {kind}"
+
+
+def check_model_classes(model: Namespace | dict) -> None:
+    """ConfigError unless the model's optimizer and scheduler name accepted classes."""
+    for key in ACCEPTED_CLASSES:
+        problem = class_problem(key, model.get(key))
+        if problem:
+            raise ConfigError(f"--model.{key}: {problem}")
+
+
+def config_files(args: list[str]) -> list[Path]:
+    """The files that ``--config``/``-c`` name in a command line."""
+    files = []
+    for i, arg in enumerate(args):
+        if arg in ("--config", "-c") and i + 1 < len(args):
+            files.append(Path(args[i + 1]))
+        elif arg.startswith("--config="):
+            files.append(Path(arg.split("=", 1)[1]))
+    return files
+
+
+def config_file_problem(path: Path) -> str | None:
+    """What makes ``path`` unusable as a config that jsonargparse would only say vaguely."""
+    try:
+        content = yaml.safe_load(path.read_text())
+    except (OSError, yaml.YAMLError, UnicodeDecodeError):
+        return None  # missing files and YAML syntax errors get jsonargparse's own message
+    if content is None:
+        return "the file is empty (or only comments)"
+    if not isinstance(content, dict):
+        return f"it holds a {type(content).__name__}, not settings"
+    for group in CONFIG_GROUPS:
+        value = content.get(group)
+        if value is not None and not isinstance(value, dict):
+            return f"'{group}:' holds {value!r}, not settings"
+    return None
+
+
+def plain_numbers(config: Namespace) -> None:
+    """Turn jsonargparse's restricted numbers (``PositiveInt``...) in ``config`` into ``int`` and
+    ``float``: Lightning stores the model's arguments in checkpoints, and ``torch.load`` with
+    ``weights_only=True`` (Lightning's own, and ours) refuses any other class."""
+    for key, value in config.items():
+        if isinstance(value, int) and not isinstance(value, bool) and type(value) is not int:
+            config[key] = int(value)
+        elif isinstance(value, float) and type(value) is not float:
+            config[key] = float(value)
+        elif isinstance(value, list):
+            for item in value:
+                if isinstance(item, Namespace):
+                    plain_numbers(item)
+
+
+def flat(config: Any, skip: tuple[str, ...] = (), prefix: str = "") -> dict[str, Any]:
+    """``{"model.optimizer.init_args.lr": 0.001, ...}``: a config's leaves under their dotted
+    keys, without the branches named in ``skip``."""
+    if isinstance(config, Namespace):
+        config = config.as_dict()
+    if prefix in skip:
+        return {}
+    if not isinstance(config, dict):
+        return {prefix: config}
+    leaves = {}
+    for key, value in config.items():
+        leaves.update(flat(value, skip, f"{prefix}.{key}" if prefix else str(key)))
+    return leaves

@@ -1,0 +1,22 @@
+"""Facts about FashionMNIST that several modules need: its image size, classes and pixels."""
+
+IMAGE_SIZE = 28  # pixels on each side
+# the labels 0-9, in order (torchvision's FashionMNIST.classes)
+CLASS_NAMES = (
+    "T-shirt/top",
+    "Trouser",
+    "Pullover",
+    "Dress",
+    "Coat",
+    "Sandal",
+    "Shirt",
+    "Sneaker",
+    "Bag",
+    "Ankle boot",
+)
+NUM_CLASSES = len(CLASS_NAMES)
+# class names as parts of TensorBoard tags ("T-shirt/top" would open another tag level)
+CLASS_TAGS = tuple(name.replace("/", "_") for name in CLASS_NAMES)
+TRAINING_IMAGES = 60000
+# FashionMNIST's 60k training images, pixels in [0, 1]: their mean and standard deviation
+PIXEL_MEAN, PIXEL_STD = 0.2860, 0.3530

@@ -1,0 +1,148 @@
+"""A run's folder: each new run claims its own, a resumed run continues its own, and each
+command's config is kept there without overwriting another's.
+
+Lightning's loggers pick ``version_N`` by listing the folder, so runs started together can
+pick the same one and mix their logs and checkpoints. Here the folder is created with
+``mkdir``, which fails if another process got there first, and then the next number is tried.
+"""
+
+from __future__ import annotations
+
+import csv
+import os
+import warnings
+from pathlib import Path
+from typing import Any
+
+from lightning.fabric.plugins.environments import SLURMEnvironment
+from lightning.pytorch.cli import SaveConfigCallback
+from lightning.pytorch.loggers import CSVLogger, Logger, TensorBoardLogger
+from lightning.pytorch.utilities.rank_zero import rank_zero_only
+
+from fashion_lightning.files import atomic_write, claim_file
+
+
+def claim_version(folder: Path) -> int:
+    """The lowest free ``version_N`` in ``folder``, created (and so claimed) by this process."""
+    folder.mkdir(parents=True, exist_ok=True)
+    taken = [
+        int(p.name.removeprefix("version_"))
+        for p in folder.glob("version_*")
+        if p.name.removeprefix("version_").isdigit()
+    ]
+    version = max(taken, default=-1) + 1
+    while True:
+        try:
+            (folder / f"version_{version}").mkdir()
+            return version
+        except FileExistsError:
+            version += 1
+
+
+class RunFolderLogger(TensorBoardLogger):
+    """Lightning's TensorBoardLogger, except that a new run claims its ``version_N`` atomically
+    and the ``epoch`` counter is not written.
+
+    This is the project's default logger, and a ``TensorBoardLogger`` named in a config is
+    swapped for it; its arguments are TensorBoardLogger's. The folder is claimed when the run
+    first asks for it (not when the logger is built: a command refused before it runs
+    leaves nothing behind).
+    """
+
+    def __init__(
+        self,
+        save_dir: str | os.PathLike,
+        name: str | None = "lightning_logs",
+        version: int | str | None = None,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(save_dir, name=name, version=version, **kwargs)
+        # only process 0 writes; the other DDP processes take its folder (Lightning broadcasts it)
+        self._claims = version is None and rank_zero_only.rank == 0 and "://" not in str(save_dir)
+        self.claimed: Path | None = None  # the folder this logger created, while it may be unused
+
+    @property
+    def version(self) -> int | str:
+        if self._claims and self.claimed is None:
+            folder = Path(self.root_dir)
+            self.claimed = folder / f"version_{claim_version(folder)}"
+        if self.claimed is not None:
+            return int(self.claimed.name.removeprefix("version_"))
+        return super().version
+
+    @rank_zero_only
+    def log_metrics(self, metrics: dict[str, Any], step: int | None = None) -> None:
+        # Lightning adds the epoch number to every write: in TensorBoard a staircase that sorts
+        # first among the charts and can't serve as an x-axis; the steps already order the run
+        super().log_metrics({k: v for k, v in metrics.items() if k != "epoch"}, step)
+
+    def release_unused_folder(self) -> None:
+        """Remove the claimed folder if nothing was written into it: a command that fails
+        before writing anything gives its folder back."""
+        claimed = self.claimed
+        if claimed is not None and claimed.is_dir() and not any(claimed.iterdir()):
+            claimed.rmdir()
+
+
+def default_logger(save_dir: str | os.PathLike) -> RunFolderLogger:
+    """The logger a run gets when the config names none (Lightning's default, claimed atomically)."""
+    return RunFolderLogger(save_dir=save_dir, version=SLURMEnvironment.job_id())
+
+
+def continued_logger(logger: Logger | None, run_dir: Path, last_step: int) -> Logger | None:
+    """A logger like ``logger`` that writes into an earlier run's folder ``run_dir`` (a resumed
+    run), or None when ``logger`` does not keep its runs where ``run_dir`` is.
+
+    In TensorBoard what that run logged after ``last_step`` is hidden (``purge_step``), so that
+    no step appears twice; a CSV log keeps its rows up to ``last_step``.
+    """
+    if not isinstance(logger, (TensorBoardLogger, CSVLogger)):
+        return None
+    if run_dir.parent.resolve() != Path(logger.root_dir).resolve():
+        return None
+    common = {"save_dir": logger.save_dir, "name": logger.name, "version": run_dir.name}
+    if isinstance(logger, TensorBoardLogger):
+        cls = type(logger) if isinstance(logger, RunFolderLogger) else RunFolderLogger
+        return cls(**common, purge_step=last_step + 1)
+    metrics = run_dir / "metrics.csv"
+    columns, rows = _csv_rows_until(metrics, last_step)
+    continued = type(logger)(**common)
+    with warnings.catch_warnings():
+        # Lightning's CSV writer deletes the folder's metrics.csv when it starts ("Previous log
+        # files ... will be deleted"): the rows up to the checkpoint are written back
+        warnings.filterwarnings("ignore", message="Experiment logs directory")
+        writer = continued.experiment
+    if rows:
+        with atomic_write(metrics, "w", newline="") as f:
+            table = csv.DictWriter(f, fieldnames=columns)
+            table.writeheader()
+            table.writerows(rows)
+        # it also starts with no columns, and would rewrite the file with its new ones only
+        writer.metrics_keys[:] = columns
+    return continued
+
+
+def _csv_rows_until(path: Path, last_step: int) -> tuple[list[str], list[dict[str, str]]]:
+    """A CSV log's columns (sorted, as Lightning writes them) and its rows up to ``last_step``:
+    what a stopped run logged after its checkpoint is trained again."""
+    if not path.is_file():
+        return [], []
+    with path.open(newline="") as f:
+        reader = csv.DictReader(f)
+        rows = [row for row in reader if not row.get("step") or float(row["step"]) <= last_step]
+        return sorted(reader.fieldnames or []), rows
+
+
+class SaveRunConfig(SaveConfigCallback):
+    """Saves the config into the run folder as ``config.yaml``, or ``config-2.yaml`` and so on
+    when one is there already (a resumed run, a pinned logger version, several runs without a
+    logger), so a second run never fails and never overwrites another run's record. The name
+    is claimed by creating the file exclusively, so runs that start together get one each."""
+
+    def setup(self, trainer, pl_module, stage: str) -> None:
+        if not self.already_saved:
+            log_dir = trainer.log_dir  # a collective call under DDP: every rank makes it once
+            name = claim_file(Path(log_dir), "config", ".yaml") if trainer.is_global_zero else None
+            self.config_filename = trainer.strategy.broadcast(name)
+            self.overwrite = True  # the file is the empty one claimed above
+        super().setup(trainer, pl_module, stage)

@@ -1,0 +1,250 @@
+"""Files a user is handed are data: a crafted checkpoint, config or search file never imports or
+runs code, and is refused in one line before anything is built or written."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+import torch
+import yaml
+
+from tests.helpers import ROOT, SGD_CONFIG, fit_args, last_line, run_cli
+
+pytestmark = pytest.mark.slow  # real processes, each one a command a user runs
+
+TINY = (
+    "--trainer.max_epochs=1",
+    "--trainer.limit_train_batches=3",
+    "--trainer.limit_val_batches=2",
+    "--trainer.limit_test_batches=2",
+)
+
+
+@pytest.fixture(scope="module")
+def good_checkpoint(data_dir, tmp_path_factory):
+    from fashion_lightning.cli import main
+
+    root = tmp_path_factory.mktemp("good")
+    main(fit_args(data_dir, root, *TINY))
+    return root / "lightning_logs" / "version_0" / "checkpoints" / "last.ckpt"
+
+
+def _crafted(good_checkpoint, path, **hyper_parameters):
+    """A real checkpoint of this project whose hyper_parameters were altered as an attacker would."""
+    checkpoint = torch.load(good_checkpoint, weights_only=True)
+    checkpoint["hyper_parameters"].update(hyper_parameters)
+    torch.save(checkpoint, path)
+    return path
+
+
+def _shell(marker) -> dict:
+    return {"class_path": "os.system", "init_args": {"command": f"touch {marker}"}}
+
+
+def _evil_module(folder, marker):
+    """A module whose import alone would leave a marker file: importing it runs its code."""
+    (folder / "evil_module.py").write_text(
+        f"import pathlib\npathlib.Path({str(marker)!r}).touch()\n"
+        "from lightning.pytorch.callbacks import Callback\n"
+        "class Quiet(Callback):\n    pass\n"
+    )
+
+
+@pytest.mark.parametrize("subcommand", ["validate", "test", "predict", "fit"])
+@pytest.mark.parametrize("key", ["optimizer", "lr_scheduler"])
+def test_a_checkpoint_that_names_a_shell_command_is_refused_before_anything_runs(
+    subcommand, key, good_checkpoint, data_dir, tmp_path
+):
+    marker = tmp_path / "ran"
+    crafted = _crafted(good_checkpoint, tmp_path / "crafted.ckpt", **{key: _shell(marker)})
+    result = run_cli(
+        subcommand, *fit_args(data_dir, tmp_path / "runs", *TINY)[1:], f"--ckpt_path={crafted}"
+    )
+    assert result.returncode == 1, result.stderr[-2000:]
+    assert last_line(result.stderr).startswith(
+        f"error: --ckpt_path {crafted}: hyper_parameters.{key}: 'os.system' is not "
+    )
+    assert "Traceback" not in result.stderr
+    assert not marker.exists()
+    assert not (tmp_path / "runs").exists()  # nothing was written
+
+
+@pytest.mark.parametrize(
+    ("hyper_parameters", "phrase"),
+    [
+        ({"_instantiator": "os.system"}, "hyper_parameters._instantiator names 'os.system'"),
+        ({"_class_path": "os.system"}, "hyper_parameters._class_path names 'os.system'"),
+        ({"optimizer": "evil_module.Quiet"}, "hyper_parameters.optimizer: 'evil_module.Quiet'"),
+        (
+            {"hidden_size": {"class_path": "evil_module.Quiet"}},
+            "hyper_parameters.hidden_size: it is not a plain value",
+        ),
+    ],
+    ids=["instantiator", "class-path", "unloaded-module", "nested"],
+)
+def test_a_crafted_checkpoint_imports_nothing(
+    hyper_parameters, phrase, good_checkpoint, data_dir, tmp_path
+):
+    marker = tmp_path / "imported"
+    _evil_module(tmp_path, marker)
+    crafted = _crafted(good_checkpoint, tmp_path / "crafted.ckpt", **hyper_parameters)
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "fashion_lightning",
+            "test",
+            *fit_args(data_dir, tmp_path / "runs", *TINY)[1:],
+            f"--ckpt_path={crafted}",
+        ],
+        cwd=tmp_path,  # evil_module.py would be importable from here
+        env={**__import__("os").environ, "PYTHONPATH": str(ROOT)},
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode == 1, result.stderr[-2000:]
+    assert phrase in last_line(result.stderr)
+    assert not marker.exists()
+
+
+@pytest.mark.parametrize("subcommand", ["fit", "test"])
+def test_best_with_a_damaged_or_crafted_last_checkpoint_is_one_line(
+    subcommand, good_checkpoint, data_dir, tmp_path
+):
+    folder = tmp_path / "lightning_logs" / "version_0" / "checkpoints"
+    folder.mkdir(parents=True)
+    for content, phrase in (
+        (b"", "the file is empty"),
+        (good_checkpoint.read_bytes()[:50_000], "not a readable checkpoint"),
+    ):
+        (folder / "last.ckpt").write_bytes(content)
+        result = run_cli(subcommand, *fit_args(data_dir, tmp_path, *TINY)[1:], "--ckpt_path=best")
+        assert result.returncode == 1, result.stderr[-2000:]
+        line = last_line(result.stderr)
+        assert line.startswith("error: --ckpt_path best: the newest run's ") and phrase in line
+    marker = tmp_path / "ran"
+    _crafted(good_checkpoint, folder / "last.ckpt", optimizer=_shell(marker))
+    result = run_cli(subcommand, *fit_args(data_dir, tmp_path, *TINY)[1:], "--ckpt_path=best")
+    assert result.returncode == 1 and "hyper_parameters.optimizer" in last_line(result.stderr)
+    assert not marker.exists()
+
+
+def _config(tmp_path, model: dict, trainer: dict | None = None):
+    path = tmp_path / "handed.yaml"
+    path.write_text(yaml.safe_dump({"model": model, "trainer": trainer or {}}))
+    return path
+
+
+@pytest.mark.parametrize(
+    ("model", "phrase"),
+    [
+        ({"optimizer": {"class_path": "os.system", "init_args": {"command": "touch {m}"}}}, "os"),
+        (
+            {"lr_scheduler": {"class_path": "os.system", "init_args": {"command": "touch {m}"}}},
+            "os",
+        ),
+        ({"optimizer": {"class_path": "evil_module.Quiet"}}, "evil_module"),
+        (
+            {"optimizer": {"class_path": "torch.optim.swa_utils.get_ema_avg_fn"}},
+            "is not an optimizer class",
+        ),
+        (
+            {"lr_scheduler": {"class_path": "torch.optim.SGD", "init_args": {"lr": 0.1}}},
+            "Expected 'torch.optim.SGD' to be a subclass of",
+        ),
+    ],
+    ids=["optimizer-shell", "scheduler-shell", "import", "a-function", "an-optimizer-as-scheduler"],
+)
+def test_a_config_may_name_optimizer_and_scheduler_classes_only(model, phrase, data_dir, tmp_path):
+    marker = tmp_path / "ran"
+    model = yaml.safe_load(yaml.safe_dump(model).replace("{m}", str(marker)))
+    _evil_module(tmp_path, tmp_path / "imported")
+    config = _config(tmp_path, model)
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "fashion_lightning",
+            *fit_args(data_dir, tmp_path / "runs", *TINY),
+            "--config",
+            str(config),
+        ],
+        cwd=tmp_path,
+        env={**__import__("os").environ, "PYTHONPATH": str(ROOT)},
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode == 2, result.stderr[-2000:]
+    line = last_line(result.stderr)
+    assert line.startswith("error: ") and phrase in line, line
+    assert "Traceback" not in result.stderr
+    assert not marker.exists() and not (tmp_path / "imported").exists()
+    assert not (tmp_path / "runs").exists()
+
+
+def test_a_config_may_not_import_a_module_the_user_did_not_trust(data_dir, tmp_path):
+    marker = tmp_path / "imported"
+    _evil_module(tmp_path, marker)
+    config = _config(tmp_path, {}, {"callbacks": [{"class_path": "evil_module.Quiet"}]})
+    args = [
+        sys.executable,
+        "-m",
+        "fashion_lightning",
+        *fit_args(data_dir, tmp_path / "runs", *TINY),
+    ]
+    env = {**__import__("os").environ, "PYTHONPATH": str(ROOT)}
+    env.pop("FASHION_LIGHTNING_TRUSTED_IMPORTS", None)
+    refused = subprocess.run(
+        [*args, "--config", str(config)], cwd=tmp_path, env=env, capture_output=True, text=True
+    )
+    assert refused.returncode == 2, refused.stderr[-2000:]
+    assert "evil_module" in last_line(refused.stderr) and not marker.exists()
+    # the user's own module, trusted by the user's environment (a file cannot set it)
+    env["FASHION_LIGHTNING_TRUSTED_IMPORTS"] = "evil_module"
+    trusted = subprocess.run(
+        [*args, "--config", str(config)], cwd=tmp_path, env=env, capture_output=True, text=True
+    )
+    assert trusted.returncode == 0, trusted.stderr[-2000:]
+    assert marker.exists()
+
+
+def test_todays_configs_name_only_allowed_classes():
+    from fashion_lightning.configs import check_model_classes
+
+    for path in sorted((ROOT / "configs").glob("*.yaml")):
+        model = yaml.safe_load(path.read_text()).get("model") or {}
+        check_model_classes(model)  # raises for a class the project does not accept
+
+
+def test_a_search_file_may_not_name_a_command(data_dir, tmp_path):
+    marker = tmp_path / "ran"
+    search = tmp_path / "space.yaml"
+    search.write_text(
+        yaml.safe_dump({"model.optimizer": {"type": "categorical", "choices": ["os.system"]}})
+    )
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "fashion_lightning.tune",
+            "--config",
+            str(SGD_CONFIG),
+            "--search",
+            str(search),
+            "--trials=1",
+            f"--data.data_dir={data_dir}",
+            f"--trainer.default_root_dir={tmp_path}",
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode == 2, result.stderr[-2000:]
+    assert "model.optimizer" in last_line(result.stderr)
+    assert not marker.exists()
+    assert not list(tmp_path.rglob("trial_*"))
