@@ -48,6 +48,11 @@ TUTORIAL_EPOCH_IMAGES = 60000
 # project variants: extra arguments for the project's fit
 PROJECT_VARIANTS = {
     "project": [],
+    "project-k1": ["--model.steps_per_call=1"],
+    "project-k4": ["--model.steps_per_call=4"],
+    "project-k8": ["--model.steps_per_call=8"],
+    "project-k16": ["--model.steps_per_call=16"],
+    "project-k32": ["--model.steps_per_call=32"],
     "project-bf16": ["--trainer.precision=bf16-mixed"],
     "project-compile": ["--model.compile=true"],
     "project-no-bar": ["--trainer.enable_progress_bar=false"],
@@ -217,8 +222,9 @@ class LossRecorder(Callback):
         self.total, self.steps = 0.0, 0
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
-        self.total = self.total + outputs["loss"].detach()
-        self.steps += 1
+        losses = outputs["losses"] if "losses" in outputs else outputs["loss"].detach()[None]
+        self.total = self.total + losses.sum()
+        self.steps += len(losses)
 
     def on_train_epoch_end(self, trainer, pl_module):
         RESULT["last_epoch_loss"] = float(self.total) / self.steps
@@ -226,6 +232,8 @@ class LossRecorder(Callback):
 
 def run_project(epochs: int, device: str, extra: list[str]) -> dict:
     from fashion_lightning.cli import main
+
+    os.environ["FASHION_LIGHTNING_TRUSTED_IMPORTS"] = "__main__"  # this script's timers
 
     with tempfile.TemporaryDirectory() as root, open(os.devnull, "w") as devnull:
         with contextlib.redirect_stdout(devnull), contextlib.redirect_stderr(devnull):

@@ -22,7 +22,6 @@ from lightning.pytorch.callbacks import (
     Callback,
     ProgressBar,
     StochasticWeightAveraging,
-    TQDMProgressBar,
 )
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.loggers import Logger
@@ -57,8 +56,9 @@ from fashion_lightning.errors import (
     write_failure,
 )
 from fashion_lightning.files import ensure_writable_dir
-from fashion_lightning.model import ImageClassifier
+from fashion_lightning.model import LOOP_KEY, ImageClassifier
 from fashion_lightning.predict import PredictionWriter
+from fashion_lightning.progress import StepProgressBar
 from fashion_lightning.resume import ResumableCheckpointIO, ResumableTraining, RunCheckpoint
 from fashion_lightning.run_folders import (
     RunFolderLogger,
@@ -68,13 +68,14 @@ from fashion_lightning.run_folders import (
 )
 from fashion_lightning.visuals import ClassificationImages, HParamsSummary
 
+# model arguments that change how fast a run goes, not what it computes: a resume may change them
+SPEED_ONLY = ("steps_per_call",)
 PLAIN_TENSORBOARD = (
     "lightning.pytorch.loggers.TensorBoardLogger",
     "lightning.pytorch.loggers.tensorboard.TensorBoardLogger",
 )
 # the data values that decide which images a run trains on, in which order: fixed on resume
 TRAINING_ORDER = ("batch_size", "seed", "val_size")
-PROGRESS_BAR_REFRESH_RATE = 10  # batches between redraws of the default progress bar
 
 # The project's ResumableTraining makes a mid-epoch resume exact; Lightning cannot see that.
 warnings.filterwarnings("ignore", message="You're resuming from a checkpoint that ended before")
@@ -172,6 +173,8 @@ class FashionCLI(LightningCLI):
         self.asked_ckpt_path = config.ckpt_path
         asked = config.model.as_dict()
         recorded = checkpoint.hyper_parameters
+        for key in SPEED_ONLY:  # how fast the run goes, not what it computes: the asked value
+            recorded.pop(key, None)
         unknown = sorted(recorded.keys() - asked.keys())
         if unknown:
             raise CheckpointError(
@@ -254,8 +257,7 @@ class FashionCLI(LightningCLI):
         if config.get("enable_progress_bar") is not False and not any(
             isinstance(c, ProgressBar) for c in callbacks
         ):
-            # Lightning's default redraws after every step: up to 10% of this model's epoch
-            extra.append(TQDMProgressBar(refresh_rate=PROGRESS_BAR_REFRESH_RATE))
+            extra.append(StepProgressBar())
         kwargs["callbacks"] = [*callbacks, *extra]
         plugins = _as_list(config.get("plugins"))
         if not any(isinstance(p, CheckpointIO) for p in plugins):
@@ -264,7 +266,10 @@ class FashionCLI(LightningCLI):
                 checkpoint_io.preload(self.checkpoint.path, self.checkpoint.contents)
             plugins.append(checkpoint_io)
         kwargs["plugins"] = plugins
-        return super().instantiate_trainer(**kwargs)
+        trainer = super().instantiate_trainer(**kwargs)
+        if self.subcommand == "fit":
+            self._choose_training_loop(trainer)
+        return trainer
 
     def _logger(self, config: dict[str, Any]) -> Logger | None:
         """The logger this run writes with, when it is not simply the configured one: the
@@ -284,6 +289,44 @@ class FashionCLI(LightningCLI):
                 return continued
             return base if default else None
         return default_logger(root) if default else None
+
+    def _choose_training_loop(self, trainer: Trainer) -> None:
+        """Train in the project's loop of optimizer steps (the model's manual optimization,
+        ``model.steps_per_call`` steps a call), unless the run needs Lightning's (gradient
+        accumulation or clipping) or began in it. Where several steps a call cannot give the
+        same run as one, this run makes one, and says so: the value changes the speed, never
+        the result."""
+        model = self.model
+        asked = model.steps_per_call
+        lightning = trainer.accumulate_grad_batches > 1 or bool(trainer.gradient_clip_val)
+        steps, why = asked, ""
+        recorded = None if self.checkpoint is None else self.checkpoint.contents.get(LOOP_KEY)
+        if self.checkpoint is not None and recorded is None:
+            lightning, why = True, "the run began in Lightning's loop (an earlier version)"
+        elif recorded is not None and (recorded == "lightning") != lightning:
+            raise CheckpointError(
+                f"--ckpt_path {self.checkpoint.path}: the run was trained "
+                f"{'with' if recorded == 'lightning' else 'without'} gradient accumulation or "
+                "clipping, this command would train the other way; resume with its own config"
+            )
+        if lightning:
+            steps, why = 1, why or "gradient accumulation and clipping are Lightning's"
+        elif not _validates_at_epoch_ends_only(trainer):
+            steps, why = 1, "a validation within an epoch comes after a batch, not a call"
+        elif isinstance(trainer.limit_train_batches, float) and trainer.limit_train_batches < 1:
+            steps, why = 1, "--trainer.limit_train_batches is a fraction of the calls"
+        elif self.checkpoint is not None:
+            stopped_with = _stopped_mid_epoch_with(self.checkpoint)
+            if stopped_with is not None and stopped_with != asked:
+                steps, why = stopped_with, "the stopped epoch continues as it began"
+        if steps != asked:
+            print(
+                f"note: --model.steps_per_call {asked}: this run makes {steps} optimizer "
+                f"step{'s' if steps > 1 else ''} a call ({why}); the result is the same",
+                file=sys.stderr,
+            )
+        model.steps_per_call = steps
+        model.automatic_optimization = lightning
 
     def _resuming_last(self) -> bool:
         return self.asked_ckpt_path == "last"
@@ -372,11 +415,11 @@ class FashionCLI(LightningCLI):
                     warnings.filterwarnings("ignore", message="The dirpath has changed from")
                 method(**kwargs)
         except Exception as err:
-            if isinstance(self.trainer.logger, RunFolderLogger):
-                self.trainer.logger.release_unused_folder()
             failure = write_failure(
                 err, f"the run outputs in {self.trainer.log_dir}", self._what_is_kept()
             )
+            if isinstance(self.trainer.logger, RunFolderLogger):  # after log_dir: it claims one
+                self.trainer.logger.release_unused_folder()
             if failure is None:
                 raise
             raise failure from err
@@ -411,6 +454,22 @@ class FashionCLI(LightningCLI):
             print(f"Testing the best checkpoint {best}", file=sys.stderr)
             self.model.load_state_dict(read_checkpoint(Path(best)).contents["state_dict"])
         self.test(model=self.model, datamodule=self.datamodule)
+
+
+def _validates_at_epoch_ends_only(trainer: Trainer) -> bool:
+    interval = trainer.val_check_interval  # a float is a share of the epoch, an int batches
+    at_ends = isinstance(interval, float) and interval == 1.0
+    return at_ends and trainer.check_val_every_n_epoch is not None
+
+
+def _stopped_mid_epoch_with(checkpoint: Checkpoint) -> int | None:
+    """The ``steps_per_call`` of a run stopped in the middle of an epoch (Lightning counts a
+    resumed epoch in calls), or None."""
+    state = (checkpoint.contents.get("callbacks") or {}).get("ResumableTraining") or {}
+    done = state.get("images_done") or state.get("batches_done")
+    if state.get("epoch_finished", True) or not done:
+        return None
+    return checkpoint.contents.get("hyper_parameters", {}).get("steps_per_call", 1)
 
 
 def _as_list(value: Any) -> list:

@@ -67,9 +67,11 @@ class EpochShuffleSampler(Sampler[int]):
     so a resumed run would shuffle differently. Lightning calls ``set_epoch`` each epoch.
     """
 
-    def __init__(self, size: int, seed: int) -> None:
+    def __init__(self, size: int, seed: int, length: int | None = None) -> None:
+        """``length``: how many of the ``size`` indices an epoch yields (all by default)."""
         self.size = size
         self.seed = seed
+        self.length = size if length is None else min(length, size)
         self.epoch = 0
         self._resume: tuple[int, int] | None = None  # (epoch, position) of a mid-epoch resume
 
@@ -81,12 +83,13 @@ class EpochShuffleSampler(Sampler[int]):
         self._resume = (epoch, start)
 
     def __len__(self) -> int:
-        return self.size
+        return self.length
 
     def __iter__(self):
         start = self._resume[1] if self._resume and self._resume[0] == self.epoch else 0
         generator = torch.Generator().manual_seed((self.seed + self.epoch) % 2**64)
-        return iter(torch.randperm(self.size, generator=generator)[start:].tolist())
+        order = torch.randperm(self.size, generator=generator)[: self.length]
+        return iter(order[start:].tolist())
 
 
 class EvaluationShareSampler(DistributedSampler):
@@ -236,14 +239,16 @@ class FashionMNISTDataModule(L.LightningDataModule):
         if stage == "predict":
             self.predict_set = self.test_set
 
-    def _loader(self, dataset: InMemoryImages, sampler: Sampler | None = None) -> DataLoader:
+    def _loader(
+        self, dataset: InMemoryImages, sampler: Sampler | None = None, batches_per_item: int = 1
+    ) -> DataLoader:
         training = sampler is not None
         if not training and self.trainer is not None and self.trainer.world_size > 1:
             trainer = self.trainer
             sampler = EvaluationShareSampler(dataset, trainer.global_rank, trainer.world_size)
         return DataLoader(
             dataset,
-            batch_size=self.batch_size if training else self.eval_batch_size,
+            batch_size=self.batch_size * batches_per_item if training else self.eval_batch_size,
             sampler=sampler,
             collate_fn=keep_batch,
             num_workers=self.num_workers,
@@ -253,18 +258,40 @@ class FashionMNISTDataModule(L.LightningDataModule):
             generator=torch.Generator().manual_seed(self.seed),
         )
 
-    def continue_order(self, epoch: int, batches_done: int) -> None:
-        """Make training continue epoch ``epoch``'s order after ``batches_done`` batches (a
+    def continue_order(self, epoch: int, images_done: int) -> None:
+        """Make training continue epoch ``epoch``'s order after ``images_done`` images (a
         resumed run); called before the train loader is made."""
-        self._continue_at = (epoch, batches_done)
+        self._continue_at = (epoch, images_done)
+
+    def _steps_per_call(self) -> int:
+        """Batches in one call of the model's ``training_step`` (its ``steps_per_call``)."""
+        module = self.trainer.lightning_module if self.trainer is not None else None
+        return getattr(module, "steps_per_call", 1)
+
+    def training_batches(self) -> int:
+        """Batches (optimizer steps) in one training epoch of one process,
+        ``limit_train_batches`` applied."""
+        processes = self.trainer.world_size if self.trainer is not None else 1
+        images = -(-len(self.train_set) // processes)  # DDP's shares: equal, the last padded
+        batches = -(-images // self.batch_size)
+        limit = self.trainer.limit_train_batches if self.trainer is not None else 1.0
+        if isinstance(limit, int):
+            return min(batches, limit)
+        return int(batches * limit) if limit < 1 else batches
 
     def train_dataloader(self) -> DataLoader:
-        sampler = EpochShuffleSampler(len(self.train_set), self.seed)
+        steps_per_call = self._steps_per_call()
+        length = None
+        if steps_per_call > 1:
+            # Lightning counts --trainer.limit_train_batches in calls, which here hold several
+            # batches each: the order itself stops after that many batches
+            length = self.training_batches() * self.batch_size * self.trainer.world_size
+        sampler = EpochShuffleSampler(len(self.train_set), self.seed, length)
         epoch, done = self._continue_at
         sampler.set_epoch(epoch)  # Lightning sets it too, but only after its first iterator
         if done:
-            sampler.resume_within_epoch(epoch, done * self.batch_size)
-        return self._loader(self.train_set, sampler)
+            sampler.resume_within_epoch(epoch, done)
+        return self._loader(self.train_set, sampler, batches_per_item=steps_per_call)
 
     def val_dataloader(self) -> DataLoader:
         return self._loader(self.val_set)
@@ -282,9 +309,25 @@ class FashionMNISTDataModule(L.LightningDataModule):
         module = trainer.lightning_module if trainer is not None else None
         if module is not None and module.dtype != images.dtype:  # bf16-true, 64-true
             images = images.to(module.dtype)
-        if trainer is not None and trainer.training and (self.augment_flip or self.augment_shift):
-            generator = torch.Generator(device=images.device)
-            # a function of (seed, process, step): a resumed run draws the same
-            generator.manual_seed(hash((self.seed, trainer.global_rank, trainer.global_step)))
-            images = augment(images, self.augment_flip, self.augment_shift, generator)
-        return images, labels
+        training = trainer is not None and trainer.training
+        if not training or (self._steps_per_call() == 1):
+            return self._augmented(images, 0), labels
+        # a group of batches for several optimizer steps: views, one per step
+        return [
+            (self._augmented(part, i), part_labels)
+            for i, (part, part_labels) in enumerate(
+                zip(images.split(self.batch_size), labels.split(self.batch_size), strict=True)
+            )
+        ]
+
+    def _augmented(self, images: Tensor, steps_ahead: int) -> Tensor:
+        """The training batch of the optimizer step ``steps_ahead`` after the current one,
+        augmented; evaluation batches as they are."""
+        trainer = self.trainer
+        if trainer is None or not trainer.training or not (self.augment_flip or self.augment_shift):
+            return images
+        generator = torch.Generator(device=images.device)
+        # a function of (seed, process, step): a resumed run draws the same
+        step = trainer.global_step + steps_ahead
+        generator.manual_seed(hash((self.seed, trainer.global_rank, step)))
+        return augment(images, self.augment_flip, self.augment_shift, generator)

@@ -21,7 +21,10 @@ from fashion_lightning.fashion_mnist import (
     PIXEL_MEAN,
     PIXEL_STD,
 )
+from fashion_lightning.resume import optimizer_step_done
 
+# the checkpoint key that says whose loop of optimizer steps trained the run
+LOOP_KEY = "optimizer_steps_loop"
 # a dropout probability: 0 (none) up to, not including, 1 (which would drop everything)
 DropoutProbability = restricted_number_type(
     "DropoutProbability", float, [(">=", 0), ("<", 1)], docstring="a float in [0, 1)"
@@ -67,6 +70,7 @@ class ImageClassifier(L.LightningModule):
         compile: bool = False,
         standardize: bool = False,
         flip_tta: bool = False,
+        steps_per_call: PositiveInt = 1,
     ) -> None:
         """
         Args:
@@ -89,6 +93,10 @@ class ImageClassifier(L.LightningModule):
                 step of the model, so checkpoints and ``predict`` carry it.
             flip_tta: At validation, test and predict, average the logits of each image and
                 of its left-right mirror (the tutorial: no).
+            steps_per_call: Optimizer steps in one call of ``training_step``: the data comes in
+                groups of this many consecutive batches of the same order, and each batch is one
+                optimizer step, as with 1. The same batches, steps, weights and logged values;
+                only Lightning's per-step cost is paid once per group (see docs/speed.md).
         """
         super().__init__()
         # HParamsSummary writes TensorBoard's HParams entry once, with the data and trainer
@@ -101,6 +109,9 @@ class ImageClassifier(L.LightningModule):
         self.compile = compile
         self.standardize = standardize
         self.flip_tta = flip_tta
+        self.steps_per_call = steps_per_call
+        # several optimizer steps in one training_step: Lightning's manual optimization
+        self.automatic_optimization = steps_per_call == 1
         self.model = MLP(hidden_size, dropout)
         # one metric object per stage; torchmetrics also syncs them across DDP processes
         self.val_loss, self.test_loss = MeanMetric(), MeanMetric()
@@ -111,6 +122,9 @@ class ImageClassifier(L.LightningModule):
         # accuracy within each true class (its recall): 0 for a class the model never predicts
         self.val_acc_class = MulticlassAccuracy(NUM_CLASSES, average=None)
         self.test_acc_class = MulticlassAccuracy(NUM_CLASSES, average=None)
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        checkpoint[LOOP_KEY] = "lightning" if self.automatic_optimization else "project"
 
     def configure_model(self) -> None:
         if self.compile:
@@ -129,18 +143,65 @@ class ImageClassifier(L.LightningModule):
             logits = (logits + self(images.flip(-1))) / 2
         return logits
 
-    def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
+    def training_step(self, batch: Any, batch_idx: int) -> Any:
+        """One optimizer step on ``batch`` (Lightning does the step), or, with
+        ``steps_per_call`` > 1, one step on each batch of the group ``batch`` holds."""
+        if not self.automatic_optimization:
+            return self._several_steps(batch if isinstance(batch, list) else [batch], batch_idx)
         images, labels = batch
-        logits = self(images)
-        loss = F.cross_entropy(logits, labels, label_smoothing=self.label_smoothing)
-        if not torch.isfinite(loss):
-            self._stop_on_non_finite(loss, batch_idx)
+        loss, logits = self._loss(images, labels, batch_idx)
         self.train_acc.update(logits.detach(), labels)
         if self._step_is_logged():
             self.log("train/loss", loss, batch_size=len(labels))
             # one tag whatever the optimizer (LearningRateMonitor names it lr-SGD, lr-Adam...)
             self.log("train/lr", self.trainer.optimizers[0].param_groups[0]["lr"])
-        return loss
+        return {"loss": loss, "images": len(labels)}
+
+    def _loss(self, images: Tensor, labels: Tensor, batch_idx: int) -> tuple[Tensor, Tensor]:
+        logits = self(images)
+        loss = F.cross_entropy(logits, labels, label_smoothing=self.label_smoothing)
+        if not torch.isfinite(loss):  # before the step: no NaN reaches the weights
+            self._stop_on_non_finite(loss, batch_idx)
+        return loss, logits
+
+    def _several_steps(self, batches: list[tuple[Tensor, Tensor]], call_idx: int) -> dict:
+        """The tutorial's loop over a group of batches, one optimizer step each: what Lightning
+        does for one batch (zero the gradients, backward, step, the scheduler at ``step``
+        interval), the same logging, and what the project does after each step (the weight
+        average, step checkpoints, where a resume continues) through
+        :func:`~fashion_lightning.resume.optimizer_step_done`."""
+        optimizer = self.optimizers()
+        scheduler = self.lr_schedulers() if self.scheduler_interval == "step" else None
+        trainer = self.trainer
+        images_done, losses = 0, []
+        for i, (images, labels) in enumerate(batches):
+            if 0 <= trainer.max_steps <= trainer.global_step:
+                break  # max_steps can end a group early, as it ends an epoch
+            step, lr = trainer.global_step, optimizer.param_groups[0]["lr"]
+            loss, logits = self._loss(images, labels, call_idx * self.steps_per_call + i)
+            optimizer.zero_grad()
+            self.manual_backward(loss)
+            optimizer.step()
+            if scheduler is not None:
+                scheduler.step()
+            self.train_acc.update(logits.detach(), labels)
+            if self._step_is_logged(step):  # at the step and with the values Lightning logs
+                for logger in self.loggers:
+                    logger.log_metrics({"train/loss": loss.item(), "train/lr": lr}, step=step)
+                self.log("train/loss", loss, logger=False)  # for callbacks that monitor it
+            images_done += len(labels)
+            losses.append(loss.detach())
+            optimizer_step_done(trainer, self, len(labels))
+        # the step losses, for callbacks that follow the training loss (on the device: no wait)
+        return {"images": images_done, "losses": torch.stack(losses) if losses else None}
+
+    def on_train_epoch_end(self) -> None:
+        if not self.automatic_optimization and self.scheduler_interval == "epoch":
+            scheduler = self.lr_schedulers()
+            if scheduler is not None:
+                scheduler.step()  # Lightning steps schedulers itself only without manual steps
+        self.log("train/acc", self.train_acc)
+        self._log_at_optimizer_step()
 
     def on_train_start(self) -> None:
         self._check_schedule_length()
@@ -152,11 +213,7 @@ class ImageClassifier(L.LightningModule):
         for config in self.trainer.lr_scheduler_configs:
             total = getattr(config.scheduler, "total_steps", None)
             trainer = self.trainer
-            planned = (
-                trainer.estimated_stepping_batches
-                if config.interval == "step"
-                else trainer.max_epochs
-            )
+            planned = self.planned_steps() if config.interval == "step" else trainer.max_epochs
             if total is not None and total < planned:
                 raise UserError(
                     f"the learning-rate schedule ({type(config.scheduler).__name__}) spans "
@@ -168,10 +225,6 @@ class ImageClassifier(L.LightningModule):
     def on_train_epoch_start(self) -> None:
         self.train_acc.reset()  # not called when resuming mid-epoch: the counts carry on
 
-    def on_train_epoch_end(self) -> None:
-        self.log("train/acc", self.train_acc)
-        self._log_at_optimizer_step()
-
     def _log_at_optimizer_step(self) -> None:
         """Write this epoch's values at the number of optimizer steps done, where the pictures
         and ``hp_metric`` go too. (Lightning counts its own way: one step behind at the end of
@@ -179,7 +232,7 @@ class ImageClassifier(L.LightningModule):
         call.) A logged value named ``step`` sets the step of the values logged with it."""
         self.log("step", float(self.global_step))
 
-    def _step_is_logged(self) -> bool:
+    def _step_is_logged(self, step: int | None = None) -> bool:
         """Whether Lightning writes this step's metrics (every ``log_every_n_steps`` steps).
 
         Each ``self.log`` call costs about 0.5 ms on CPU (Lightning walks its whole result
@@ -190,8 +243,20 @@ class ImageClassifier(L.LightningModule):
         if trainer is None:
             return True
         every = trainer.log_every_n_steps
+        step = trainer.global_step if step is None else step
         # Lightning's rule: it writes a step's values when (its step count + 1) is a multiple
-        return every > 0 and (trainer.global_step + 1) % every == 0
+        return every > 0 and (step + 1) % every == 0
+
+    def planned_steps(self) -> int:
+        """The optimizer steps this run makes: Lightning's estimate, which counts calls of
+        ``training_step``, multiplied out when a call makes several steps."""
+        trainer = self.trainer
+        if self.automatic_optimization:
+            return trainer.estimated_stepping_batches
+        planned = trainer.datamodule.training_batches() * max(trainer.max_epochs or 0, 0)
+        if trainer.max_steps >= 0:
+            planned = min(planned, trainer.max_steps) if planned else trainer.max_steps
+        return planned
 
     def _stop_on_non_finite(self, loss: Tensor, batch_idx: int) -> None:
         """Stop before a NaN/inf loss is back-propagated into the weights."""
@@ -252,7 +317,7 @@ class ImageClassifier(L.LightningModule):
         extra = {}
         given = getattr(self.lr_scheduler, "keywords", {})  # jsonargparse gives a partial
         if "total_steps" in given and given["total_steps"] is None and given.get("epochs") is None:
-            extra["total_steps"] = self.trainer.estimated_stepping_batches  # OneCycleLR
+            extra["total_steps"] = self.planned_steps()  # OneCycleLR
         scheduler = self.lr_scheduler(optimizer, **extra)
         return {
             "optimizer": optimizer,

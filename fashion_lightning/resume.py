@@ -18,7 +18,7 @@ from typing import Any
 import lightning as L
 import torch
 from lightning.fabric.plugins import TorchCheckpointIO
-from lightning.pytorch.callbacks import Callback, ModelCheckpoint
+from lightning.pytorch.callbacks import Callback, ModelCheckpoint, WeightAveraging
 from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities import rank_zero_warn
 
@@ -101,6 +101,7 @@ class RunCheckpoint(ModelCheckpoint):
         self.keep_last = bool(save_last)
         self.step_interval = every_n_train_steps or 0
         self.written_step = -1  # global step of the last.ckpt written last by this run
+        self._steps_saved = 0  # every_n_train_steps multiples reached
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         super().setup(trainer, pl_module, stage)
@@ -117,11 +118,20 @@ class RunCheckpoint(ModelCheckpoint):
         fitting = trainer.state.fn == TrainerFn.FITTING
         return fitting and not trainer.sanity_checking and not trainer.fast_dev_run
 
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        super().on_train_start(trainer, pl_module)
+        self._steps_saved = trainer.global_step // max(self.step_interval, 1)
+
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)  # time-based
-        step = trainer.global_step
-        if self.step_interval and step % self.step_interval == 0 and step != self.written_step:
+        if not self.step_interval:
+            return
+        # every N optimizer steps; with several steps a call (model.steps_per_call), at the
+        # end of the call in which the step falls: a state Lightning resumes from consistently
+        multiple = trainer.global_step // self.step_interval
+        if multiple > self._steps_saved and trainer.global_step != self.written_step:
             self._write_last(trainer)
+        self._steps_saved = max(self._steps_saved, multiple)
 
     def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         super().on_validation_end(trainer, pl_module)
@@ -156,6 +166,20 @@ class RunCheckpoint(ModelCheckpoint):
             raise
         self.written_step = trainer.global_step
         return Path(path)
+
+
+def optimizer_step_done(trainer: L.Trainer, pl_module: L.LightningModule, images: int) -> None:
+    """What follows every optimizer step when one call of ``training_step`` makes several
+    (``model.steps_per_call``): Lightning calls the callbacks' ``on_train_batch_end`` once per
+    call, so the per-step work runs here, as one step a call would run it: the count of images
+    a resume continues after, and the weight average's update."""
+    for callback in trainer.callbacks:
+        if isinstance(callback, ResumableTraining):
+            callback.on_optimizer_step_done(trainer, images)
+        elif isinstance(callback, WeightAveraging):
+            # its own hook, which updates once for each new optimizer step; Lightning's call at
+            # the end of the call then finds nothing new
+            callback.on_train_batch_end(trainer, pl_module, None, None, 0)
 
 
 def save_last_checkpoint(trainer: L.Trainer) -> Path:
@@ -210,7 +234,7 @@ class ResumableTraining(Callback):
         self._previous_handlers: dict[int, Any] = {}
         self._training = False
         self._epoch = 0
-        self._batches_done = 0
+        self._images_done = 0  # of the current epoch's order
         self._epoch_finished = False
         self._resume_at: dict[str, Any] | None = None
         self._stopping: TrainingInterrupted | None = None  # raised at the next batch's start
@@ -279,9 +303,11 @@ class ResumableTraining(Callback):
         resume = self._resume_at
         if resume is None:
             return
-        epoch, done = resume["epoch"], resume["batches_done"]
+        epoch, done = resume["epoch"], _images_done(resume, trainer)
         if resume.get("epoch_finished", False):
             epoch, done = epoch + 1, 0
+        # Lightning does not start a resumed epoch over (no on_train_epoch_start): count on
+        self._epoch, self._images_done = epoch, done
         continue_order = getattr(trainer.datamodule, "continue_order", None)
         if callable(continue_order):
             continue_order(epoch, done)
@@ -294,7 +320,7 @@ class ResumableTraining(Callback):
             return
         if "rng" in resume:
             set_rng_state(resume["rng"])
-        mid_epoch = resume["batches_done"] > 0 and not resume.get("epoch_finished", False)
+        mid_epoch = _images_done(resume, trainer) > 0 and not resume.get("epoch_finished", False)
         sampler = getattr(trainer.train_dataloader, "sampler", None)
         if mid_epoch and not isinstance(sampler, EpochShuffleSampler):
             # under DDP Lightning wraps the sampler to split it between the processes
@@ -304,7 +330,7 @@ class ResumableTraining(Callback):
             )
 
     def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        self._epoch, self._batches_done, self._epoch_finished = trainer.current_epoch, 0, False
+        self._epoch, self._images_done, self._epoch_finished = trainer.current_epoch, 0, False
         if self._signal is not None:  # landed at the end of the previous epoch
             self._stop(trainer, f"after epoch {trainer.current_epoch - 1}", at_epoch_end=True)
 
@@ -313,8 +339,14 @@ class ResumableTraining(Callback):
             stopping, self._stopping = self._stopping, None
             raise stopping
 
+    def on_optimizer_step_done(self, trainer: L.Trainer, images: int) -> None:
+        """Count the images of a step that a call with several steps has just made."""
+        self._images_done += images
+
     def on_train_batch_end(self, trainer: L.Trainer, pl_module, outputs, batch, batch_idx) -> None:
-        self._epoch, self._batches_done = trainer.current_epoch, batch_idx + 1
+        self._epoch = trainer.current_epoch
+        if pl_module.automatic_optimization:
+            self._images_done += outputs["images"] if isinstance(outputs, dict) else len(batch[1])
         if self._signal is not None and self._can_stop_after(trainer, batch_idx):
             where = f"at epoch {trainer.current_epoch}, batch {batch_idx}"
             try:
@@ -372,10 +404,19 @@ class ResumableTraining(Callback):
     def state_dict(self) -> dict[str, Any]:
         return {
             "epoch": self._epoch,
-            "batches_done": self._batches_done,
+            "images_done": self._images_done,
             "epoch_finished": self._epoch_finished,
             "rng": rng_state(),
         }
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self._resume_at = dict(state_dict)
+
+
+def _images_done(resume: dict[str, Any], trainer: L.Trainer) -> int:
+    """Images of the epoch's order done when the checkpoint was written (checkpoints of
+    earlier versions count batches)."""
+    if "images_done" in resume:
+        return resume["images_done"]
+    batch_size = getattr(trainer.datamodule, "batch_size", 0)
+    return resume.get("batches_done", 0) * batch_size

@@ -65,7 +65,7 @@ class SendSignalAt(Callback):
         self.sent = False
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
-        if trainer.global_step == self.step and not self.sent:
+        if trainer.global_step >= self.step and not self.sent:
             self.sent = True
             os.kill(os.getpid(), self.signum)
 
@@ -133,6 +133,17 @@ class RecordLastCheckpoint(Callback):
             last = Path(trainer.checkpoint_callback.dirpath) / "last.ckpt"
             step = torch.load(last, weights_only=True)["global_step"] if last.exists() else None
             RecordLastCheckpoint.seen.append(step)
+
+
+class RecordProgressBar(Callback):
+    """Keeps (total, position) of the training progress bar at each epoch's end in
+    ``RecordProgressBar.seen``."""
+
+    seen: list[tuple[int, int]] = []  # noqa: RUF012 - read by the test that runs it in this process
+
+    def on_train_epoch_end(self, trainer, pl_module) -> None:
+        bar = trainer.progress_bar_callback
+        RecordProgressBar.seen.append((bar.total_train_batches, bar.train_progress_bar.n))
 
 
 class SendSignalInEvaluation(Callback):
