@@ -19,8 +19,14 @@ except ModuleNotFoundError:  # an optional part of the package
 from fashion_lightning.errors import SearchError, UserError, exit_with, parse_error
 from fashion_lightning.tune import report
 from fashion_lightning.tune.search import OBJECTIVES, Search, no_traceback_for_known_errors
-from fashion_lightning.tune.storage import shown
-from fashion_lightning.tune.workers import run_workers, stop_on_signals, stop_when_parent_dies
+from fashion_lightning.tune.storage import (
+    GRACE_HEARTBEATS,
+    HEARTBEAT_SECONDS,
+    check_url,
+    is_url,
+    shown,
+)
+from fashion_lightning.tune.workers import STOPS, run_workers, stop_when_parent_dies
 
 PROG = "python -m fashion_lightning.tune"
 # what may follow the search's own flags: the fit command line's groups
@@ -42,6 +48,7 @@ class OneLineErrorParser(argparse.ArgumentParser):
 
 
 def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
+    """The search's own flags, checked, and the fit command line's arguments that follow."""
     parser = OneLineErrorParser(prog=PROG, description=__doc__.split("\n\n")[0])
     parser.add_argument("--config", required=True, help="the fit config the trials start from")
     parser.add_argument("--search", required=True, help="YAML: dotted config key -> distribution")
@@ -88,7 +95,21 @@ def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
         default=5,
         help="trials sampled at random and never pruned, before TPE and pruning start",
     )
+    parser.add_argument(
+        "--heartbeat",
+        type=whole_number(1),
+        help="with an RDB storage (postgresql://...): seconds between a running trial's "
+        f"heartbeats (default {HEARTBEAT_SECONDS})",
+    )
+    parser.add_argument(
+        "--grace",
+        type=whole_number(1),
+        help="with an RDB storage: seconds without a heartbeat after which a trial's machine "
+        "counts as dead, and its trial is failed and tried again (default "
+        f"{GRACE_HEARTBEATS} heartbeats)",
+    )
     parser.add_argument("--worker_of", type=int, default=0, help=argparse.SUPPRESS)
+    parser.add_argument("--parent_pid", type=int, default=0, help=argparse.SUPPRESS)
     args, fit_overrides = parser.parse_known_args(argv)
     unknown = [a for a in fit_overrides if a.startswith("-") and not a.startswith(FIT_ARGUMENTS)]
     if unknown:
@@ -96,6 +117,9 @@ def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
             f"unrecognized arguments: {' '.join(unknown)} (beyond its own flags, the search takes "
             "the fit command line's --trainer.*, --model.*, --data.* ...)"
         )
+    check_heartbeat(args)
+    if is_url(args.storage):
+        check_url(args.storage)  # before anything could print or pass on its password
     if args.study is None:
         name = os.path.splitext(os.path.basename(args.config))[0]
         try:
@@ -109,7 +133,28 @@ def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
     return args, fit_overrides
 
 
+def check_heartbeat(args: argparse.Namespace) -> None:
+    """``--heartbeat`` and ``--grace`` are for RDB storages (a journal file has no heartbeat:
+    the processes of its one machine are watched instead); the grace outlasts a heartbeat."""
+    given = [f"--{name}" for name in ("heartbeat", "grace") if getattr(args, name) is not None]
+    if given and not is_url(args.storage):
+        raise SearchError(
+            f"{' and '.join(given)}: only an RDB storage (--storage postgresql://...) keeps "
+            "heartbeats; with a journal file, the trials of dead processes on this machine are "
+            "found without them"
+        )
+    args.heartbeat = args.heartbeat or HEARTBEAT_SECONDS
+    args.grace = args.grace or GRACE_HEARTBEATS * args.heartbeat
+    if args.grace <= args.heartbeat:
+        raise SearchError(
+            f"--grace {args.grace}: must be longer than --heartbeat {args.heartbeat}, or live "
+            "trials would be failed between two heartbeats"
+        )
+
+
 def whole_number(minimum: int):
+    """An argparse type: a whole number of at least ``minimum``."""
+
     def parse(text: str) -> int:
         try:
             value = int(text)
@@ -132,6 +177,8 @@ def study_name(text: str) -> str:
 
 
 def main_tune(argv: list[str] | None = None) -> None:
+    """The search: check everything once, run the trials (here, or in ``--workers``
+    processes), then report the best trials and write the best config."""
     argv = sys.argv[1:] if argv is None else argv
     sys.argv[0] = "python -m fashion_lightning"  # the fit command's messages name it so
     # heartbeats and the matplotlib plots are marked experimental in Optuna 5
@@ -140,15 +187,16 @@ def main_tune(argv: list[str] | None = None) -> None:
     warnings.filterwarnings("ignore", message="LightningCLI's args parameter is intended")
     no_traceback_for_known_errors()
     args, fit_overrides = parse_args(argv)
-    stop_on_signals()
-    search = Search(args, fit_overrides)
+    STOPS.install()
     if args.worker_of:  # one of --workers processes: share the machine's cores
-        stop_when_parent_dies()
+        stop_when_parent_dies(args.parent_pid)
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // args.worker_of))
-        search.work()
+        Search(args, fit_overrides).work()
         return
+    search = Search(args, fit_overrides)
     if args.workers > 1:
-        search.fail_dead_trials()
+        STOPS.check()  # a signal while the study was written: no worker starts
+        search.fail_lost_trials()
         code = run_workers(argv, args.workers)
         if code:
             raise SystemExit(code)

@@ -113,8 +113,9 @@ def write_best(search: Search, best: FrozenTrial) -> Path:
 
 
 def confirm(search: Search, best_config: Path, seeds: int) -> None:
-    """Retrain the best config with several seeds and report the official test accuracy:
-    the only step of the search that reads the test split."""
+    """Retrain the best config with several seeds and report the official test accuracy on
+    the whole test split (whatever part of it the trials' config tests): the only step of the
+    search that reads the test split."""
     accuracies = []
     for seed in range(42, 42 + seeds):
         run_dir, again = search.folder / f"confirm_seed_{seed}", 1
@@ -127,14 +128,16 @@ def confirm(search: Search, best_config: Path, seeds: int) -> None:
             str(best_config),
             f"--seed_everything={seed}",
             f"--data.seed={seed}",
+            "--trainer.limit_test_batches=1.0",  # the whole split, not the trials' limit
         ]
         fit = cli.run(args, run_dir=run_dir)
         accuracy = float(fit.trainer.callback_metrics["test/acc"]) * 100
         accuracies.append(accuracy)
-        print(f"confirm seed {seed}: test/acc {accuracy:.2f}% -> {run_dir}")
+        images = len(fit.datamodule.test_set)
+        print(f"confirm seed {seed}: test/acc {accuracy:.2f}% on {images} test images -> {run_dir}")
     spread = statistics.stdev(accuracies) if len(accuracies) > 1 else 0.0
     print(
-        f"test accuracy of {best_config} over {seeds} seeds: "
+        f"test accuracy of {best_config} over {seeds} seeds, each on the whole test split: "
         f"{statistics.mean(accuracies):.2f} ± {spread:.2f}% "
         f"({', '.join(f'{a:.2f}' for a in accuracies)})"
     )

@@ -4,8 +4,10 @@ project's CLI, in this process, with the sampled values as overrides."""
 from __future__ import annotations
 
 import argparse
+import datetime
 import logging
 import os
+import signal
 import socket
 import sys
 import time
@@ -15,7 +17,7 @@ from typing import Any
 import optuna
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities.exceptions import SIGTERMException
-from optuna.distributions import BaseDistribution, distribution_to_json
+from optuna.distributions import BaseDistribution, IntDistribution, distribution_to_json
 from optuna.trial import FrozenTrial, TrialState
 from optuna_integration import PyTorchLightningPruningCallback
 
@@ -29,12 +31,29 @@ from fashion_lightning.errors import (
     UserError,
     first_line,
 )
-from fashion_lightning.tune.space import check_space, load_search_space, overrides, sample
-from fashion_lightning.tune.storage import MAX_RETRIES, alive, open_storage, process_start, shown
+from fashion_lightning.files import ensure_writable_dir
+from fashion_lightning.raw_files import ensure_raw_files
+from fashion_lightning.tune.space import (
+    check_space,
+    config_text,
+    load_search_space,
+    overrides,
+    sample,
+)
+from fashion_lightning.tune.storage import (
+    MAX_RETRIES,
+    alive,
+    open_storage,
+    process_start,
+    scrubbed,
+    shown,
+)
+from fashion_lightning.tune.workers import STOPS
 
 # the objectives a study can have, and which way is better
 OBJECTIVES = {"val/acc": "maximize", "val/loss": "minimize"}
 DONE = (TrialState.COMPLETE, TrialState.PRUNED)  # what counts toward --trials
+WAIT_SECONDS = 1.0  # how often a process that waits for the others' last trials looks again
 # config keys that may differ between the machines or runs of one study: where files are,
 # the hardware, and what is shown; not what is trained
 NOT_COMPARED = (
@@ -89,7 +108,9 @@ class Search:
             raise SearchError(f"--config {self.config_path}: no such file")
         search_path = Path(args.search)
         self.space = load_search_space(search_path)
-        config = check_space(self.space, self.config_path, fit_overrides, search_path)
+        config = check_space(
+            self.space, self.config_path, fit_overrides, search_path, probe=not args.worker_of
+        )
         if config["trainer"].get("fast_dev_run"):
             raise SearchError(
                 "--trainer.fast_dev_run: a debug run records no val/acc for the search; "
@@ -98,53 +119,91 @@ class Search:
         self.objective = args.objective
         self.maximize = OBJECTIVES[args.objective] == "maximize"
         root = Path(config["trainer"].get("default_root_dir") or os.getcwd())
+        if not args.worker_of:  # the command checked them before it started the workers
+            check_fit_inputs(config, root)
         self.name = args.study
         self.folder = root / "lightning_logs" / "tune" / self.name
         self.storage_spec = args.storage or str(self.folder / "study.journal")
-        self.study = _open_study(args, self.folder / "study.journal", self.storage_spec)
-        self.study.set_metric_names([self.objective])  # what optuna-dashboard calls it
+        self.grace = args.grace
         started = {
             "search": {key: distribution_to_json(d) for key, d in self.space.items()},
             "config": flat(config, skip=NOT_COMPARED),
             "objective": self.objective,
         }
-        check_same_study(self.study, self.storage_spec, started)
-        check_trial_folders(self.study, self.storage_spec, self.folder)
+        self.study = _open_study(args, self.folder, self.storage_spec, started)
         self.trials = args.trials
         self.fit_overrides = fit_overrides
+
+    def fail_lost_trials(self) -> None:
+        """Fail the running trials whose process or machine is gone, and queue their
+        parameters again: those whose heartbeats stopped (RDB storages, Optuna's own check)
+        and those of dead processes on this machine (:meth:`fail_dead_trials`)."""
+        with STOPS.deferring():
+            optuna.storages.fail_stale_trials(self.study)
+            self.fail_dead_trials()
 
     def fail_dead_trials(self) -> None:
         """Fail the running trials whose process on this machine is gone (a ``kill -9``, a
         crash), and try their parameters again. Optuna's journal file keeps no heartbeat, so
-        such a trial would otherwise stay RUNNING forever."""
+        such a trial would otherwise stay RUNNING forever. So would one whose process died
+        before it ran (Optuna had created it, and no heartbeat yet): after ``--grace``."""
         host = socket.gethostname()
-        for trial in self.study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
-            attrs = trial.user_attrs
-            if attrs.get("host") != host or "pid" not in attrs:
-                continue
-            if alive(attrs["pid"], attrs.get("process_start")):
-                continue
-            try:
-                self.study.tell(trial.number, state=TrialState.FAIL)
-            except (ValueError, RuntimeError):
-                continue  # another worker got there first
-            self.retry(trial, "its process died")
+        with STOPS.deferring():
+            for trial in self.study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+                attrs = trial.user_attrs
+                if _own_process_recorded(trial):
+                    if attrs.get("host") != host or alive(attrs["pid"], attrs.get("process_start")):
+                        continue
+                    reason = "its process died"
+                elif _seconds_since_start(trial) > self.grace:
+                    reason = "its process died before it began"
+                else:
+                    continue
+                try:
+                    self.study.tell(trial.number, state=TrialState.FAIL)
+                except (ValueError, RuntimeError):
+                    continue  # another worker got there first
+                self.retry(trial, reason)
 
     def retry(self, trial: FrozenTrial | optuna.Trial, reason: str) -> None:
+        """Queue the parameters of a trial that did not finish, up to MAX_RETRIES times."""
         retries = trial.user_attrs.get("retries", 0)
         if retries < MAX_RETRIES:
-            self.study.enqueue_trial(
-                trial.params, user_attrs={"retry_of": trial.number, "retries": retries + 1}
-            )
+            with STOPS.deferring():
+                self.study.enqueue_trial(
+                    trial.params, user_attrs={"retry_of": trial.number, "retries": retries + 1}
+                )
             print(
                 f"trial {trial.number}: {reason}; its parameters will be tried again",
                 file=sys.stderr,
             )
 
     def run_trial(self, trial: optuna.Trial) -> float:
-        """Optuna's objective: one ``fit`` with the sampled values; its best objective value."""
-        params = {key: sample(trial, key, d) for key, d in self.space.items()}
+        """Optuna's objective: one ``fit`` with the sampled values; its best objective value.
+        A stop (a signal, Lightning's own exit) fails the trial and queues its parameters
+        again; only the fit command line's refusal (exit 2, no signal) is a refused fit."""
+        try:
+            return self._fit(trial)
+        except NonFiniteLossError as err:  # diverged: as bad as it gets, and finished
+            raise optuna.TrialPruned(str(err)) from None
+        except (Stopped, SIGTERMException, KeyboardInterrupt) as err:
+            raise self._stopped(trial, err) from None
+        except SystemExit as exit_:
+            if exit_.code != 2 or STOPS.signum is not None:  # Lightning's own stop: exit 1
+                raise self._stopped(trial, exit_) from None
+            raise SearchError(  # the fit command line refused the sampled values
+                f"trial {trial.number}: fit refused {' '.join(overrides(trial.params))} (the "
+                "error above); narrow the search file's ranges"
+            ) from None
+
+    def _fit(self, trial: optuna.Trial) -> float:
+        """The trial's fit. A signal stops it at once while the fit runs (the fit takes the
+        signals over once it trains); around it, the trial is written to the study, which a
+        signal does not cut short: it waits until the fit begins."""
+        STOPS.check()  # a signal that came while Optuna created this trial
         run_dir = (self.folder / f"trial_{trial.number}").absolute()
+        # who runs the trial, so that a dead process's trial is told (run_dir last: with it,
+        # the others are this trial's own, not copied from the trial it retries)
         for key, value in (
             ("host", socket.gethostname()),
             ("pid", os.getpid()),
@@ -152,6 +211,7 @@ class Search:
             ("run_dir", str(run_dir)),
         ):
             trial.set_user_attr(key, value)
+        params = {key: sample(trial, key, d) for key, d in self.space.items()}
         try:
             run_dir.mkdir(parents=True)  # the claim: no two trials, of any study, share one
         except FileExistsError:
@@ -165,26 +225,14 @@ class Search:
         pruning = PyTorchLightningPruningCallback(trial, monitor=self.objective)
         start = time.monotonic()
         try:
-            cli.run(
-                args,
-                run_dir=run_dir,
-                callbacks=[best, pruning],
-                test_after_fit=False,
-                searched=params,
-            )
-        except NonFiniteLossError as err:  # diverged: as bad as it gets, and finished
-            raise optuna.TrialPruned(str(err)) from None
-        except (Stopped, SIGTERMException, KeyboardInterrupt) as err:
-            self.retry(trial, "it was stopped")
-            raise _search_stopped(trial, err) from None
-        except SystemExit as exit_:
-            if exit_.code != 2:  # Lightning's own stop (a second Ctrl+C): exit 1
-                self.retry(trial, "it was stopped")
-                raise _search_stopped(trial, exit_) from None
-            raise SearchError(  # the fit command line refused the sampled values
-                f"trial {trial.number}: fit refused {' '.join(overrides(params))} (the "
-                "error above); narrow the search file's ranges"
-            ) from None
+            with STOPS.raising():
+                cli.run(
+                    args,
+                    run_dir=run_dir,
+                    callbacks=[best, pruning],
+                    test_after_fit=False,
+                    searched=params,
+                )
         finally:
             trial.set_user_attr("seconds", round(time.monotonic() - start, 1))
         if best.best is None:
@@ -193,26 +241,71 @@ class Search:
         trial.set_user_attr("config", (run_dir / "config.yaml").read_text())
         return best.best
 
+    def _stopped(self, trial: optuna.Trial, err: BaseException) -> SearchStopped:
+        stopped = _search_stopped(trial, err)
+        STOPS.note(stopped.signum)  # from now on, a signal waits until the stop is recorded
+        self.retry(trial, "it was stopped")
+        return stopped
+
     def work(self) -> None:
-        """Run trials until the study holds ``--trials`` finished ones. Trials running in other
-        workers count too, so that parallel workers do not overshoot; the parameters of a trial
-        that failed (stopped, or its worker died) are tried again before new ones."""
-        self.fail_dead_trials()
-        counted = (*DONE, TrialState.RUNNING)
-        if len(self.study.get_trials(deepcopy=False, states=counted)) >= self.trials:
-            return
-        self.study.optimize(
-            self.run_trial,
-            callbacks=[
-                lambda study, trial: self.fail_dead_trials(),
-                optuna.study.MaxTrialsCallback(self.trials, states=counted),
-            ],
-        )
+        """Run trials, one at a time, until the study holds ``--trials`` finished (complete or
+        pruned) ones. Before each trial, and while waiting, the trials of dead processes and
+        machines are failed and their parameters queued; queued parameters run before new
+        ones. When the trials that would reach the total run elsewhere, wait for them: should
+        one's process or machine die, this process runs its parameters again."""
+        waiting = False
+        with STOPS.deferring():
+            while True:
+                STOPS.check()
+                self.fail_lost_trials()
+                done, running = self._counts()
+                if done >= self.trials:
+                    return
+                if done + running >= self.trials:
+                    if not waiting:
+                        print(f"waiting for {running} running trial(s) to finish", file=sys.stderr)
+                    waiting = True
+                    STOPS.sleep(WAIT_SECONDS)
+                    continue
+                waiting = False
+                self.study.optimize(self.run_trial, n_trials=1)
+
+    def _counts(self) -> tuple[int, int]:
+        """The study's finished trials (what counts toward ``--trials``) and running ones."""
+        trials = self.study.get_trials(deepcopy=False, states=(*DONE, TrialState.RUNNING))
+        running = sum(t.state == TrialState.RUNNING for t in trials)
+        return len(trials) - running, running
+
+
+def _own_process_recorded(trial: FrozenTrial) -> bool:
+    """Whether the trial records the process that runs it (not one copied from the trial it
+    retries, or none yet)."""
+    run_dir = trial.user_attrs.get("run_dir")
+    return run_dir is not None and Path(run_dir).name == f"trial_{trial.number}"
+
+
+def _seconds_since_start(trial: FrozenTrial) -> float:
+    start = trial.datetime_start
+    if start is None:
+        return 0.0
+    return (datetime.datetime.now(start.tzinfo) - start).total_seconds()
+
+
+def check_fit_inputs(config: dict[str, Any], root: Path) -> None:
+    """What would fail every trial's fit, checked once before the study is opened: the data
+    set (found, verified, unpacked as the fit would) and a writable root folder."""
+    data = config["data"]
+    ensure_raw_files(data["data_dir"], data["source_dir"], data["download"])
+    try:
+        ensure_writable_dir(root)
+    except OSError as err:
+        raise UserError(
+            f"cannot write the search's runs to {root} ({err.strerror or err}); pass a "
+            "writable --trainer.default_root_dir"
+        ) from None
 
 
 def _search_stopped(trial: optuna.Trial, err: BaseException) -> SearchStopped:
-    import signal
-
     signum = getattr(err, "signum", None)
     if signum is None:
         signum = signal.SIGTERM if isinstance(err, SIGTERMException) else signal.SIGINT
@@ -222,40 +315,82 @@ def _search_stopped(trial: optuna.Trial, err: BaseException) -> SearchStopped:
     )
 
 
-def _open_study(args: argparse.Namespace, journal: Path, storage_spec: str) -> optuna.Study:
-    storage = open_storage(args.storage, journal)
-    pruner = (
-        optuna.pruners.MedianPruner(
-            n_startup_trials=args.startup_trials, n_warmup_steps=args.warmup_epochs
+def _open_study(
+    args: argparse.Namespace, folder: Path, storage_spec: str, started: dict[str, Any]
+) -> optuna.Study:
+    """The study: an existing one is loaded and checked before anything is written to it
+    (a refused continuation leaves the storage as it was); a new one is created."""
+    storage = open_storage(args.storage, folder / "study.journal", args.heartbeat, args.grace)
+    sampler, pruner = _sampler(args), _pruner(args)
+    try:
+        study = optuna.load_study(
+            study_name=args.study, storage=storage, sampler=sampler, pruner=pruner
         )
-        if args.pruner == "median"
-        else optuna.pruners.NopPruner()
-    )
-    sampler = optuna.samplers.TPESampler(
+    except KeyError:  # no such study yet
+        study = None
+    except Exception as err:
+        raise _cannot_use(storage_spec, err) from None
+    if study is None:
+        check_trial_folders(args.study, [], storage_spec, folder)
+        try:
+            with STOPS.deferring():  # writes to the study are not cut short
+                study = optuna.create_study(
+                    study_name=args.study,
+                    storage=storage,
+                    direction=OBJECTIVES[args.objective],
+                    sampler=sampler,
+                    pruner=pruner,
+                    load_if_exists=True,  # another machine may create it at the same moment
+                )
+        except Exception as err:
+            raise _cannot_use(storage_spec, err) from None
+    check_same_study(study, storage_spec, started)
+    check_trial_folders(study.study_name, study.get_trials(deepcopy=False), storage_spec, folder)
+    with STOPS.deferring():
+        if study.user_attrs.get("started_with") is None:
+            study.set_user_attr("started_with", started)
+        if study.metric_names != [args.objective]:
+            study.set_metric_names([args.objective])  # what optuna-dashboard calls it
+    return study
+
+
+def _sampler(args: argparse.Namespace) -> optuna.samplers.BaseSampler:
+    """TPE after ``--startup_trials`` random ones; parallel workers' running trials count
+    as their current worst (constant liar), so that they do not all sample the same."""
+    return optuna.samplers.TPESampler(
         n_startup_trials=args.startup_trials, multivariate=True, constant_liar=True
     )
-    try:
-        return optuna.create_study(
-            study_name=args.study,
-            storage=storage,
-            direction=OBJECTIVES[args.objective],
-            sampler=sampler,
-            pruner=pruner,
-            load_if_exists=True,
-        )
-    except Exception as err:
-        raise UserError(
-            f"--storage {shown(storage_spec)}: cannot use the study ({first_line(err)})"
-        ) from None
+
+
+def _pruner(args: argparse.Namespace) -> optuna.pruners.BasePruner:
+    if args.pruner == "none":
+        return optuna.pruners.NopPruner()
+    return optuna.pruners.MedianPruner(
+        n_startup_trials=args.startup_trials, n_warmup_steps=args.warmup_epochs
+    )
+
+
+def _cannot_use(storage_spec: str, err: Exception) -> UserError:
+    STOPS.check()  # a signal, not the storage
+    return UserError(
+        f"--storage {shown(storage_spec)}: cannot use the study "
+        f"({scrubbed(first_line(err), storage_spec)})"
+    )
 
 
 def check_same_study(study: optuna.Study, storage_spec: str, started: dict[str, Any]) -> None:
     """A study continues only with the config, search and objective it started with: trials
     of another config or space would be ranked together (and Optuna refuses a changed
     distribution). Machine-specific paths may differ (several machines, own folders)."""
+    direction = OBJECTIVES[started["objective"]]
+    if study.direction.name.lower() != direction:  # a study begun by other means
+        raise SearchError(
+            f"study {study.study_name} in {shown(storage_spec)} was created to "
+            f"{study.direction.name.lower()} its objective, and --objective "
+            f"{started['objective']} is to {direction}; start another with --study NAME"
+        )
     recorded = study.user_attrs.get("started_with")
     if recorded is None:
-        study.set_user_attr("started_with", started)
         return
     parts = {"search": "search file", "config": "config", "objective": "objective"}
     for part, now in started.items():
@@ -275,7 +410,8 @@ def check_same_study(study: optuna.Study, storage_spec: str, started: dict[str, 
 
 
 def _as_written(value: Any) -> str:
-    """A search file's distribution as a user writes it (``low..high``), other values as they are."""
+    """A search file's distribution as a user writes it (``low..high``, ``[a, b]``), other
+    values as they are."""
     if isinstance(value, str) and value.startswith("{"):
         try:
             distribution: BaseDistribution = optuna.distributions.json_to_distribution(value)
@@ -283,18 +419,25 @@ def _as_written(value: Any) -> str:
             return value
         choices = getattr(distribution, "choices", None)
         if choices is not None:
-            return "[" + ", ".join(str(c) for c in choices) + "]"
-        scale = " log" if getattr(distribution, "log", False) else ""
-        return f"{distribution.low}..{distribution.high}{scale}"
+            return "[" + ", ".join(config_text(c) for c in choices) + "]"
+        step = getattr(distribution, "step", None)
+        written = f"{distribution.low}..{distribution.high}"
+        if getattr(distribution, "log", False):
+            written += " log"
+        if step is not None and not (isinstance(distribution, IntDistribution) and step == 1):
+            written += f" step {step}"
+        return written
     return str(value)
 
 
-def check_trial_folders(study: optuna.Study, storage_spec: str, folder: Path) -> None:
+def check_trial_folders(
+    study_name: str, trials: list[FrozenTrial], storage_spec: str, folder: Path
+) -> None:
     """Every trial_N folder here belongs to a trial of this study: a study started anew
     (another storage, a deleted journal) would otherwise log into an old trial's folder."""
     known = {
         t.number
-        for t in study.get_trials(deepcopy=False)
+        for t in trials
         if Path(t.user_attrs.get("run_dir", "")).resolve()
         == (folder / f"trial_{t.number}").resolve()
     }
@@ -307,7 +450,7 @@ def check_trial_folders(study: optuna.Study, storage_spec: str, folder: Path) ->
     if strangers:
         raise SearchError(
             f"{folder} holds {', '.join(strangers[:3])}{' ...' if len(strangers) > 3 else ''}, "
-            f"which the study {study.study_name} in {shown(storage_spec)} does not know "
+            f"which the study {study_name} in {shown(storage_spec)} does not know "
             "(another study of this name, or its storage was replaced): start another with "
             "--study NAME, or move that folder away"
         )

@@ -20,6 +20,7 @@ from optuna.distributions import (
 
 from fashion_lightning import cli
 from fashion_lightning.errors import FitArgumentsError, SearchError
+from fashion_lightning.tune.workers import STOPS
 
 DISTRIBUTIONS = {
     "float": FloatDistribution,
@@ -29,10 +30,32 @@ DISTRIBUTIONS = {
 SCALARS = (bool, int, float, str, type(None))  # what a categorical choice may be
 
 
+class UniqueKeyLoader(yaml.SafeLoader):
+    """YAML's safe loader, refusing a key written twice in one mapping (PyYAML keeps the last
+    silently: one of the two ranges would not be searched, unseen)."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict:
+        seen = set()
+        for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":  # <<: *anchor, whose keys may repeat
+                continue
+            key = self.construct_object(key_node, deep=True)
+            try:
+                repeated = key in seen
+            except TypeError:  # not hashable: PyYAML's own check says so
+                continue
+            if repeated:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"duplicate key {key!r}", key_node.start_mark
+                )
+            seen.add(key)
+        return super().construct_mapping(node, deep=deep)
+
+
 def load_search_space(path: Path) -> dict[str, BaseDistribution]:
     """The search file: ``dotted.config.key: {type: float|int|categorical, <Optuna's arguments>}``."""
     try:
-        content = yaml.safe_load(path.read_text())
+        content = yaml.load(path.read_text(), Loader=UniqueKeyLoader)  # a SafeLoader
     except OSError as err:
         raise SearchError(f"--search {path}: {err.strerror}") from None
     except yaml.YAMLError as err:
@@ -55,6 +78,11 @@ def load_search_space(path: Path) -> dict[str, BaseDistribution]:
         for bound in ("low", "high", "step"):
             if arguments.get(bound) is not None:
                 arguments[bound] = _number(arguments[bound])
+                if kind == "int" and not _is_whole(arguments[bound]):
+                    raise SearchError(
+                        f"--search {path}: {key}: an int range's {bound} must be a whole "
+                        f"number, got {arguments[bound]!r}"
+                    )
         if kind == "categorical" and not all(
             isinstance(choice, SCALARS) for choice in arguments.get("choices") or ()
         ):
@@ -81,6 +109,10 @@ def _number(value: Any) -> Any:
             except ValueError:
                 pass
     return value
+
+
+def _is_whole(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
 
 
 def sample(trial: optuna.Trial, key: str, distribution: BaseDistribution) -> Any:
@@ -112,6 +144,7 @@ def fit_config(config: Path, arguments: list[str]) -> dict:
         try:
             cli.main(["fit", "--config", str(config), *arguments, "--print_config"])
         except SystemExit as exit_:
+            STOPS.check()  # the fit stopped for a signal: not a refusal
             if exit_.code:
                 lines = errors.getvalue().strip().splitlines() or [f"exit {exit_.code}"]
                 reason = next((x for x in reversed(lines) if x.startswith("error: ")), lines[-1])
@@ -124,9 +157,11 @@ def check_space(
     config_path: Path,
     fit_overrides: list[str],
     search: Path,
+    probe: bool = True,
 ) -> dict:
     """Refuse, before any trial, a key the fit config lacks and a value that does not parse
-    where it goes: each end of every range and every choice is tried. Returns the config."""
+    where it goes: each end of every range and every choice is tried (unless ``probe`` is
+    false: a worker, whose command tried them). Returns the config."""
     config = fit_config(config_path, fit_overrides)
     for key, distribution in space.items():
         node = config
@@ -143,7 +178,7 @@ def check_space(
                 f"--search {search}: {key} is a group of settings, not a number: search one of "
                 f"its keys, e.g. {key}.{next(iter(node), 'lr')}"
             )
-    for values in _probes(space):
+    for values in _probes(space) if probe else ():
         try:
             fit_config(config_path, [*fit_overrides, *overrides(values)])
         except FitArgumentsError:
