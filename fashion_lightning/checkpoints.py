@@ -13,6 +13,7 @@ with the TensorBoard logger (``lightning_logs/version_N/checkpoints/`` by defaul
 from __future__ import annotations
 
 import os
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -23,6 +24,10 @@ from fashion_lightning.configs import ACCEPTED_CLASSES, class_problem, flat
 from fashion_lightning.errors import CheckpointError
 
 LAST_CHECKPOINT = "last.ckpt"
+# the data values that decide which images a run trains on, in which order: fixed on resume
+TRAINING_ORDER = ("batch_size", "seed", "val_size")
+# model arguments that change how fast a run goes, not what it computes: a resume may change them
+SPEED_ONLY = ("steps_per_call",)
 # ModelCheckpoint's names for the last checkpoint: last.ckpt, or last-v1.ckpt, last-v2.ckpt...
 # when a folder already holds another run's (several runs without a logger share a folder)
 LAST_CHECKPOINT_PATTERNS = ("last.ckpt", "last-v*.ckpt")
@@ -240,3 +245,53 @@ def find_checkpoint(ckpt_path: str, folders: list[Path], where: str) -> Checkpoi
             "that still exists; pass a checkpoint file to --ckpt_path"
         )
     return read_checkpoint(best, option="--ckpt_path best:")
+
+
+def take_checkpoint(parser: Any, config: Any, subcommand: str) -> tuple[Any, Checkpoint]:
+    """Find, read and check the checkpoint ``--ckpt_path`` names in ``config`` (the parsed
+    config of all subcommands), then take the model's arguments from it, as LightningCLI
+    would, once the file proved to be data; return the new config and the checkpoint.
+
+    A resumed ``fit`` refuses values that differ from the checkpoint's (the model, and the
+    data values that decide the training order); evaluation says which ones it replaced.
+    Arguments that change only the speed (``SPEED_ONLY``) keep the asked value.
+    """
+    section = config[subcommand]
+    folders, where = [], ""
+    if section.ckpt_path in ("last", "best"):
+        trainer = section.trainer
+        folders, where = checkpoint_folders(
+            trainer.default_root_dir, trainer.logger, section.checkpoint.dirpath
+        )
+    checkpoint = find_checkpoint(section.ckpt_path, folders, where)
+    asked = section.model.as_dict()
+    recorded = checkpoint.hyper_parameters
+    for key in SPEED_ONLY:
+        recorded.pop(key, None)
+    unknown = sorted(recorded.keys() - asked.keys())
+    if unknown:
+        raise CheckpointError(
+            f"--ckpt_path {checkpoint.path}: a checkpoint of another model (its arguments "
+            f"include {', '.join(unknown[:3])}); pass a checkpoint that this project's fit wrote"
+        )
+    if recorded:
+        config = parser.parse_object({subcommand: {"model": recorded}}, config)
+    section = config[subcommand]
+    differing = differences("model", section.model.as_dict(), asked)
+    if subcommand == "fit":
+        recorded_data = checkpoint.data_hyper_parameters
+        data = {key: recorded_data[key] for key in TRAINING_ORDER if key in recorded_data}
+        differing += differences("data", data, {key: section.data.get(key) for key in data})
+    if differing:
+        shown = ", ".join(differing[:3])
+        more = f" and {len(differing) - 3} more" if len(differing) > 3 else ""
+        if subcommand == "fit":
+            own_config = checkpoint.path.parent.parent / "config.yaml"
+            remedy = f"--config {own_config}" if own_config.is_file() else "the run's own config"
+            raise CheckpointError(
+                f"--ckpt_path {checkpoint.path}: the checkpoint was trained with {shown}{more}; "
+                "a resumed run keeps its model and data order, so drop the other values or "
+                f"resume with {remedy}"
+            )
+        print(f"note: {subcommand} uses the checkpoint's {shown}{more}", file=sys.stderr)
+    return config, checkpoint

@@ -1,7 +1,8 @@
 """``python -m fashion_lightning {fit,validate,test,predict} --config configs/sgd.yaml``: the
 LightningCLI wiring and the exit codes. What each piece does lives in its own module:
-checking configs (:mod:`.configs`), ``--ckpt_path`` (:mod:`.checkpoints`), run folders
-(:mod:`.run_folders`), stopping and resuming (:mod:`.resume`), errors (:mod:`.errors`).
+checking configs (:mod:`.configs`), ``--ckpt_path`` (:mod:`.checkpoints`), the checks before
+a run (:mod:`.checks`), run folders (:mod:`.run_folders`), stopping and resuming
+(:mod:`.resume`), the loop of optimizer steps (:mod:`.steps`), errors (:mod:`.errors`).
 """
 
 from __future__ import annotations
@@ -13,28 +14,22 @@ import warnings
 from pathlib import Path
 from typing import Any
 
-import torch
 from jsonargparse import Namespace
 from lightning.fabric.plugins import CheckpointIO
 from lightning.fabric.utilities.exceptions import MisconfigurationException
 from lightning.pytorch import Trainer
-from lightning.pytorch.callbacks import (
-    Callback,
-    ProgressBar,
-    StochasticWeightAveraging,
-)
+from lightning.pytorch.callbacks import Callback, ProgressBar
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.loggers import Logger
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from fashion_lightning import __version__
-from fashion_lightning.checkpoints import (
-    Checkpoint,
-    check_fits,
-    checkpoint_folders,
-    differences,
-    find_checkpoint,
-    read_checkpoint,
+from fashion_lightning.checkpoints import Checkpoint, check_fits, read_checkpoint, take_checkpoint
+from fashion_lightning.checks import (
+    check_accelerator,
+    check_callbacks,
+    check_optimizer,
+    check_run_folders,
 )
 from fashion_lightning.configs import (
     check_model_classes,
@@ -47,16 +42,13 @@ from fashion_lightning.configs import (
 from fashion_lightning.data import FashionMNISTDataModule
 from fashion_lightning.errors import (
     WRITE_ERRNOS,
-    CheckpointError,
-    ConfigError,
     UserError,
     cause_of,
     exit_with,
     parse_error,
     write_failure,
 )
-from fashion_lightning.files import ensure_writable_dir
-from fashion_lightning.model import LOOP_KEY, ImageClassifier
+from fashion_lightning.model import ImageClassifier
 from fashion_lightning.predict import PredictionWriter
 from fashion_lightning.progress import StepProgressBar
 from fashion_lightning.resume import ResumableCheckpointIO, ResumableTraining, RunCheckpoint
@@ -66,16 +58,13 @@ from fashion_lightning.run_folders import (
     continued_logger,
     default_logger,
 )
+from fashion_lightning.steps import choose_training_loop
 from fashion_lightning.visuals import ClassificationImages, HParamsSummary
 
-# model arguments that change how fast a run goes, not what it computes: a resume may change them
-SPEED_ONLY = ("steps_per_call",)
 PLAIN_TENSORBOARD = (
     "lightning.pytorch.loggers.TensorBoardLogger",
     "lightning.pytorch.loggers.tensorboard.TensorBoardLogger",
 )
-# the data values that decide which images a run trains on, in which order: fixed on resume
-TRAINING_ORDER = ("batch_size", "seed", "val_size")
 
 # The project's ResumableTraining makes a mid-epoch resume exact; Lightning cannot see that.
 warnings.filterwarnings("ignore", message="You're resuming from a checkpoint that ended before")
@@ -94,7 +83,11 @@ class OneLineErrorParser(LightningArgumentParser):
 
 class FashionCLI(LightningCLI):
     """LightningCLI with this project's defaults: best-on-``val/acc`` and last checkpoints,
-    TensorBoard logs under ``lightning_logs/``, resumable runs, and a test pass after ``fit``."""
+    TensorBoard logs under ``lightning_logs/``, resumable runs, and a test pass after ``fit``.
+
+    (Longer than the project's other classes because LightningCLI's extension points are its
+    methods: one for each step of parsing, building and running; each here is short and hands
+    its work to a module.)"""
 
     def __init__(
         self,
@@ -152,58 +145,11 @@ class FashionCLI(LightningCLI):
         super().parse_arguments(parser, args)
         subcommand = self.config.get("subcommand")
         if subcommand and self.config[subcommand].get("ckpt_path") is not None:
-            self._take_checkpoint(parser, subcommand)
-
-    def _take_checkpoint(self, parser: LightningArgumentParser, subcommand: str) -> None:
-        """Find, read and check ``--ckpt_path`` (``last``, ``best`` or a file), then take the
-        model's arguments from it, as LightningCLI would, once the file proved to be data.
-
-        A resumed ``fit`` refuses values that differ from the checkpoint's; evaluation says
-        which ones it replaced. LightningCLI's own merge of the checkpoint (which would read
-        the file again, unchecked) is kept out by holding ``ckpt_path`` back until the classes
-        are built (:meth:`before_instantiate_classes`).
-        """
-        config = self.config[subcommand]
-        folders, where = [], ""
-        if config.ckpt_path in ("last", "best"):
-            folders, where = checkpoint_folders(
-                config.trainer.default_root_dir, config.trainer.logger, config.checkpoint.dirpath
-            )
-        checkpoint = find_checkpoint(config.ckpt_path, folders, where)
-        self.asked_ckpt_path = config.ckpt_path
-        asked = config.model.as_dict()
-        recorded = checkpoint.hyper_parameters
-        for key in SPEED_ONLY:  # how fast the run goes, not what it computes: the asked value
-            recorded.pop(key, None)
-        unknown = sorted(recorded.keys() - asked.keys())
-        if unknown:
-            raise CheckpointError(
-                f"--ckpt_path {checkpoint.path}: a checkpoint of another model (its arguments "
-                f"include {', '.join(unknown[:3])}); pass a checkpoint that this project's fit wrote"
-            )
-        if recorded:
-            self.config = parser.parse_object({subcommand: {"model": recorded}}, self.config)
-        config = self.config[subcommand]
-        config.ckpt_path = None
-        self.checkpoint = checkpoint
-        differing = differences("model", config.model.as_dict(), asked)
-        if subcommand == "fit":
-            recorded_data = checkpoint.data_hyper_parameters
-            data = {key: recorded_data[key] for key in TRAINING_ORDER if key in recorded_data}
-            differing += differences("data", data, {key: config.data.get(key) for key in data})
-        if not differing:
-            return
-        shown = ", ".join(differing[:3])
-        more = f" and {len(differing) - 3} more" if len(differing) > 3 else ""
-        if subcommand == "fit":
-            own_config = checkpoint.path.parent.parent / "config.yaml"
-            remedy = f"--config {own_config}" if own_config.is_file() else "the run's own config"
-            raise CheckpointError(
-                f"--ckpt_path {checkpoint.path}: the checkpoint was trained with {shown}{more}; "
-                "a resumed run keeps its model and data order, so drop the other values or "
-                f"resume with {remedy}"
-            )
-        print(f"note: {subcommand} uses the checkpoint's {shown}{more}", file=sys.stderr)
+            self.asked_ckpt_path = self.config[subcommand].ckpt_path
+            self.config, self.checkpoint = take_checkpoint(parser, self.config, subcommand)
+            # LightningCLI's own merge of the checkpoint (which reads the file again, unchecked)
+            # finds no path: it is held back until the classes are built
+            self.config[subcommand].ckpt_path = None
 
     def _section(self, config: Namespace) -> Namespace:
         """The part of a config for this command (all of it without subcommands)."""
@@ -220,20 +166,7 @@ class FashionCLI(LightningCLI):
             if isinstance(logger, Namespace) and logger.class_path in PLAIN_TENSORBOARD:
                 # the same logger, except that a new run claims its folder atomically
                 logger.class_path = f"{RunFolderLogger.__module__}.{RunFolderLogger.__name__}"
-        self._check_accelerator(config.trainer.accelerator)
-
-    @staticmethod
-    def _check_accelerator(accelerator: Any) -> None:
-        if not isinstance(accelerator, str) or accelerator.lower() not in ("gpu", "cuda", "mps"):
-            return
-        cuda = torch.cuda.is_available()
-        mps = torch.backends.mps.is_available()
-        if not {"gpu": cuda or mps, "cuda": cuda, "mps": mps}[accelerator.lower()]:
-            raise UserError(
-                f"--trainer.accelerator {accelerator}: PyTorch sees no such device on this "
-                f"machine (torch {torch.__version__}, CUDA available: {cuda}); use "
-                "--trainer.accelerator auto or cpu, or a PyTorch build for your GPU"
-            )
+        check_accelerator(config.trainer.accelerator)
 
     # --- the Trainer ---------------------------------------------------------------------
 
@@ -245,7 +178,7 @@ class FashionCLI(LightningCLI):
         if logger is not None:
             kwargs["logger"] = logger
         callbacks = _as_list(config.get("callbacks"))
-        _refuse_unsupported(callbacks)
+        check_callbacks(callbacks)
         extra: list[Callback] = [self.resumable]
         has_logger = (logger or config.get("logger")) not in (None, False) and not config.get(
             "barebones"
@@ -268,7 +201,7 @@ class FashionCLI(LightningCLI):
         kwargs["plugins"] = plugins
         trainer = super().instantiate_trainer(**kwargs)
         if self.subcommand == "fit":
-            self._choose_training_loop(trainer)
+            choose_training_loop(self.model, trainer, self.checkpoint)
         return trainer
 
     def _logger(self, config: dict[str, Any]) -> Logger | None:
@@ -290,44 +223,6 @@ class FashionCLI(LightningCLI):
             return base if default else None
         return default_logger(root) if default else None
 
-    def _choose_training_loop(self, trainer: Trainer) -> None:
-        """Train in the project's loop of optimizer steps (the model's manual optimization,
-        ``model.steps_per_call`` steps a call), unless the run needs Lightning's (gradient
-        accumulation or clipping) or began in it. Where several steps a call cannot give the
-        same run as one, this run makes one, and says so: the value changes the speed, never
-        the result."""
-        model = self.model
-        asked = model.steps_per_call
-        lightning = trainer.accumulate_grad_batches > 1 or bool(trainer.gradient_clip_val)
-        steps, why = asked, ""
-        recorded = None if self.checkpoint is None else self.checkpoint.contents.get(LOOP_KEY)
-        if self.checkpoint is not None and recorded is None:
-            lightning, why = True, "the run began in Lightning's loop (an earlier version)"
-        elif recorded is not None and (recorded == "lightning") != lightning:
-            raise CheckpointError(
-                f"--ckpt_path {self.checkpoint.path}: the run was trained "
-                f"{'with' if recorded == 'lightning' else 'without'} gradient accumulation or "
-                "clipping, this command would train the other way; resume with its own config"
-            )
-        if lightning:
-            steps, why = 1, why or "gradient accumulation and clipping are Lightning's"
-        elif not _validates_at_epoch_ends_only(trainer):
-            steps, why = 1, "a validation within an epoch comes after a batch, not a call"
-        elif isinstance(trainer.limit_train_batches, float) and trainer.limit_train_batches < 1:
-            steps, why = 1, "--trainer.limit_train_batches is a fraction of the calls"
-        elif self.checkpoint is not None:
-            stopped_with = _stopped_mid_epoch_with(self.checkpoint)
-            if stopped_with is not None and stopped_with != asked:
-                steps, why = stopped_with, "the stopped epoch continues as it began"
-        if steps != asked:
-            print(
-                f"note: --model.steps_per_call {asked}: this run makes {steps} optimizer "
-                f"step{'s' if steps > 1 else ''} a call ({why}); the result is the same",
-                file=sys.stderr,
-            )
-        model.steps_per_call = steps
-        model.automatic_optimization = lightning
-
     def _resuming_last(self) -> bool:
         return self.asked_ckpt_path == "last"
 
@@ -337,46 +232,17 @@ class FashionCLI(LightningCLI):
         """Turn the expected failures after parsing into one-line errors, before any work."""
         if self.checkpoint is not None:
             check_fits(self.checkpoint, self.model)
-        if self.subcommand == "fit":
-            self._check_optimizer()
-        self._check_writable(self._log_root(), "run outputs", self._root_option())
-        checkpoint_callback = self.trainer.checkpoint_callback
-        if self.subcommand == "fit" and checkpoint_callback and checkpoint_callback.dirpath:
-            self._check_writable(
-                Path(checkpoint_callback.dirpath), "checkpoints", "--checkpoint.dirpath"
-            )
+        fitting = self.subcommand == "fit"
+        if fitting:
+            check_optimizer(self.model)
+        configured = isinstance(self._section(self.config).trainer.logger, Namespace)
+        check_run_folders(self.trainer, fitting, configured)
         if self.subcommand in ("validate", "test") and self.checkpoint is None:
             print(
                 f"note: {self.subcommand} without --ckpt_path measures the untrained model; "
                 "pass --ckpt_path best, last or a checkpoint file to measure a trained one",
                 file=sys.stderr,
             )
-
-    def _check_optimizer(self) -> None:
-        """Build the optimizer once, so that a value torch refuses (a negative learning rate)
-        is a one-line error before a run folder exists, not a traceback after."""
-        try:
-            self.model.optimizer(self.model.parameters())
-        except (ValueError, TypeError) as err:
-            raise ConfigError(f"--model.optimizer: {err}") from None
-
-    def _log_root(self) -> Path:
-        logger = self.trainer.logger
-        root = getattr(logger, "root_dir", None) if logger is not None else None
-        return Path(root or self.trainer.default_root_dir)
-
-    def _root_option(self) -> str:
-        configured = isinstance(self._section(self.config).trainer.logger, Namespace)
-        return "--trainer.logger.save_dir" if configured else "--trainer.default_root_dir"
-
-    @staticmethod
-    def _check_writable(folder: Path, what: str, option: str) -> None:
-        try:
-            ensure_writable_dir(folder)
-        except OSError as err:
-            raise UserError(
-                f"cannot write {what} to {folder} ({err}); pass a writable {option}"
-            ) from None
 
     def before_fit(self) -> None:
         self._check_inputs()
@@ -456,36 +322,10 @@ class FashionCLI(LightningCLI):
         self.test(model=self.model, datamodule=self.datamodule)
 
 
-def _validates_at_epoch_ends_only(trainer: Trainer) -> bool:
-    interval = trainer.val_check_interval  # a float is a share of the epoch, an int batches
-    at_ends = isinstance(interval, float) and interval == 1.0
-    return at_ends and trainer.check_val_every_n_epoch is not None
-
-
-def _stopped_mid_epoch_with(checkpoint: Checkpoint) -> int | None:
-    """The ``steps_per_call`` of a run stopped in the middle of an epoch (Lightning counts a
-    resumed epoch in calls), or None."""
-    state = (checkpoint.contents.get("callbacks") or {}).get("ResumableTraining") or {}
-    done = state.get("images_done") or state.get("batches_done")
-    if state.get("epoch_finished", True) or not done:
-        return None
-    return checkpoint.contents.get("hyper_parameters", {}).get("steps_per_call", 1)
-
-
 def _as_list(value: Any) -> list:
     if value is None:
         return []
     return list(value) if isinstance(value, (list, tuple)) else [value]
-
-
-def _refuse_unsupported(callbacks: list[Callback]) -> None:
-    for callback in callbacks:
-        if isinstance(callback, StochasticWeightAveraging):
-            raise ConfigError(
-                "--trainer.callbacks StochasticWeightAveraging: its average reaches neither the "
-                "checkpoints nor the test; use --trainer.callbacks+=WeightAveraging (an equal "
-                "average, as SWA's) or EMAWeightAveraging, which this project keeps end to end"
-            )
 
 
 def _quiet_write_errors_in_threads(args) -> None:

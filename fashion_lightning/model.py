@@ -21,10 +21,8 @@ from fashion_lightning.fashion_mnist import (
     PIXEL_MEAN,
     PIXEL_STD,
 )
-from fashion_lightning.resume import optimizer_step_done
+from fashion_lightning.steps import LOOP_KEY, optimizer_step_done
 
-# the checkpoint key that says whose loop of optimizer steps trained the run
-LOOP_KEY = "optimizer_steps_loop"
 # a dropout probability: 0 (none) up to, not including, 1 (which would drop everything)
 DropoutProbability = restricted_number_type(
     "DropoutProbability", float, [(">=", 0), ("<", 1)], docstring="a float in [0, 1)"
@@ -57,7 +55,11 @@ class MLP(nn.Module):
 
 
 class ImageClassifier(L.LightningModule):
-    """Trains :class:`MLP` with cross-entropy; logs loss and accuracy per stage."""
+    """Trains :class:`MLP` with cross-entropy; logs loss and accuracy per stage.
+
+    (Longer than the project's other classes: a LightningModule's hooks for training,
+    validation, test and predict are its methods, and ``__init__`` documents every argument,
+    which becomes the CLI's ``--help``.)"""
 
     def __init__(
         self,

@@ -18,7 +18,7 @@ from typing import Any
 import lightning as L
 import torch
 from lightning.fabric.plugins import TorchCheckpointIO
-from lightning.pytorch.callbacks import Callback, ModelCheckpoint, WeightAveraging
+from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities import rank_zero_warn
 
@@ -168,20 +168,6 @@ class RunCheckpoint(ModelCheckpoint):
         return Path(path)
 
 
-def optimizer_step_done(trainer: L.Trainer, pl_module: L.LightningModule, images: int) -> None:
-    """What follows every optimizer step when one call of ``training_step`` makes several
-    (``model.steps_per_call``): Lightning calls the callbacks' ``on_train_batch_end`` once per
-    call, so the per-step work runs here, as one step a call would run it: the count of images
-    a resume continues after, and the weight average's update."""
-    for callback in trainer.callbacks:
-        if isinstance(callback, ResumableTraining):
-            callback.on_optimizer_step_done(trainer, images)
-        elif isinstance(callback, WeightAveraging):
-            # its own hook, which updates once for each new optimizer step; Lightning's call at
-            # the end of the call then finds nothing new
-            callback.on_train_batch_end(trainer, pl_module, None, None, 0)
-
-
 def save_last_checkpoint(trainer: L.Trainer) -> Path:
     """Write the run's last checkpoint now, where and as its checkpoint callback keeps it."""
     callback = trainer.checkpoint_callback
@@ -211,6 +197,8 @@ def set_rng_state(state: dict[str, Any]) -> None:
 
 class ResumableTraining(Callback):
     """Stops cleanly on SIGINT/SIGTERM and makes a resume continue exactly where it stopped.
+    (One callback, longer than most: where a signal may stop a run depends on the training
+    state this same callback keeps for the resume.)
 
     Stopping (Lightning alone raises KeyboardInterrupt wherever Ctrl+C lands and exits 1, and
     exits 0 on SIGTERM, or raises ``SIGTERMException`` in the middle of a validation):

@@ -18,7 +18,8 @@ trials it cut short again.
 - :mod:`.space`: the search file, checked against ``fit`` before any trial;
 - :mod:`.storage`: where the study lives, a torn journal mended, a dead worker's trial told,
   and a storage URL printed without its password;
-- :mod:`.search`: the study and the trials this process runs;
+- :mod:`.study`: opening the study, and checking it is the one this command continues;
+- :mod:`.search`: the trials this process runs, and waiting for the others';
 - :mod:`.workers`: worker processes, and the signals that stop the search;
 - :mod:`.report`: the summary table, plots, ``best.yaml`` and the confirmation runs.
 """

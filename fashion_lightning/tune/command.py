@@ -18,7 +18,7 @@ except ModuleNotFoundError:  # an optional part of the package
 
 from fashion_lightning.errors import SearchError, UserError, exit_with, parse_error
 from fashion_lightning.tune import report
-from fashion_lightning.tune.search import OBJECTIVES, Search, no_traceback_for_known_errors
+from fashion_lightning.tune.search import Search, no_traceback_for_known_errors
 from fashion_lightning.tune.storage import (
     GRACE_HEARTBEATS,
     HEARTBEAT_SECONDS,
@@ -26,6 +26,7 @@ from fashion_lightning.tune.storage import (
     is_url,
     shown,
 )
+from fashion_lightning.tune.study import OBJECTIVES
 from fashion_lightning.tune.workers import STOPS, run_workers, stop_when_parent_dies
 
 PROG = "python -m fashion_lightning.tune"
