@@ -59,7 +59,7 @@ PROJECT_VARIANTS = {
     "project-no-images": ["--images.every_n_epochs=0"],
 }
 VARIANTS = ("tutorial", "floor", *PROJECT_VARIANTS)
-DEFAULT_VARIANTS = "tutorial,floor,project"
+DEFAULT_VARIANTS = "tutorial,floor,project-k1,project"
 SEED = 42
 
 

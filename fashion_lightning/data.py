@@ -60,18 +60,28 @@ def keep_batch(batch: tuple[Tensor, Tensor]) -> tuple[Tensor, Tensor]:
     return batch
 
 
-class EpochShuffleSampler(Sampler[int]):
-    """A random order that is a function of ``(seed, epoch)`` alone.
+class EpochShuffleSampler(DistributedSampler):
+    """A random order that is a function of ``(seed, epoch)`` alone; under DDP, this process's
+    share of it: every ``world_size``-th index from ``rank`` on (padded with the order's first
+    indices, so that the shares are equal, as DistributedSampler pads).
 
     torch's RandomSampler draws its seed from the global RNG, which checkpoints do not carry,
-    so a resumed run would shuffle differently. Lightning calls ``set_epoch`` each epoch.
+    so a resumed run would shuffle differently. Lightning calls ``set_epoch`` each epoch. A
+    DistributedSampler itself, so that under DDP Lightning uses it as it is, instead of
+    wrapping it in one that shuffles it again: each process knows where its share stands, and
+    a mid-epoch resume under DDP continues exactly.
     """
 
-    def __init__(self, size: int, seed: int, length: int | None = None) -> None:
-        """``length``: how many of the ``size`` indices an epoch yields (all by default)."""
+    def __init__(
+        self, size: int, seed: int, length: int | None = None, rank: int = 0, world_size: int = 1
+    ) -> None:
+        """``length``: how many indices of its share an epoch yields to this process (all by
+        default)."""
+        super().__init__(range(size), num_replicas=world_size, rank=rank, shuffle=False)
         self.size = size
         self.seed = seed
-        self.length = size if length is None else min(length, size)
+        share = -(-size // world_size)
+        self.length = share if length is None else min(length, share)
         self.epoch = 0
         self._resume: tuple[int, int] | None = None  # (epoch, position) of a mid-epoch resume
 
@@ -88,8 +98,11 @@ class EpochShuffleSampler(Sampler[int]):
     def __iter__(self):
         start = self._resume[1] if self._resume and self._resume[0] == self.epoch else 0
         generator = torch.Generator().manual_seed((self.seed + self.epoch) % 2**64)
-        order = torch.randperm(self.size, generator=generator)[: self.length]
-        return iter(order[start:].tolist())
+        order = torch.randperm(self.size, generator=generator)
+        if self.num_replicas > 1:
+            padding = -len(order) % self.num_replicas
+            order = torch.cat([order, order[:padding]])[self.rank :: self.num_replicas]
+        return iter(order[: self.length][start:].tolist())
 
 
 class EvaluationShareSampler(DistributedSampler):
@@ -137,7 +150,9 @@ def to_float_images(images: Tensor) -> Tensor:
 
 
 class FashionMNISTDataModule(L.LightningDataModule):
-    """FashionMNIST: 55k/5k seeded train/validation split of the 60k training images, official 10k test."""
+    """FashionMNIST: 55k/5k seeded train/validation split of the 60k training images, official
+    10k test. (A LightningDataModule's hooks are its methods, and ``__init__`` documents every
+    argument for the CLI's ``--help``: longer than the project's other classes.)"""
 
     def __init__(
         self,
@@ -285,8 +300,11 @@ class FashionMNISTDataModule(L.LightningDataModule):
         if steps_per_call > 1:
             # Lightning counts --trainer.limit_train_batches in calls, which here hold several
             # batches each: the order itself stops after that many batches
-            length = self.training_batches() * self.batch_size * self.trainer.world_size
-        sampler = EpochShuffleSampler(len(self.train_set), self.seed, length)
+            length = self.training_batches() * self.batch_size
+        trainer = self.trainer
+        rank = trainer.global_rank if trainer is not None else 0
+        processes = trainer.world_size if trainer is not None else 1
+        sampler = EpochShuffleSampler(len(self.train_set), self.seed, length, rank, processes)
         epoch, done = self._continue_at
         sampler.set_epoch(epoch)  # Lightning sets it too, but only after its first iterator
         if done:

@@ -14,6 +14,25 @@ from lightning.pytorch.callbacks import Callback
 
 ROOT = Path(__file__).resolve().parents[1]
 SGD_CONFIG = ROOT / "configs" / "sgd.yaml"
+# the tests' two sizes of a real fit: a few batches (is it accepted, what does it write), and
+# two short epochs (what does training do: resumes, logged curves, several steps a call)
+TINY = (
+    "--trainer.max_epochs=1",
+    "--trainer.limit_train_batches=3",
+    "--trainer.limit_val_batches=2",
+    "--trainer.limit_test_batches=2",
+)
+SHORT = (
+    "--trainer.max_epochs=2",
+    "--trainer.limit_train_batches=30",
+    "--trainer.limit_val_batches=5",
+    "--trainer.limit_test_batches=5",
+    "--trainer.log_every_n_steps=5",
+    "--model.optimizer.init_args.lr=0.05",
+    # one optimizer step a call: tests that stop a run at a given batch; several steps a call
+    # (the configs' 16) are compared with one in tests/test_steps_per_call.py
+    "--model.steps_per_call=1",
+)
 
 
 def fit_args(data_dir, root, *extra: str) -> list[str]:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 
 import pytest
-from lightning.fabric.utilities.distributed import DistributedSamplerWrapper
+import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from fashion_lightning.cli import main
@@ -24,16 +24,19 @@ def _scalars(run_dir, tag):
 def test_ddp_on_two_cpu_processes(data_dir, tmp_path):
     orders = tmp_path / "orders"
     orders.mkdir()
+    ddp = (
+        "--trainer.strategy=ddp",
+        "--trainer.accelerator=cpu",
+        "--trainer.devices=2",
+        "--trainer.max_epochs=2",
+        "--trainer.limit_train_batches=40",
+        "--model.optimizer.init_args.lr=0.05",
+    )
     result = run_cli(
         *fit_args(
             data_dir,
             tmp_path,
-            "--trainer.strategy=ddp",
-            "--trainer.accelerator=cpu",
-            "--trainer.devices=2",
-            "--trainer.max_epochs=2",
-            "--trainer.limit_train_batches=40",
-            "--model.optimizer.init_args.lr=0.05",
+            *ddp,
             "--trainer.callbacks+=tests.helpers.RecordTrainOrder",
             f"--trainer.callbacks.folder={orders}",
         )
@@ -42,21 +45,20 @@ def test_ddp_on_two_cpu_processes(data_dir, tmp_path):
     # prepare_data ran on one process: once for fit and once for the test after it (4 if per rank)
     assert result.stderr.count("FashionMNIST: verified raw files in") == 2
 
-    # each rank gets a disjoint half of the 55k training images, a new order each epoch,
-    # and that order is a function of (seed, epoch): Lightning's wrapper around our sampler
+    # each rank gets a disjoint share of the epoch's order, a new order each epoch, a function
+    # of (seed, epoch): every second image from its rank on (the first 40 batches of each: with
+    # several steps a call the order itself stops there)
     for epoch in (0, 1):
         ranks = [
             json.loads((orders / f"order-rank{r}-epoch{epoch}.json").read_text()) for r in (0, 1)
         ]
-        assert len(ranks[0]) == len(ranks[1]) == 27500
+        assert len(ranks[0]) == len(ranks[1]) == 40 * 64
         assert not set(ranks[0]) & set(ranks[1])
-        assert set(ranks[0]) | set(ranks[1]) == set(range(55000))
+        whole = EpochShuffleSampler(55000, seed=42)
+        whole.set_epoch(epoch)
+        assert set(ranks[0]) | set(ranks[1]) == set(list(whole)[: 2 * 40 * 64])
         for rank, seen in enumerate(ranks):
-            expected = DistributedSamplerWrapper(
-                EpochShuffleSampler(55000, seed=42), num_replicas=2, rank=rank, seed=42
-            )
-            expected.set_epoch(epoch)
-            assert seen == list(expected)
+            assert seen == list(whole)[rank : 2 * 40 * 64 : 2]  # every second from its rank
     assert (
         json.loads((orders / "order-rank0-epoch0.json").read_text())[:100]
         != json.loads((orders / "order-rank0-epoch1.json").read_text())[:100]
@@ -82,6 +84,16 @@ def test_ddp_on_two_cpu_processes(data_dir, tmp_path):
         ]
     )
     assert _scalars(single / "lightning_logs" / "version_0", "val/acc") == [ddp_val_acc]
+
+    # several optimizer steps a call (the configs' 16) give the same run as one under DDP too
+    one = tmp_path / "one-step-a-call"
+    result = run_cli(*fit_args(data_dir, one, *ddp, "--model.steps_per_call=1"))
+    assert result.returncode == 0, result.stderr[-3000:]
+    expected = torch.load(one / "lightning_logs/version_0/checkpoints/last.ckpt", weights_only=True)
+    got = torch.load(run / "checkpoints" / "last.ckpt", weights_only=True)
+    assert got["global_step"] == expected["global_step"] == 2 * 40
+    for name, tensor in expected["state_dict"].items():
+        assert torch.equal(got["state_dict"][name], tensor), name
 
 
 def test_ddp_on_three_processes_counts_every_evaluation_image_once(data_dir, tmp_path):

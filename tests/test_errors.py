@@ -13,14 +13,7 @@ import torch
 from lightning.pytorch.demos.boring_classes import BoringModel
 
 from fashion_lightning.cli import main
-from tests.helpers import ROOT, SGD_CONFIG, fit_args, last_line, run_cli
-
-TINY_RUN = (
-    "--trainer.max_epochs=1",
-    "--trainer.limit_train_batches=3",
-    "--trainer.limit_val_batches=2",
-    "--trainer.limit_test_batches=2",
-)
+from tests.helpers import ROOT, SGD_CONFIG, TINY, fit_args, last_line, run_cli
 
 
 def _fails(args: list[str], capsys, exit_code: int = 1) -> str:
@@ -37,7 +30,7 @@ def _fails(args: list[str], capsys, exit_code: int = 1) -> str:
 def checkpoints(data_dir, tmp_path_factory) -> dict[str, Path]:
     """A real checkpoint of this project, and one of Lightning's demo model."""
     root = tmp_path_factory.mktemp("checkpoints")
-    main(fit_args(data_dir, root, *TINY_RUN))
+    main(fit_args(data_dir, root, *TINY))
     other = L.Trainer(default_root_dir=root, max_steps=1, logger=False, enable_progress_bar=False)
     other.fit(BoringModel())
     other.save_checkpoint(root / "boring.ckpt")
@@ -77,7 +70,7 @@ def _bad_checkpoint(kind: str, checkpoints: dict[str, Path], tmp_path: Path) -> 
 def test_bad_ckpt_path(kind, phrase, subcommand, checkpoints, data_dir, tmp_path, capsys):
     path = _bad_checkpoint(kind, checkpoints, tmp_path)
     before = path.read_bytes() if path.exists() else None
-    args = fit_args(data_dir, tmp_path / "runs", *TINY_RUN, f"--ckpt_path={path}")
+    args = fit_args(data_dir, tmp_path / "runs", *TINY, f"--ckpt_path={path}")
     args[0] = subcommand
     line = _fails(args, capsys)
     assert line.startswith(f"error: --ckpt_path {path}: {phrase}"), line
@@ -87,16 +80,14 @@ def test_bad_ckpt_path(kind, phrase, subcommand, checkpoints, data_dir, tmp_path
 
 @pytest.mark.slow
 def test_good_explicit_ckpt_path_still_works(checkpoints, data_dir, tmp_path, capsys):
-    main(
-        ["test", *fit_args(data_dir, tmp_path, *TINY_RUN)[1:], f"--ckpt_path={checkpoints['ours']}"]
-    )
+    main(["test", *fit_args(data_dir, tmp_path, *TINY)[1:], f"--ckpt_path={checkpoints['ours']}"])
     assert "test/acc" in capsys.readouterr().out
 
 
 def test_resume_last_with_nothing_to_resume_is_an_error_not_a_fresh_start(
     data_dir, tmp_path, capsys
 ):
-    line = _fails(fit_args(data_dir, tmp_path, *TINY_RUN, "--ckpt_path=last"), capsys)
+    line = _fails(fit_args(data_dir, tmp_path, *TINY, "--ckpt_path=last"), capsys)
     assert line == (
         f"error: --ckpt_path last: no last.ckpt under {tmp_path / 'lightning_logs'} to resume; "
         "drop --ckpt_path to start a new run"
@@ -112,6 +103,7 @@ def test_nan_loss_stops_at_once_and_keeps_the_last_good_checkpoint(data_dir, tmp
         "--model.optimizer.init_args.lr=1e6",
         "--checkpoint.every_n_train_steps=1",
         "--checkpoint.monitor=null",
+        "--model.steps_per_call=1",  # a checkpoint after every step
     )
     line = _fails(args, capsys)
     last = tmp_path / "lightning_logs" / "version_0" / "checkpoints" / "last.ckpt"
@@ -128,7 +120,7 @@ def test_nan_loss_stops_at_once_and_keeps_the_last_good_checkpoint(data_dir, tmp
 def test_damaged_data_file_is_one_line_through_the_cli(raw_copy, tmp_path, capsys):
     truncated = raw_copy / "FashionMNIST" / "raw" / "t10k-images-idx3-ubyte"
     truncated.write_bytes(truncated.read_bytes()[:5000])
-    line = _fails(fit_args(raw_copy, tmp_path, *TINY_RUN), capsys)
+    line = _fails(fit_args(raw_copy, tmp_path, *TINY), capsys)
     assert line.startswith(
         f"error: {truncated}: truncated: 5000 bytes, expected 7840016; delete it"
     )
@@ -147,7 +139,7 @@ def test_unwritable_location_is_one_line(option, phrase, tmp_path, capsys):
     blocker = tmp_path / "a-file"
     blocker.write_text("keep me")
     path = blocker / "inside"
-    args = fit_args(tmp_path / "data", tmp_path, *TINY_RUN, "--data.source_dir=/nonexistent")
+    args = fit_args(tmp_path / "data", tmp_path, *TINY, "--data.source_dir=/nonexistent")
     args.append(f"{option}={path}")
     line = _fails(args, capsys)
     assert line.startswith("error: " + phrase.format(path=path)), line
@@ -202,7 +194,7 @@ def test_an_unwritable_checkpoint_folder_is_one_line_before_training(tmp_path, c
 def test_evaluating_without_a_checkpoint_says_it_measures_an_untrained_model(
     data_dir, tmp_path, capsys
 ):
-    main(["validate", *fit_args(data_dir, tmp_path, *TINY_RUN)[1:]])
+    main(["validate", *fit_args(data_dir, tmp_path, *TINY)[1:]])
     notes = [line for line in capsys.readouterr().err.splitlines() if line.startswith("note:")]
     assert notes == [
         "note: validate without --ckpt_path measures the untrained model; pass --ckpt_path "
@@ -244,7 +236,7 @@ def test_stochastic_weight_averaging_is_refused_in_one_line(tmp_path, capsys):
 def test_a_path_too_long_to_exist_is_one_line(option, data_dir, tmp_path, capsys):
     path = tmp_path / ("x" * 300)
     subcommand = "predict" if option == "--data.predict_dir" else "test"
-    args = [subcommand, *fit_args(data_dir, tmp_path / "runs", *TINY_RUN)[1:], f"{option}={path}"]
+    args = [subcommand, *fit_args(data_dir, tmp_path / "runs", *TINY)[1:], f"{option}={path}"]
     line = _fails(args, capsys)
     assert line.startswith(f"error: {option} {path}: "), line
     assert "File name too long" in line
@@ -264,9 +256,8 @@ def test_a_callback_whose_package_is_missing_is_one_line(tmp_path):
     result = run_cli(*fit_args(tmp_path / "data", tmp_path, "--trainer.callbacks+=RichProgressBar"))
     assert result.returncode == 1
     assert "Traceback" not in result.stderr
-    assert last_line(result.stderr) == (
-        "error: `RichProgressBar` requires `rich` >= 10.2.2. Install it by running `pip install -U rich`."
-    )
+    line = last_line(result.stderr)  # Lightning's words: one line that names the package
+    assert line.startswith("error: ") and "rich" in line
 
 
 @pytest.mark.parametrize(
@@ -293,7 +284,7 @@ def test_evaluation_into_an_unwritable_root_is_one_line(
 ):
     blocker = tmp_path / "a-file"
     blocker.write_text("keep me")
-    args = fit_args(data_dir, blocker / "inside", *TINY_RUN, f"--ckpt_path={checkpoints['ours']}")
+    args = fit_args(data_dir, blocker / "inside", *TINY, f"--ckpt_path={checkpoints['ours']}")
     line = _fails([subcommand, *args[1:]], capsys)
     assert line.startswith(
         f"error: cannot write run outputs to {blocker / 'inside'}/lightning_logs"
@@ -331,7 +322,7 @@ def test_a_full_disk_while_checkpointing_is_one_line_and_keeps_the_last_checkpoi
         fit_args(
             data_dir,
             disk,
-            *TINY_RUN,
+            *TINY,
             "--trainer.max_epochs=3",
             "--model.optimizer.init_args.lr=0.1",
         )
@@ -374,7 +365,7 @@ def test_a_full_disk_while_writing_tensorboard_logs_is_one_line(data_dir, tmp_pa
     args = fit_args(
         data_dir,
         disk,
-        *TINY_RUN,
+        *TINY,
         "--trainer.max_epochs=3",
         "--checkpoint.save_last=false",
         "--checkpoint.save_top_k=0",

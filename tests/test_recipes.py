@@ -56,6 +56,7 @@ def test_the_scheduler_changes_the_learning_rate_every_step(data_dir, tmp_path):
             "--trainer.limit_val_batches=1",
             "--trainer.limit_test_batches=1",
             "--trainer.callbacks+=tests.helpers.RecordLearningRate",
+            "--model.steps_per_call=1",  # the callback looks at each call's start
         ]
     )
     seen = RecordLearningRate.seen

@@ -11,19 +11,14 @@ import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from fashion_lightning.cli import main
-from tests.helpers import RecordLastCheckpoint, fit_args, run_cli
+from tests.helpers import SHORT, RecordLastCheckpoint, fit_args, run_cli
 
 pytestmark = pytest.mark.slow
 
 # the tutorial's run, short, with every per-step feature on: dropout (random masks), flipped
 # images (drawn per step), a learning rate stepped every step, a weight average
 RUN = (
-    "--trainer.max_epochs=2",
-    "--trainer.limit_train_batches=30",
-    "--trainer.limit_val_batches=3",
-    "--trainer.limit_test_batches=2",
-    "--trainer.log_every_n_steps=5",
-    "--model.optimizer.init_args.lr=0.05",
+    *SHORT,
     "--model.dropout=0.2",
     "--data.augment_flip=true",
     "--model.lr_scheduler=StepLR",
@@ -136,7 +131,7 @@ def _resume(data_dir, root, steps: int):
     )
 
 
-@pytest.mark.parametrize(("stopped_with", "resumed_with"), [(4, 4), (7, 7)])
+@pytest.mark.parametrize(("stopped_with", "resumed_with"), [(4, 4)])
 def test_a_stop_in_the_middle_of_an_epoch_resumes_exactly(
     stopped_with, resumed_with, one_step_a_call, data_dir, tmp_path
 ):
@@ -148,7 +143,7 @@ def test_a_stop_in_the_middle_of_an_epoch_resumes_exactly(
     assert_same_run(one_step_a_call, tmp_path)
 
 
-@pytest.mark.parametrize(("stopped_with", "resumed_with", "last_call"), [(1, 7, 29), (4, 1, 28)])
+@pytest.mark.parametrize(("stopped_with", "resumed_with", "last_call"), [(1, 7, 29)])
 def test_a_stop_at_an_epochs_end_resumes_exactly_with_another_number_of_steps_a_call(
     stopped_with, resumed_with, last_call, one_step_a_call, data_dir, tmp_path
 ):
@@ -173,22 +168,28 @@ def test_a_stop_in_the_middle_of_an_epoch_continues_it_as_it_began(
 
 
 def test_a_nan_loss_names_its_step_and_writes_no_nan_weights(data_dir, tmp_path, capsys):
-    args = fit_args(
-        data_dir,
-        tmp_path,
-        "--model.steps_per_call=4",
-        "--model.optimizer.init_args.lr=1e6",
-        "--checkpoint.every_n_train_steps=1",
-        "--checkpoint.monitor=null",
-    )
-    with pytest.raises(SystemExit) as exit_:
-        main(args)
-    assert exit_.value.code == 1
-    line = [x for x in capsys.readouterr().err.splitlines() if x.startswith("error:")][-1]
-    step = int(line.split(" at step ")[1].split()[0])
-    checkpoint = _last(tmp_path)
-    assert checkpoint["global_step"] == step  # every step before the bad one, none after
-    assert all(torch.isfinite(t).all() for t in checkpoint["state_dict"].values())
+    def nan_step(steps: int) -> int:
+        args = fit_args(
+            data_dir,
+            tmp_path / str(steps),
+            f"--model.steps_per_call={steps}",
+            "--model.optimizer.init_args.lr=1e6",
+            "--checkpoint.every_n_train_steps=1",
+            "--checkpoint.monitor=null",
+        )
+        with pytest.raises(SystemExit) as exit_:
+            main(args)
+        assert exit_.value.code == 1
+        line = [x for x in capsys.readouterr().err.splitlines() if x.startswith("error:")][-1]
+        last = tmp_path / str(steps) / "lightning_logs" / "version_0" / "checkpoints" / "last.ckpt"
+        if last.exists():  # written at the end of a call before the bad one: finite
+            checkpoint = torch.load(last, weights_only=True)
+            assert all(torch.isfinite(t).all() for t in checkpoint["state_dict"].values())
+        else:
+            assert "no checkpoint was written yet" in line
+        return int(line.split(" at step ")[1].split()[0])
+
+    assert nan_step(4) == nan_step(1)  # the same bad step, named the same
 
 
 @pytest.mark.parametrize(
@@ -206,7 +207,7 @@ def test_what_needs_one_step_a_call_gets_it_and_says_so(option, why, data_dir, t
         "--trainer.limit_test_batches=1",
         option,
     )
-    main(fit_args(data_dir, tmp_path / "one", *args))
+    main(fit_args(data_dir, tmp_path / "one", *args, "--model.steps_per_call=1"))
     main(fit_args(data_dir, tmp_path / "four", *args, "--model.steps_per_call=4"))
     notes = [line for line in capsys.readouterr().err.splitlines() if line.startswith("note:")]
     assert len(notes) == 1
