@@ -10,16 +10,11 @@ import pytest
 import torch
 import yaml
 
-from tests.helpers import ROOT, SGD_CONFIG, fit_args, last_line, run_cli
+from fashion_lightning.cli import main
+from fashion_lightning.configs import TRUSTED_IMPORTS_ENV
+from tests.helpers import ROOT, SGD_CONFIG, TINY, fit_args, last_line
 
-pytestmark = pytest.mark.slow  # real processes, each one a command a user runs
-
-TINY = (
-    "--trainer.max_epochs=1",
-    "--trainer.limit_train_batches=3",
-    "--trainer.limit_val_batches=2",
-    "--trainer.limit_test_batches=2",
-)
+pytestmark = pytest.mark.slow  # a fit for the checkpoints, and a search in a process
 
 
 @pytest.fixture(scope="module")
@@ -39,6 +34,25 @@ def _crafted(good_checkpoint, path, **hyper_parameters):
     return path
 
 
+def _command(args, capsys, monkeypatch, folder=None, trusted=None) -> tuple[int, str]:
+    """Run the CLI in this process as from ``folder`` (where a module of the test may lie,
+    importable), with ``trusted`` as FASHION_LIGHTNING_TRUSTED_IMPORTS; its exit code and
+    last line."""
+    if folder is not None:
+        monkeypatch.chdir(folder)
+        monkeypatch.syspath_prepend(str(folder))
+    if trusted is not None:
+        monkeypatch.setenv(TRUSTED_IMPORTS_ENV, trusted)
+    code = 0
+    try:
+        main(args)
+    except SystemExit as exit_:
+        code = exit_.code
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    return code, last_line(err) if err.strip() else ""
+
+
 def _shell(marker) -> dict:
     return {"class_path": "os.system", "init_args": {"command": f"touch {marker}"}}
 
@@ -55,18 +69,16 @@ def _evil_module(folder, marker):
 @pytest.mark.parametrize("subcommand", ["validate", "test", "predict", "fit"])
 @pytest.mark.parametrize("key", ["optimizer", "lr_scheduler"])
 def test_a_checkpoint_that_names_a_shell_command_is_refused_before_anything_runs(
-    subcommand, key, good_checkpoint, data_dir, tmp_path
+    subcommand, key, good_checkpoint, data_dir, tmp_path, capsys, monkeypatch
 ):
     marker = tmp_path / "ran"
     crafted = _crafted(good_checkpoint, tmp_path / "crafted.ckpt", **{key: _shell(marker)})
-    result = run_cli(
-        subcommand, *fit_args(data_dir, tmp_path / "runs", *TINY)[1:], f"--ckpt_path={crafted}"
-    )
-    assert result.returncode == 1, result.stderr[-2000:]
-    assert last_line(result.stderr).startswith(
+    args = [subcommand, *fit_args(data_dir, tmp_path / "runs", *TINY)[1:], f"--ckpt_path={crafted}"]
+    code, line = _command(args, capsys, monkeypatch)
+    assert code == 1
+    assert line.startswith(
         f"error: --ckpt_path {crafted}: hyper_parameters.{key}: 'os.system' is not "
     )
-    assert "Traceback" not in result.stderr
     assert not marker.exists()
     assert not (tmp_path / "runs").exists()  # nothing was written
 
@@ -85,50 +97,36 @@ def test_a_checkpoint_that_names_a_shell_command_is_refused_before_anything_runs
     ids=["instantiator", "class-path", "unloaded-module", "nested"],
 )
 def test_a_crafted_checkpoint_imports_nothing(
-    hyper_parameters, phrase, good_checkpoint, data_dir, tmp_path
+    hyper_parameters, phrase, good_checkpoint, data_dir, tmp_path, capsys, monkeypatch
 ):
     marker = tmp_path / "imported"
-    _evil_module(tmp_path, marker)
+    _evil_module(tmp_path, marker)  # importable from where the command runs
     crafted = _crafted(good_checkpoint, tmp_path / "crafted.ckpt", **hyper_parameters)
-    result = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "fashion_lightning",
-            "test",
-            *fit_args(data_dir, tmp_path / "runs", *TINY)[1:],
-            f"--ckpt_path={crafted}",
-        ],
-        cwd=tmp_path,  # evil_module.py would be importable from here
-        env={**__import__("os").environ, "PYTHONPATH": str(ROOT)},
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
-    assert result.returncode == 1, result.stderr[-2000:]
-    assert phrase in last_line(result.stderr)
-    assert not marker.exists()
+    args = ["test", *fit_args(data_dir, tmp_path / "runs", *TINY)[1:], f"--ckpt_path={crafted}"]
+    code, line = _command(args, capsys, monkeypatch, folder=tmp_path)
+    assert code == 1 and phrase in line, line
+    assert not marker.exists() and "evil_module" not in sys.modules
 
 
 @pytest.mark.parametrize("subcommand", ["fit", "test"])
 def test_best_with_a_damaged_or_crafted_last_checkpoint_is_one_line(
-    subcommand, good_checkpoint, data_dir, tmp_path
+    subcommand, good_checkpoint, data_dir, tmp_path, capsys, monkeypatch
 ):
     folder = tmp_path / "lightning_logs" / "version_0" / "checkpoints"
     folder.mkdir(parents=True)
+    args = [subcommand, *fit_args(data_dir, tmp_path, *TINY)[1:], "--ckpt_path=best"]
     for content, phrase in (
         (b"", "the file is empty"),
         (good_checkpoint.read_bytes()[:50_000], "not a readable checkpoint"),
     ):
         (folder / "last.ckpt").write_bytes(content)
-        result = run_cli(subcommand, *fit_args(data_dir, tmp_path, *TINY)[1:], "--ckpt_path=best")
-        assert result.returncode == 1, result.stderr[-2000:]
-        line = last_line(result.stderr)
+        code, line = _command(args, capsys, monkeypatch)
+        assert code == 1
         assert line.startswith("error: --ckpt_path best: the newest run's ") and phrase in line
     marker = tmp_path / "ran"
     _crafted(good_checkpoint, folder / "last.ckpt", optimizer=_shell(marker))
-    result = run_cli(subcommand, *fit_args(data_dir, tmp_path, *TINY)[1:], "--ckpt_path=best")
-    assert result.returncode == 1 and "hyper_parameters.optimizer" in last_line(result.stderr)
+    code, line = _command(args, capsys, monkeypatch)
+    assert code == 1 and "hyper_parameters.optimizer" in line
     assert not marker.exists()
 
 
@@ -158,58 +156,42 @@ def _config(tmp_path, model: dict, trainer: dict | None = None):
     ],
     ids=["optimizer-shell", "scheduler-shell", "import", "a-function", "an-optimizer-as-scheduler"],
 )
-def test_a_config_may_name_optimizer_and_scheduler_classes_only(model, phrase, data_dir, tmp_path):
+def test_a_config_may_name_optimizer_and_scheduler_classes_only(
+    model, phrase, data_dir, tmp_path, capsys, monkeypatch
+):
     marker = tmp_path / "ran"
     model = yaml.safe_load(yaml.safe_dump(model).replace("{m}", str(marker)))
     _evil_module(tmp_path, tmp_path / "imported")
-    config = _config(tmp_path, model)
-    result = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "fashion_lightning",
-            *fit_args(data_dir, tmp_path / "runs", *TINY),
-            "--config",
-            str(config),
-        ],
-        cwd=tmp_path,
-        env={**__import__("os").environ, "PYTHONPATH": str(ROOT)},
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
-    assert result.returncode == 2, result.stderr[-2000:]
-    line = last_line(result.stderr)
+    args = [
+        *fit_args(data_dir, tmp_path / "runs", *TINY),
+        "--config",
+        str(_config(tmp_path, model)),
+    ]
+    code, line = _command(args, capsys, monkeypatch, folder=tmp_path)
+    assert code == 2
     assert line.startswith("error: ") and phrase in line, line
-    assert "Traceback" not in result.stderr
     assert not marker.exists() and not (tmp_path / "imported").exists()
     assert not (tmp_path / "runs").exists()
 
 
-def test_a_config_may_not_import_a_module_the_user_did_not_trust(data_dir, tmp_path):
+def test_a_config_may_not_import_a_module_the_user_did_not_trust(
+    data_dir, tmp_path, capsys, monkeypatch
+):
     marker = tmp_path / "imported"
-    _evil_module(tmp_path, marker)
-    config = _config(tmp_path, {}, {"callbacks": [{"class_path": "evil_module.Quiet"}]})
-    args = [
-        sys.executable,
-        "-m",
-        "fashion_lightning",
-        *fit_args(data_dir, tmp_path / "runs", *TINY),
-    ]
-    env = {**__import__("os").environ, "PYTHONPATH": str(ROOT)}
-    env.pop("FASHION_LIGHTNING_TRUSTED_IMPORTS", None)
-    refused = subprocess.run(
-        [*args, "--config", str(config)], cwd=tmp_path, env=env, capture_output=True, text=True
+    (tmp_path / "users_callbacks.py").write_text(  # a module of the user's own, not a test's
+        f"import pathlib\npathlib.Path({str(marker)!r}).touch()\n"
+        "from lightning.pytorch.callbacks import Callback\n"
+        "class Quiet(Callback):\n    pass\n"
     )
-    assert refused.returncode == 2, refused.stderr[-2000:]
-    assert "evil_module" in last_line(refused.stderr) and not marker.exists()
-    # the user's own module, trusted by the user's environment (a file cannot set it)
-    env["FASHION_LIGHTNING_TRUSTED_IMPORTS"] = "evil_module"
-    trusted = subprocess.run(
-        [*args, "--config", str(config)], cwd=tmp_path, env=env, capture_output=True, text=True
-    )
-    assert trusted.returncode == 0, trusted.stderr[-2000:]
-    assert marker.exists()
+    config = _config(tmp_path, {}, {"callbacks": [{"class_path": "users_callbacks.Quiet"}]})
+    args = [*fit_args(data_dir, tmp_path / "runs", *TINY), "--config", str(config)]
+    code, line = _command(args, capsys, monkeypatch, folder=tmp_path, trusted="")
+    assert code == 2 and "users_callbacks" in line and not marker.exists()
+    # trusted by the user's environment (a file cannot set it)
+    monkeypatch.delitem(sys.modules, "users_callbacks", raising=False)
+    code, _ = _command(args, capsys, monkeypatch, folder=tmp_path, trusted="users_callbacks")
+    assert code == 0 and marker.exists()
+    monkeypatch.delitem(sys.modules, "users_callbacks", raising=False)
 
 
 def test_todays_configs_name_only_allowed_classes():

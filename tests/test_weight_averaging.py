@@ -1,10 +1,10 @@
 """Weight averaging (Lightning's EMAWeightAveraging) from the config, end to end: the test after
-fit, a separate test, a resume and predict all see the averaged weights the checkpoint holds."""
+fit, a separate test and predict all see the averaged weights the checkpoint holds. (A stop and
+resume with it: tests/test_steps_per_call.py.)"""
 
 from __future__ import annotations
 
 import csv
-import signal
 
 import pytest
 import torch
@@ -53,25 +53,6 @@ def test_after_fit_test_measures_the_averaged_weights_a_separate_test_does(
     separate = run_cli("test", *fit_args(data_dir, tmp_path, *EMA)[1:], f"--ckpt_path={best}")
     assert separate.returncode == 0, separate.stderr[-2000:]
     assert _test_acc(tmp_path / "lightning_logs" / "version_0") == _test_acc(ema_run)
-
-
-def test_resume_with_weight_averaging_is_exact(ema_run, data_dir, tmp_path):
-    stopped = run_cli(
-        *fit_args(data_dir, tmp_path, *EMA),
-        "--trainer.callbacks+=tests.helpers.SendSignalAt",
-        f"--trainer.callbacks.signum={int(signal.SIGTERM)}",
-        "--trainer.callbacks.step=25",
-    )
-    assert stopped.returncode == 143, stopped.stderr[-2000:]
-    resumed = run_cli(*fit_args(data_dir, tmp_path, *EMA), "--ckpt_path=last")
-    assert resumed.returncode == 0, resumed.stderr[-2000:]
-    expected = torch.load(ema_run / "checkpoints" / "last.ckpt", weights_only=True)
-    got = torch.load(
-        tmp_path / "lightning_logs" / "version_0" / "checkpoints" / "last.ckpt", weights_only=True
-    )
-    for key in ("state_dict", "current_model_state"):  # the averaged and the raw weights
-        for name, tensor in expected[key].items():
-            assert torch.equal(got[key][name], tensor), (key, name)
 
 
 def test_predict_uses_the_averaged_weights(ema_run, data_dir, tmp_path):
