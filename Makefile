@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 DEBIAN_DATA := /usr/share/datasets/fashion-mnist
 
-.PHONY: train test lint data postgresql bench results clean
+.PHONY: train test lint data postgresql bench results check-results clean
 
 train: $(VENV)/.installed data
 	$(PY) -m fashion_lightning fit --config configs/sgd.yaml
@@ -19,6 +19,10 @@ bench: $(VENV)/.installed data
 # Test accuracy of every config over 3 seeds, as the README's table (about 15 minutes).
 results: $(VENV)/.installed data
 	$(PY) benchmarks/results.py
+
+# The README's seed-42 results of the quick configs, rerun and compared (about 3 minutes).
+check-results: $(VENV)/.installed data
+	$(PY) benchmarks/results.py --check
 
 lint: $(VENV)/.installed
 	$(VENV)/bin/ruff check .

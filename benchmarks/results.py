@@ -1,19 +1,28 @@
-"""Test accuracy of each config over several seeds, as a Markdown table.
+"""Test accuracy of each config over several seeds, as a Markdown table; and a check that the
+README's table is what the commands give today.
 
     python benchmarks/results.py                  # all configs, seeds 42 43 44 (make results)
     python benchmarks/results.py --configs best --seeds 42
+    python benchmarks/results.py --check          # the quick rows against the README (make check-results)
 
-Each run is ``python -m fashion_lightning fit --config configs/NAME.yaml`` with
-``--seed_everything S --data.seed S`` in a fresh process, like a user's. The table gives the
-official test split's accuracy (mean ± std over seeds, and each seed's), the epoch whose
-``val/acc`` was best (the checkpoint that was tested), and the wall time per run on this
-machine, with published anchors for comparison. It is printed and written to
-``benchmarks/results.md``.
+Each run is ``python -m fashion_lightning fit --config configs/NAME.yaml`` in a fresh process,
+like a user's; seed 42 is the configs' own, so that row is the plain command, and another
+seed S adds ``--seed_everything S --data.seed S``. The table gives the official test split's
+accuracy (mean ± std over seeds, and each seed's), the epoch whose ``val/acc`` was best (the
+checkpoint that was tested), and the wall time per run on this machine, with published
+anchors for comparison. It is printed and written to ``benchmarks/results.md``.
+
+``--check`` reruns the seed-42 row of the quick configs (sgd, adam, rmsprop: minutes) and
+exits 1 naming every figure of the README's table that differs from what the command gives
+now (on CPU a run repeats exactly).
 """
 
 from __future__ import annotations
 
 import argparse
+import os
+import platform
+import re
 import statistics
 import subprocess
 import sys
@@ -33,7 +42,12 @@ ANCHORS = (
 )
 
 
+CONFIG_SEED = 42  # the seed the configs set: its row is the plain fit command
+QUICK = ("sgd", "adam", "rmsprop")
+
+
 def run(config: str, seed: int, root: Path) -> dict:
+    seeds = [] if seed == CONFIG_SEED else [f"--seed_everything={seed}", f"--data.seed={seed}"]
     command = [
         sys.executable,
         "-m",
@@ -41,8 +55,7 @@ def run(config: str, seed: int, root: Path) -> dict:
         "fit",
         "--config",
         str(ROOT / "configs" / f"{config}.yaml"),
-        f"--seed_everything={seed}",
-        f"--data.seed={seed}",
+        *seeds,
         f"--trainer.default_root_dir={root}",
         "--trainer.enable_progress_bar=false",
     ]
@@ -62,12 +75,45 @@ def run(config: str, seed: int, root: Path) -> dict:
     }
 
 
+def readme_seed_42(readme: Path) -> dict[str, str]:
+    """The README's seed-42 figure (the first of "per seed") of each config row."""
+    found = {}
+    for line in readme.read_text().splitlines():
+        match = re.match(r"\| `configs/(\w+)\.yaml`[^|]*\|[^|]*\| ([0-9.]+),", line)
+        if match:
+            found[match.group(1)] = match.group(2)
+    return found
+
+
+def check(configs: list[str]) -> None:
+    """Exit 1 unless each config's seed-42 run gives the README's figure."""
+    recorded = readme_seed_42(ROOT / "README.md")
+    wrong = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for config in configs:
+            now = f"{run(config, CONFIG_SEED, Path(tmp) / config)['test_acc']:.2f}"
+            then = recorded.get(config, "missing")
+            print(f"{config}: README {then}, now {now}", file=sys.stderr)
+            if now != then:
+                wrong.append(
+                    f"configs/{config}.yaml seed 42: README says {then}, the command gives {now}"
+                )
+    if wrong:
+        sys.exit("the README's results differ from what the commands give: " + "; ".join(wrong))
+    print(f"README results reproduced: {', '.join(configs)} (seed 42)")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--configs", nargs="+", default=list(CONFIGS))
+    parser.add_argument("--configs", nargs="+", default=None)
     parser.add_argument("--seeds", nargs="+", type=int, default=[42, 43, 44])
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results.md")
+    parser.add_argument("--check", action="store_true", help="the README's seed-42 figures")
     args = parser.parse_args()
+    if args.check:
+        check(args.configs or list(QUICK))
+        return
+    args.configs = args.configs or list(CONFIGS)
 
     lines = [
         "| config | test accuracy (%), mean ± std | per seed | best epoch / epochs | wall time per run |",
@@ -91,8 +137,12 @@ def main() -> None:
         lines.append(f"| {name} | {accuracy} | | | |")
     seeds = " ".join(str(s) for s in args.seeds)
     table = "\n".join(lines)
+    commit = subprocess.run(
+        ["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True
+    ).stdout.strip()
     text = (
-        f"Seeds {seeds}; each run in a fresh process on this machine "
+        f"Seeds {seeds}; each run in a fresh process on this machine ({os.cpu_count()} cores, "
+        f"{platform.processor() or platform.machine()}), commit {commit or 'unknown'} "
         f"(`python benchmarks/results.py`).\n\n{table}\n"
     )
     args.out.write_text(text)
