@@ -43,7 +43,7 @@ def atomic_write(path: str | os.PathLike, mode: str = "wb", **open_args) -> Iter
     fsync_folder(path.parent)
     for orphan in path.parent.glob(f".{path.name}.*.part"):
         pid = orphan.name.rsplit(".", 2)[-2]
-        if pid.isdigit() and not _running(int(pid)):  # another live process may be writing
+        if pid.isdigit() and not process_running(int(pid)):  # another live process may be writing
             orphan.unlink(missing_ok=True)
 
 
@@ -55,7 +55,8 @@ def fsync_folder(folder: Path) -> None:
         os.close(descriptor)
 
 
-def _running(pid: int) -> bool:
+def process_running(pid: int) -> bool:
+    """Whether a process with this pid runs on this machine (it may be another than it was)."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:

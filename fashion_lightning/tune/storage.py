@@ -18,7 +18,7 @@ from optuna.storages.journal import JournalFileBackend, JournalFileOpenLock
 from optuna.trial import FrozenTrial
 
 from fashion_lightning.errors import SearchError, UserError, first_line
-from fashion_lightning.files import claim_file
+from fashion_lightning.files import claim_file, process_running
 from fashion_lightning.tune.workers import STOPS
 
 MAX_RETRIES = 2  # how often the parameters of a trial that was stopped or died are tried again
@@ -282,10 +282,6 @@ def process_start(pid: int) -> str | None:
 
 def alive(pid: int, started: str | None) -> bool:
     """Whether process ``pid`` of this machine, started at ``started``, still runs."""
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
+    if not process_running(pid):
         return False
-    except PermissionError:
-        return True
     return started is None or process_start(pid) in (None, started)
