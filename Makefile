@@ -4,13 +4,18 @@ VENV := .venv
 PY := $(VENV)/bin/python
 DEBIAN_DATA := /usr/share/datasets/fashion-mnist
 
-.PHONY: train test lint data postgresql bench results check-results clean
+.PHONY: train test lint data postgresql bench results check-results tensorboard clean
 
 train: $(VENV)/.installed data
 	$(PY) -m fashion_lightning fit --config configs/sgd.yaml
 
 test: $(VENV)/.installed data postgresql lint
 	$(PY) -m pytest
+
+# The runs' curves: open http://localhost:6006/#custom_scalars (train and val on one chart).
+tensorboard: $(VENV)/.installed
+	@echo "TensorBoard: http://localhost:6006/#custom_scalars"
+	$(VENV)/bin/tensorboard --logdir lightning_logs
 
 # Epoch time of the tutorial's loop, the bare-PyTorch floor and this project (minutes).
 bench: $(VENV)/.installed data

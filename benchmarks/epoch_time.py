@@ -253,7 +253,7 @@ def run_project(epochs: int, device: str, extra: list[str]) -> dict:
             )
         from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-        events = EventAccumulator(str(Path(root) / "lightning_logs" / "version_0"))
+        events = EventAccumulator(str(Path(root) / "lightning_logs" / "sgd_0"))
         events.Reload()
         test_acc = events.Scalars("test/acc")[-1].value
     return {

@@ -64,7 +64,7 @@ def run(config: str, seed: int, root: Path) -> dict:
     seconds = time.perf_counter() - start
     if result.returncode != 0:
         sys.exit(f"{config} seed {seed} failed:\n{result.stderr[-3000:]}")
-    events = EventAccumulator(str(root / "lightning_logs" / "version_0"))
+    events = EventAccumulator(str(root / "lightning_logs" / f"{config}_0"))  # named after it
     events.Reload()
     val_acc = [e.value for e in events.Scalars("val/acc")]
     return {

@@ -22,6 +22,7 @@ import torch
 
 from fashion_lightning.configs import ACCEPTED_CLASSES, class_problem, flat
 from fashion_lightning.errors import CheckpointError
+from fashion_lightning.run_records import config_of_folder, run_name
 
 LAST_CHECKPOINT = "last.ckpt"
 # the data values that decide which images a run trains on, in which order: fixed on resume
@@ -263,6 +264,9 @@ def take_checkpoint(parser: Any, config: Any, subcommand: str) -> tuple[Any, Che
         folders, where = checkpoint_folders(
             trainer.default_root_dir, trainer.logger, section.checkpoint.dirpath
         )
+        # runs named after this config (sgd_N for configs/sgd.yaml) come before the others
+        name = run_name(section.get("config") or [])
+        folders = [f for f in folders if config_of_folder(f.parent.name) == name] or folders
     checkpoint = find_checkpoint(section.ckpt_path, folders, where)
     asked = section.model.as_dict()
     recorded = checkpoint.hyper_parameters

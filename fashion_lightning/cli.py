@@ -58,6 +58,7 @@ from fashion_lightning.run_folders import (
     continued_logger,
     default_logger,
 )
+from fashion_lightning.run_records import run_name
 from fashion_lightning.steps import choose_training_loop
 from fashion_lightning.visuals import ClassificationImages, HParamsSummary
 
@@ -214,14 +215,18 @@ class FashionCLI(LightningCLI):
         root = config.get("default_root_dir") or os.getcwd()
         if self.subcommand == "fit" and self.checkpoint is not None and self._resuming_last():
             run_dir = self.checkpoint.path.parent.parent
-            base = default_logger(root) if default else configured
+            base = default_logger(root, self._run_name()) if default else configured
             continued = continued_logger(base, run_dir, self.checkpoint.global_step)
             if continued is not None:
                 if isinstance(base, RunFolderLogger):
                     base.release_unused_folder()  # claimed by building it; the resume has its own
                 return continued
             return base if default else None
-        return default_logger(root) if default else None
+        return default_logger(root, self._run_name()) if default else None
+
+    def _run_name(self) -> str | None:
+        """A new run's folder is named after its config files (``sgd`` for configs/sgd.yaml)."""
+        return run_name(self._section(self.config).get("config") or [])
 
     def _resuming_last(self) -> bool:
         return self.asked_ckpt_path == "last"

@@ -6,6 +6,7 @@ Set ``FASHION_LIGHTNING_DEBUG=1`` to get the traceback instead.
 
 from __future__ import annotations
 
+import argparse
 import errno
 import os
 import signal
@@ -111,6 +112,13 @@ def parse_error(prog: str, message: str) -> NoReturn:
     """How both commands refuse their command line: one line naming ``--help``, exit 2."""
     print(f"error: {one_line(message)} (see: {prog} --help)", file=sys.stderr)
     sys.exit(2)
+
+
+class OneLineErrorParser(argparse.ArgumentParser):
+    """argparse, with its error as one line like the fit command's (not usage, then the error)."""
+
+    def error(self, message: str) -> NoReturn:
+        parse_error(self.prog, message)
 
 
 def exit_with(err: BaseException, exit_code: int | None = None) -> NoReturn:

@@ -9,6 +9,7 @@ pick the same one and mix their logs and checkpoints. Here the folder is created
 from __future__ import annotations
 
 import csv
+import glob
 import os
 import warnings
 from pathlib import Path
@@ -22,26 +23,27 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_only
 from fashion_lightning.files import atomic_write, claim_file
 
 
-def claim_version(folder: Path) -> int:
-    """The lowest free ``version_N`` in ``folder``, created (and so claimed) by this process."""
+def claim_version(folder: Path, prefix: str = "version_") -> str:
+    """The lowest free ``<prefix>N`` in ``folder``, created (and so claimed) by this process."""
     folder.mkdir(parents=True, exist_ok=True)
     taken = [
-        int(p.name.removeprefix("version_"))
-        for p in folder.glob("version_*")
-        if p.name.removeprefix("version_").isdigit()
+        int(p.name.removeprefix(prefix))
+        for p in folder.glob(f"{glob.escape(prefix)}*")
+        if p.name.removeprefix(prefix).isdigit()
     ]
-    version = max(taken, default=-1) + 1
+    number = max(taken, default=-1) + 1
     while True:
         try:
-            (folder / f"version_{version}").mkdir()
-            return version
+            (folder / f"{prefix}{number}").mkdir()
+            return f"{prefix}{number}"
         except FileExistsError:
-            version += 1
+            number += 1
 
 
 class RunFolderLogger(TensorBoardLogger):
-    """Lightning's TensorBoardLogger, except that a new run claims its ``version_N`` atomically
-    and the ``epoch`` counter is not written.
+    """Lightning's TensorBoardLogger, except that a new run claims its folder atomically, the
+    folder is named after the run's config (``sgd_0``, ``sgd_1``, ``best_0``; ``version_N``
+    without one), and the ``epoch`` counter is not written.
 
     This is the project's default logger, and a ``TensorBoardLogger`` named in a config is
     swapped for it; its arguments are TensorBoardLogger's. The folder is claimed when the run
@@ -54,20 +56,24 @@ class RunFolderLogger(TensorBoardLogger):
         save_dir: str | os.PathLike,
         name: str | None = "lightning_logs",
         version: int | str | None = None,
+        run_name: str | None = None,
         **kwargs: Any,
     ) -> None:
+        """``run_name``: what a new run's folder is called, numbered (``version_N`` if None)."""
         super().__init__(save_dir, name=name, version=version, **kwargs)
         # only process 0 writes; the other DDP processes take its folder (Lightning broadcasts it)
         self._claims = version is None and rank_zero_only.rank == 0 and "://" not in str(save_dir)
+        self._folder_prefix = f"{run_name}_" if run_name else "version_"
         self.claimed: Path | None = None  # the folder this logger created, while it may be unused
 
     @property
     def version(self) -> int | str:
         if self._claims and self.claimed is None:
             folder = Path(self.root_dir)
-            self.claimed = folder / f"version_{claim_version(folder)}"
+            self.claimed = folder / claim_version(folder, self._folder_prefix)
         if self.claimed is not None:
-            return int(self.claimed.name.removeprefix("version_"))
+            number = self.claimed.name.removeprefix("version_")
+            return int(number) if number.isdigit() else self.claimed.name
         return super().version
 
     @rank_zero_only
@@ -84,9 +90,10 @@ class RunFolderLogger(TensorBoardLogger):
             claimed.rmdir()
 
 
-def default_logger(save_dir: str | os.PathLike) -> RunFolderLogger:
-    """The logger a run gets when the config names none (Lightning's default, claimed atomically)."""
-    return RunFolderLogger(save_dir=save_dir, version=SLURMEnvironment.job_id())
+def default_logger(save_dir: str | os.PathLike, name: str | None = None) -> RunFolderLogger:
+    """The logger a run gets when the config names none: Lightning's default, claimed
+    atomically, its folder named ``name``_N (a SLURM job keeps its job id, as in Lightning)."""
+    return RunFolderLogger(save_dir=save_dir, version=SLURMEnvironment.job_id(), run_name=name)
 
 
 def continued_logger(logger: Logger | None, run_dir: Path, last_step: int) -> Logger | None:

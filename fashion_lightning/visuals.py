@@ -26,8 +26,14 @@ RIGHT, WRONG = (90, 200, 90), (235, 70, 70)
 # TensorBoard's Custom Scalars tab: the charts that answer "is it learning, is it over-fitting"
 LAYOUT = {
     "Learning": {
-        "loss: train and val": ["Multiline", [r"^train/loss$", r"^val/loss$"]],
-        "accuracy: train and val": ["Multiline", [r"^train/acc$", r"^val/acc$"]],
+        # with label smoothing or weight averaging (configs/best.yaml) the two lines measure
+        # different things: the titles say which
+        "loss: train (the loss optimized, training weights) and val (cross-entropy, "
+        "weights validated)": ["Multiline", [r"^train/loss$", r"^val/loss$"]],
+        "accuracy: train (training weights, during the epoch) and val (weights validated)": [
+            "Multiline",
+            [r"^train/acc$", r"^val/acc$"],
+        ],
         "learning rate": ["Multiline", [r"^train/lr$"]],
     },
     "Accuracy per class": {
@@ -76,8 +82,8 @@ def run_hparams(trainer: L.Trainer, pl_module: L.LightningModule) -> dict[str, A
     """The run's hyperparameters as the same fixed columns for every run of the project.
 
     A value a run does not use is 0 or "none", so that runs with different optimizers line up.
-    Whole numbers are text: TensorBoard prints every number with five digits (64.000).
-    No machine paths: they do not tell runs apart and do not belong in a comparison.
+    Numbers are text as a person writes them (0.001, 64): TensorBoard prints every number with
+    five digits (0.0010000, 64.000). No machine paths: they do not tell runs apart.
     """
     model = pl_module.hparams
     data = trainer.datamodule.hparams if trainer.datamodule is not None else {}
@@ -92,23 +98,29 @@ def run_hparams(trainer: L.Trainer, pl_module: L.LightningModule) -> dict[str, A
     seed = str(data.get("seed", "none"))
     return {
         "optimizer": _class_name(optimizer),
-        "lr": float(args.get("lr", 0.0)),
+        "lr": _number(args.get("lr", 0.0)),
         "batch_size": str(data.get("batch_size", "none")),
         "epochs": str(trainer.max_epochs),
         "scheduler": "none"
         if scheduler is None
         else f"{_class_name(scheduler)} per {model.get('scheduler_interval', 'epoch')}",
-        "weight_decay": float(args.get("weight_decay", 0.0)),
-        "momentum": float(args.get("momentum", 0.0)),
-        "dropout": float(model.get("dropout", 0.0)),
-        "label_smoothing": float(model.get("label_smoothing", 0.0)),
+        "weight_decay": _number(args.get("weight_decay", 0.0)),
+        "momentum": _number(args.get("momentum", 0.0)),
+        "dropout": _number(model.get("dropout", 0.0)),
+        "label_smoothing": _number(model.get("label_smoothing", 0.0)),
         "augmentation": " + ".join(augmentation) or "none",
         "weight_averaging": " + ".join(averaging) or "none",
+        "flip_tta": bool(model.get("flip_tta", False)),
         "hidden_size": str(model.get("hidden_size", "none")),
         "seed": seed if seed == seed_everything else f"{seed} (init {seed_everything})",
         "precision": str(trainer.precision),
         "devices": str(trainer.world_size),
     }
+
+
+def _number(value: Any) -> str:
+    """0.001, 5e-05, 0.1: the shortest text that gives the number back."""
+    return repr(float(value)) if float(value) != int(float(value)) else str(int(float(value)))
 
 
 def _all_arguments(trainer: L.Trainer, pl_module: L.LightningModule) -> dict[str, Any]:
@@ -239,10 +251,16 @@ def _font(size: int) -> ImageFont.ImageFont:
 
 
 def render_predictions(
-    images: Tensor, predicted: Tensor, target: Tensor, probability: Tensor, columns: int = 4
+    images: Tensor,
+    predicted: Tensor,
+    target: Tensor,
+    probability: Tensor,
+    columns: int = 4,
+    title: str = "",
 ) -> Tensor:
     """A grid of images, each captioned with the predicted class and its probability and the
-    true class; wrong ones framed red. Drawn for TensorBoard's cards (about 400 px wide).
+    true class; wrong ones framed red; ``title`` above. Drawn for TensorBoard's cards (about
+    400 px wide).
 
     Returns a CHW uint8 tensor for ``SummaryWriter.add_image``.
     """
@@ -250,13 +268,16 @@ def render_predictions(
     side = 28 * scale
     tile_w, tile_h = 100, side + 2 * pad + caption
     rows = (len(images) + columns - 1) // columns
-    canvas = Image.new("RGB", (columns * tile_w, rows * tile_h), (20, 20, 20))
+    top = 20 if title else 0
+    canvas = Image.new("RGB", (columns * tile_w, top + rows * tile_h), (20, 20, 20))
     draw, font = ImageDraw.Draw(canvas), _font(12)
+    if title:
+        draw.text((4, 4), title, fill=(235, 235, 235), font=font)
     pixels = (images.detach().float().cpu().clamp(0, 1) * 255).to(torch.uint8)
     for i, (image, guess, truth, p) in enumerate(
         zip(pixels, predicted.tolist(), target.tolist(), probability.tolist(), strict=True)
     ):
-        x, y = (i % columns) * tile_w, (i // columns) * tile_h
+        x, y = (i % columns) * tile_w, top + (i // columns) * tile_h
         left = x + (tile_w - side) // 2
         picture = Image.fromarray(image.reshape(28, 28).numpy(), "L").resize(
             (side, side), Image.NEAREST
@@ -386,7 +407,9 @@ class ClassificationImages(Callback):
             f"{stage}/confusion_matrix", render_confusion_matrix(matrix, title), step
         )
         if stage == "val" and self.samples is not None:
-            logger.experiment.add_image("val/predictions", render_predictions(*self.samples), step)
+            title = f"val predictions{epoch}: red = wrong"
+            grid = render_predictions(*self.samples, title=title)
+            logger.experiment.add_image("val/predictions", grid, step)
 
     def on_validation_epoch_start(self, trainer, pl_module) -> None:
         self._start(pl_module)

@@ -59,4 +59,4 @@ def trained_run(data_dir, tmp_path_factory) -> Path:
             "--model.optimizer.init_args.lr=0.05",
         )
     )
-    return root / "lightning_logs" / "version_0"
+    return root / "lightning_logs" / "sgd_0"

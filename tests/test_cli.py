@@ -30,7 +30,7 @@ def test_fit_trains_logs_checkpoints_and_tests(data_dir, tmp_path, capsys):
             "--model.optimizer.init_args.lr=0.1",
         )
     )
-    run = tmp_path / "lightning_logs" / "version_0"
+    run = tmp_path / "lightning_logs" / "sgd_0"
     checkpoints = sorted(p.name for p in (run / "checkpoints").iterdir())
     assert "last.ckpt" in checkpoints
     assert any(name.startswith("epoch01-val_acc") for name in checkpoints), checkpoints
@@ -151,7 +151,7 @@ def test_same_config_runs_with_accelerator_precision_and_compile_options(extra, 
         )
     )
     checkpoint = torch.load(
-        tmp_path / "lightning_logs" / "version_0" / "checkpoints" / "last.ckpt", weights_only=True
+        tmp_path / "lightning_logs" / "sgd_0" / "checkpoints" / "last.ckpt", weights_only=True
     )
     assert checkpoint["global_step"] == 20
     # compiled or not, the weights keep the tutorial's names and load into a plain model
@@ -202,4 +202,4 @@ def test_relative_paths_are_under_the_folder_it_runs_from(tmp_path, debian_sourc
     )
     assert result.returncode == 0, result.stderr[-2000:]
     assert (tmp_path / "data" / "FashionMNIST" / "raw" / "train-images-idx3-ubyte").is_file()
-    assert (tmp_path / "lightning_logs" / "version_0" / "checkpoints" / "last.ckpt").is_file()
+    assert (tmp_path / "lightning_logs" / "sgd_0" / "checkpoints" / "last.ckpt").is_file()

@@ -66,7 +66,7 @@ def test_ddp_on_two_cpu_processes(data_dir, tmp_path):
 
     # only rank 0 wrote: one run folder, one process's event files, one set of checkpoints
     runs = list((tmp_path / "lightning_logs").iterdir())
-    assert [run.name for run in runs] == ["version_0"]
+    assert [run.name for run in runs] == ["sgd_0"]
     run = runs[0]
     writers = {path.name.split(".")[-2] for path in run.glob("events.out.tfevents.*")}
     assert len(writers) == 1, writers
@@ -83,13 +83,13 @@ def test_ddp_on_two_cpu_processes(data_dir, tmp_path):
             f"--ckpt_path={run / 'checkpoints' / 'last.ckpt'}",
         ]
     )
-    assert _scalars(single / "lightning_logs" / "version_0", "val/acc") == [ddp_val_acc]
+    assert _scalars(single / "lightning_logs" / "sgd_0", "val/acc") == [ddp_val_acc]
 
     # several optimizer steps a call (the configs' 16) give the same run as one under DDP too
     one = tmp_path / "one-step-a-call"
     result = run_cli(*fit_args(data_dir, one, *ddp, "--model.steps_per_call=1"))
     assert result.returncode == 0, result.stderr[-3000:]
-    expected = torch.load(one / "lightning_logs/version_0/checkpoints/last.ckpt", weights_only=True)
+    expected = torch.load(one / "lightning_logs/sgd_0/checkpoints/last.ckpt", weights_only=True)
     got = torch.load(run / "checkpoints" / "last.ckpt", weights_only=True)
     assert got["global_step"] == expected["global_step"] == 2 * 40
     for name, tensor in expected["state_dict"].items():
@@ -112,14 +112,14 @@ def test_ddp_on_three_processes_counts_every_evaluation_image_once(data_dir, tmp
         )
     )
     assert result.returncode == 0, result.stderr[-3000:]
-    run = tmp_path / "lightning_logs" / "version_0"
+    run = tmp_path / "lightning_logs" / "sgd_0"
     last = run / "checkpoints" / "last.ckpt"
     single = tmp_path / "single"
     for subcommand in ("validate", "test"):
         main([subcommand, *fit_args(data_dir, single)[1:], f"--ckpt_path={last}"])
     single_runs = single / "lightning_logs"
-    assert _scalars(run, "val/acc") == _scalars(single_runs / "version_0", "val/acc")
+    assert _scalars(run, "val/acc") == _scalars(single_runs / "sgd_0", "val/acc")
     assert _scalars(run, "val/loss") == pytest.approx(
-        _scalars(single_runs / "version_0", "val/loss"), rel=1e-6
+        _scalars(single_runs / "sgd_0", "val/loss"), rel=1e-6
     )
-    assert _scalars(run, "test/acc") == _scalars(single_runs / "version_1", "test/acc")
+    assert _scalars(run, "test/acc") == _scalars(single_runs / "sgd_1", "test/acc")

@@ -74,6 +74,11 @@ def test_every_command_shown_is_accepted(page, shown, words, user_package, monke
         parse_args(arguments)  # exits 2 with its one-line error if a flag is wrong
         return
     assert program == "fashion_lightning", shown
+    if arguments[:1] == ["runs"]:
+        from fashion_lightning.runs import parse_args as runs_arguments
+
+        runs_arguments(arguments[1:])  # exits 2 with its one-line error if a flag is wrong
+        return
     if arguments == ["fit", "--help"]:
         arguments = ["fit", "--print_config"]
     monkeypatch.setattr(sys, "argv", ["python -m fashion_lightning"])

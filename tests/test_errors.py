@@ -35,7 +35,7 @@ def checkpoints(data_dir, tmp_path_factory) -> dict[str, Path]:
     other.fit(BoringModel())
     other.save_checkpoint(root / "boring.ckpt")
     return {
-        "ours": root / "lightning_logs" / "version_0" / "checkpoints" / "last.ckpt",
+        "ours": root / "lightning_logs" / "sgd_0" / "checkpoints" / "last.ckpt",
         "other": root / "boring.ckpt",
     }
 
@@ -106,7 +106,7 @@ def test_nan_loss_stops_at_once_and_keeps_the_last_good_checkpoint(data_dir, tmp
         "--model.steps_per_call=1",  # a checkpoint after every step
     )
     line = _fails(args, capsys)
-    last = tmp_path / "lightning_logs" / "version_0" / "checkpoints" / "last.ckpt"
+    last = tmp_path / "lightning_logs" / "sgd_0" / "checkpoints" / "last.ckpt"
     assert line.startswith("error: training loss became nan at step ")
     assert (
         f"the last good checkpoint is {last}" in line and "--model.optimizer.init_args.lr" in line
@@ -339,9 +339,9 @@ def test_a_full_disk_while_checkpointing_is_one_line_and_keeps_the_last_checkpoi
         if "error" in line.lower() or "Traceback" in line
     ]
     assert len(errors) == 1, errors
-    folder = copy / "lightning_logs" / "version_0" / "checkpoints"
+    folder = copy / "lightning_logs" / "sgd_0" / "checkpoints"
     assert errors[0].startswith(
-        f"error: cannot write {disk}/lightning_logs/version_0/checkpoints/epoch01"
+        f"error: cannot write {disk}/lightning_logs/sgd_0/checkpoints/epoch01"
     )
     assert ": No space left on device; the newest complete checkpoint is " in errors[0]
     assert errors[0].endswith("; free space, then continue with --ckpt_path last")
@@ -375,7 +375,7 @@ def test_a_full_disk_while_writing_tensorboard_logs_is_one_line(data_dir, tmp_pa
     )
     assert "rc=1" in result.stderr, result.stderr[-3000:]
     assert _error_lines(result.stderr) == [
-        f"error: cannot write the run outputs in {disk}/lightning_logs/version_0: No space left "
+        f"error: cannot write the run outputs in {disk}/lightning_logs/sgd_0: No space left "
         "on device; no checkpoint was written yet; free space and run again"
     ]
 
@@ -389,13 +389,11 @@ def test_a_full_disk_while_writing_predictions_is_one_line_and_leaves_no_partial
     command = f"{sys.executable} -m fashion_lightning predict {' '.join(args[1:])}"
     result = _on_a_small_disk("64k", f"{command}; echo rc=$? >&2; cp -a {disk} {copy}", disk)
     assert "rc=1" in result.stderr, result.stderr[-3000:]
-    csv = f"{disk}/lightning_logs/version_0/predictions.csv"
+    csv = f"{disk}/lightning_logs/sgd_0/predictions.csv"
     assert _error_lines(result.stderr) == [
         f"error: cannot write {csv}: No space left on device; free space and run again"
     ]
     assert (
-        sorted(
-            p.name for p in (copy / "lightning_logs" / "version_0").iterdir() if "pred" in p.name
-        )
+        sorted(p.name for p in (copy / "lightning_logs" / "sgd_0").iterdir() if "pred" in p.name)
         == []
     )

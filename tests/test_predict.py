@@ -24,7 +24,7 @@ pytestmark = pytest.mark.slow
 
 def _predict(data_dir, root, checkpoint, *extra) -> list[dict[str, str]]:
     main(["predict", *fit_args(data_dir, root)[1:], f"--ckpt_path={checkpoint}", *extra])
-    with (root / "lightning_logs" / "version_0" / "predictions.csv").open() as f:
+    with (root / "lightning_logs" / "sgd_0" / "predictions.csv").open() as f:
         return list(csv.DictReader(f))
 
 
@@ -53,7 +53,7 @@ def test_csv_over_the_test_split_agrees_with_test_acc(
             f"--ckpt_path={trained_run}/checkpoints/last.ckpt",
         ]
     )
-    events = EventAccumulator(str(tmp_path / "lightning_logs" / "version_0"))
+    events = EventAccumulator(str(tmp_path / "lightning_logs" / "sgd_0"))
     events.Reload()
     assert events.Scalars("test/acc")[-1].value == pytest.approx(accuracy, abs=1e-6)
 

@@ -20,7 +20,7 @@ COMPARED_SCALARS = ("train/loss", "train/acc", "val/loss", "val/acc")
 
 def _run_dir(root: Path) -> Path:
     runs = sorted((root / "lightning_logs").iterdir())
-    assert [run.name for run in runs] == ["version_0"], "a resumed run must keep its folder"
+    assert [run.name for run in runs] == ["sgd_0"], "a resumed run must keep its folder"
     return runs[0]
 
 
@@ -169,7 +169,7 @@ def test_ctrl_c_from_outside_stops_with_130_and_the_run_completes(data_dir, tmp_
         "--trainer.limit_test_batches=5",
         "--checkpoint.every_n_train_steps=20",
     )
-    last = tmp_path / "lightning_logs" / "version_0" / "checkpoints" / "last.ckpt"
+    last = tmp_path / "lightning_logs" / "sgd_0" / "checkpoints" / "last.ckpt"
     process = start_cli(*args)
     _wait_for(last.is_file, process)
     process.send_signal(signal.SIGINT)
@@ -195,7 +195,7 @@ def test_kill_9_at_any_moment_leaves_a_loadable_last_ckpt(data_dir, tmp_path):
         "--checkpoint.every_n_train_steps=1",
         "--checkpoint.monitor=null",
     )
-    folder = tmp_path / "lightning_logs" / "version_0" / "checkpoints"
+    folder = tmp_path / "lightning_logs" / "sgd_0" / "checkpoints"
     last = folder / "last.ckpt"
 
     def writing() -> bool:

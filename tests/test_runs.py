@@ -38,12 +38,15 @@ def _load(path):
 
 
 def test_loggers_created_together_claim_different_folders(tmp_path):
-    claiming = [RunFolderLogger(tmp_path / "runs") for _ in range(3)]
-    assert [logger.version for logger in claiming] == [0, 1, 2]
+    claiming = [RunFolderLogger(tmp_path / "runs", run_name="sgd") for _ in range(3)]
+    claiming += [RunFolderLogger(tmp_path / "runs") for _ in range(2)]
+    assert [logger.version for logger in claiming] == ["sgd_0", "sgd_1", "sgd_2", 0, 1]
     assert sorted(p.name for p in (tmp_path / "runs" / "lightning_logs").iterdir()) == [
+        "sgd_0",
+        "sgd_1",
+        "sgd_2",
         "version_0",
         "version_1",
-        "version_2",
     ]
 
 
@@ -62,7 +65,7 @@ def test_runs_started_together_each_get_their_own_folder(data_dir, tmp_path):
     for process in processes:
         assert process.wait(timeout=300) == 0, process.stderr.read()[-2000:]
     runs = sorted((tmp_path / "lightning_logs").iterdir())
-    assert [run.name for run in runs] == ["version_0", "version_1", "version_2"]
+    assert [run.name for run in runs] == ["sgd_0", "sgd_1", "sgd_2"]
     seeds = set()
     for run in runs:
         files = sorted(p.name for p in run.iterdir())
@@ -79,7 +82,7 @@ def test_runs_started_together_each_get_their_own_folder(data_dir, tmp_path):
 def test_last_ckpt_is_the_latest_epoch_whatever_the_monitor_says(data_dir, tmp_path):
     # mode=min on val/acc: the best checkpoint is the first epoch's, the last must be the third's
     main(fit_args(data_dir, tmp_path, "--trainer.max_epochs=3", "--checkpoint.mode=min", *TINY))
-    folder = tmp_path / "lightning_logs" / "version_0" / "checkpoints"
+    folder = tmp_path / "lightning_logs" / "sgd_0" / "checkpoints"
     best = [p for p in folder.iterdir() if p.name != "last.ckpt"]
     assert [p.name[:7] for p in best] == ["epoch00"]
     last = _load(folder / "last.ckpt")
@@ -136,7 +139,7 @@ def _test_acc(root, version: str) -> float:
 
 
 def test_best_in_a_new_process_is_the_newest_runs_best_checkpoint(two_epoch_run, data_dir, capsys):
-    run = two_epoch_run / "lightning_logs" / "version_0" / "checkpoints"
+    run = two_epoch_run / "lightning_logs" / "sgd_0" / "checkpoints"
     best = _load(run / "last.ckpt")["callbacks"]
     best = next(state["best_model_path"] for key, state in best.items() if "Checkpoint" in key)
     assert len(list(run.glob("epoch*.ckpt"))) == 2  # the best is one of two
@@ -145,8 +148,8 @@ def test_best_in_a_new_process_is_the_newest_runs_best_checkpoint(two_epoch_run,
     main([*test, "--ckpt_path=best"])
     main([*test, f"--ckpt_path={best}"])
     runs = sorted(p.name for p in (two_epoch_run / "lightning_logs").iterdir())
-    assert runs == ["version_0", "version_1", "version_2"]
-    assert _test_acc(two_epoch_run, "version_1") == _test_acc(two_epoch_run, "version_2")
+    assert runs == ["sgd_0", "sgd_1", "sgd_2"]
+    assert _test_acc(two_epoch_run, "sgd_1") == _test_acc(two_epoch_run, "sgd_2")
 
 
 def test_best_with_no_run_is_one_line(data_dir, tmp_path, capsys):
@@ -161,7 +164,7 @@ def test_best_with_no_run_is_one_line(data_dir, tmp_path, capsys):
 def test_resume_refuses_model_values_that_differ_from_the_checkpoint(
     two_epoch_run, data_dir, tmp_path, capsys
 ):
-    checkpoint = two_epoch_run / "lightning_logs" / "version_0" / "checkpoints" / "last.ckpt"
+    checkpoint = two_epoch_run / "lightning_logs" / "sgd_0" / "checkpoints" / "last.ckpt"
     before = checkpoint.read_bytes()
     args = fit_args(data_dir, tmp_path, *TINY, f"--ckpt_path={checkpoint}")
     with pytest.raises(SystemExit) as exit_:
@@ -180,7 +183,7 @@ def test_resume_refuses_model_values_that_differ_from_the_checkpoint(
 def test_evaluation_takes_the_checkpoints_model_and_says_so(
     two_epoch_run, data_dir, tmp_path, capsys
 ):
-    checkpoint = two_epoch_run / "lightning_logs" / "version_0" / "checkpoints" / "last.ckpt"
+    checkpoint = two_epoch_run / "lightning_logs" / "sgd_0" / "checkpoints" / "last.ckpt"
     main(
         [
             "test",
@@ -195,7 +198,7 @@ def test_evaluation_takes_the_checkpoints_model_and_says_so(
         "note: test uses the checkpoint's model.hidden_size 512 (asked: 256), "
         "model.optimizer.init_args.lr 0.05 (asked: 0.001)"
     ]
-    config = (tmp_path / "lightning_logs" / "version_0" / "config.yaml").read_text()
+    config = (tmp_path / "lightning_logs" / "sgd_0" / "config.yaml").read_text()
     assert "hidden_size: 512" in config
 
 
@@ -214,7 +217,7 @@ def test_step_saves_write_the_last_checkpoint_and_the_best_is_a_validated_one(da
         )
     )
     assert RecordLastCheckpoint.seen == [3]  # written at step 3, before any validation
-    folder = tmp_path / "lightning_logs" / "version_0" / "checkpoints"
+    folder = tmp_path / "lightning_logs" / "sgd_0" / "checkpoints"
     best = [p for p in folder.iterdir() if p.name.startswith("epoch")]
     assert len(best) == 1
     # the best is a state that validation measured: the end of an epoch (step 10 or 20)
@@ -229,7 +232,7 @@ def test_a_resume_that_spells_the_folder_differently_keeps_writing_the_same_last
     args = fit_args(data_dir, tmp_path, "--trainer.max_epochs=1", *TINY)
     main(args)
     main([*args, "--trainer.default_root_dir=.", "--trainer.max_epochs=2", "--ckpt_path=last"])
-    folder = tmp_path / "lightning_logs" / "version_0" / "checkpoints"
+    folder = tmp_path / "lightning_logs" / "sgd_0" / "checkpoints"
     assert sorted(p.name for p in folder.glob("last*")) == ["last.ckpt"]
     assert _load(folder / "last.ckpt")["global_step"] == 20
 
@@ -249,7 +252,7 @@ def test_a_resume_that_spells_the_folder_differently_keeps_writing_the_same_last
 def test_resume_refuses_a_scheduler_or_training_order_the_checkpoint_lacks(
     extra, shown, two_epoch_run, data_dir, tmp_path, capsys
 ):
-    checkpoint = two_epoch_run / "lightning_logs" / "version_0" / "checkpoints" / "last.ckpt"
+    checkpoint = two_epoch_run / "lightning_logs" / "sgd_0" / "checkpoints" / "last.ckpt"
     args = fit_args(
         data_dir,
         tmp_path,
@@ -265,7 +268,7 @@ def test_resume_refuses_a_scheduler_or_training_order_the_checkpoint_lacks(
 def test_resuming_a_one_cycle_run_past_its_schedule_is_one_line(data_dir, tmp_path, capsys):
     best = ["--config", str(ROOT / "configs" / "best.yaml"), *TINY]
     main(fit_args(data_dir, tmp_path, *best, "--trainer.max_epochs=1"))
-    last = tmp_path / "lightning_logs" / "version_0" / "checkpoints" / "last.ckpt"
+    last = tmp_path / "lightning_logs" / "sgd+best_0" / "checkpoints" / "last.ckpt"
     before = last.read_bytes()
     with pytest.raises(SystemExit) as exit_:
         main(fit_args(data_dir, tmp_path, *best, "--trainer.max_epochs=2", "--ckpt_path=last"))
@@ -296,7 +299,7 @@ def test_resume_with_a_csv_logger_continues_its_folder(data_dir, tmp_path):
     main(fit_args(data_dir, tmp_path, *logger, "--trainer.max_epochs=1"))
     main(fit_args(data_dir, tmp_path, *logger, "--trainer.max_epochs=2", "--ckpt_path=last"))
     runs = sorted(p.name for p in (tmp_path / "lightning_logs").iterdir())
-    assert runs == ["version_0"]
+    assert runs == ["version_0"]  # a logger named in the config keeps Lightning's names
     with (tmp_path / "lightning_logs" / "version_0" / "metrics.csv").open() as f:
         rows = list(csv.DictReader(f))
     validated_at = [int(row["step"]) for row in rows if row.get("val/acc")]
@@ -307,7 +310,7 @@ def test_resume_with_a_csv_logger_continues_its_folder(data_dir, tmp_path):
 def test_a_signal_during_test_stops_with_its_exit_code_and_one_line(
     signum, code, two_epoch_run, data_dir, tmp_path
 ):
-    checkpoint = two_epoch_run / "lightning_logs" / "version_0" / "checkpoints" / "last.ckpt"
+    checkpoint = two_epoch_run / "lightning_logs" / "sgd_0" / "checkpoints" / "last.ckpt"
     result = run_cli(
         "test",
         *fit_args(data_dir, tmp_path, *TINY, "--model.optimizer.init_args.lr=0.05")[1:],

@@ -32,12 +32,12 @@ RUN = (
 
 def _last(root: Path) -> dict:
     return torch.load(
-        root / "lightning_logs" / "version_0" / "checkpoints" / "last.ckpt", weights_only=True
+        root / "lightning_logs" / "sgd_0" / "checkpoints" / "last.ckpt", weights_only=True
     )
 
 
 def _scalars(root: Path) -> dict[str, list[tuple[int, float]]]:
-    events = EventAccumulator(str(root / "lightning_logs" / "version_0"))
+    events = EventAccumulator(str(root / "lightning_logs" / "sgd_0"))
     events.Reload()
     return {t: [(e.step, e.value) for e in events.Scalars(t)] for t in events.Tags()["scalars"]}
 
@@ -181,7 +181,7 @@ def test_a_nan_loss_names_its_step_and_writes_no_nan_weights(data_dir, tmp_path,
             main(args)
         assert exit_.value.code == 1
         line = [x for x in capsys.readouterr().err.splitlines() if x.startswith("error:")][-1]
-        last = tmp_path / str(steps) / "lightning_logs" / "version_0" / "checkpoints" / "last.ckpt"
+        last = tmp_path / str(steps) / "lightning_logs" / "sgd_0" / "checkpoints" / "last.ckpt"
         if last.exists():  # written at the end of a call before the bad one: finite
             checkpoint = torch.load(last, weights_only=True)
             assert all(torch.isfinite(t).all() for t in checkpoint["state_dict"].values())

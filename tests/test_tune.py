@@ -217,7 +217,7 @@ def test_a_search_runs_trials_in_their_folders_and_writes_a_runnable_best_config
 
     # the best config runs as it is, into a run folder of its own
     main(["fit", "--config", str(best)])
-    rerun = tmp_path / "lightning_logs" / "version_0"
+    rerun = tmp_path / "lightning_logs" / "best_0"  # named after best.yaml
     assert "test/acc" in capsys.readouterr().out and (rerun / "config.yaml").is_file()
 
     # the same command continues the study to the new total, keeping what is done, and

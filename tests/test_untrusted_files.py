@@ -23,7 +23,7 @@ def good_checkpoint(data_dir, tmp_path_factory):
 
     root = tmp_path_factory.mktemp("good")
     main(fit_args(data_dir, root, *TINY))
-    return root / "lightning_logs" / "version_0" / "checkpoints" / "last.ckpt"
+    return root / "lightning_logs" / "sgd_0" / "checkpoints" / "last.ckpt"
 
 
 def _crafted(good_checkpoint, path, **hyper_parameters):
@@ -112,7 +112,7 @@ def test_a_crafted_checkpoint_imports_nothing(
 def test_best_with_a_damaged_or_crafted_last_checkpoint_is_one_line(
     subcommand, good_checkpoint, data_dir, tmp_path, capsys, monkeypatch
 ):
-    folder = tmp_path / "lightning_logs" / "version_0" / "checkpoints"
+    folder = tmp_path / "lightning_logs" / "sgd_0" / "checkpoints"
     folder.mkdir(parents=True)
     args = [subcommand, *fit_args(data_dir, tmp_path, *TINY)[1:], "--ckpt_path=best"]
     for content, phrase in (

@@ -38,7 +38,7 @@ def _test_acc(run_dir) -> float:
 def ema_run(data_dir, tmp_path_factory):
     root = tmp_path_factory.mktemp("ema")
     main(fit_args(data_dir, root, *EMA))
-    return root / "lightning_logs" / "version_0"
+    return root / "lightning_logs" / "sgd_0"
 
 
 def test_after_fit_test_measures_the_averaged_weights_a_separate_test_does(
@@ -52,13 +52,13 @@ def test_after_fit_test_measures_the_averaged_weights_a_separate_test_does(
 
     separate = run_cli("test", *fit_args(data_dir, tmp_path, *EMA)[1:], f"--ckpt_path={best}")
     assert separate.returncode == 0, separate.stderr[-2000:]
-    assert _test_acc(tmp_path / "lightning_logs" / "version_0") == _test_acc(ema_run)
+    assert _test_acc(tmp_path / "lightning_logs" / "sgd_0") == _test_acc(ema_run)
 
 
 def test_predict_uses_the_averaged_weights(ema_run, data_dir, tmp_path):
     best = next(p for p in (ema_run / "checkpoints").iterdir() if p.name.startswith("epoch"))
     main(["predict", *fit_args(data_dir, tmp_path, *EMA)[1:], f"--ckpt_path={best}"])
-    with (tmp_path / "lightning_logs" / "version_0" / "predictions.csv").open() as f:
+    with (tmp_path / "lightning_logs" / "sgd_0" / "predictions.csv").open() as f:
         rows = list(csv.DictReader(f))[:1000]
 
     averaged = ImageClassifier()

@@ -16,7 +16,7 @@ try:
 except ModuleNotFoundError:  # an optional part of the package
     sys.exit("error: the search needs Optuna: pip install 'fashion-lightning[tune]' (make does)")
 
-from fashion_lightning.errors import SearchError, UserError, exit_with, parse_error
+from fashion_lightning.errors import OneLineErrorParser, SearchError, UserError, exit_with
 from fashion_lightning.tune import report
 from fashion_lightning.tune.search import Search, no_traceback_for_known_errors
 from fashion_lightning.tune.storage import (
@@ -39,13 +39,6 @@ FIT_ARGUMENTS = (
     "--images.",
     "--seed_everything",
 )
-
-
-class OneLineErrorParser(argparse.ArgumentParser):
-    """argparse, with its error as one line like the fit command's (not usage, then the error)."""
-
-    def error(self, message: str):
-        parse_error(self.prog, message)
 
 
 def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:

@@ -1,0 +1,187 @@
+"""``python -m fashion_lightning runs``: one row a run, read from what real runs wrote."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import pytest
+from PIL import Image
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+from fashion_lightning.cli import main
+from tests.helpers import ROOT, SHORT, TINY, fit_args, last_line, run_cli
+
+pytestmark = pytest.mark.slow
+ADAM = ROOT / "configs" / "adam.yaml"
+
+
+def _runs(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "fashion_lightning", "runs", *args],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+
+
+def _scalars(run, tag) -> list[float]:
+    events = EventAccumulator(str(run))
+    events.Reload()
+    return [e.value for e in events.Scalars(tag)]
+
+
+@pytest.fixture(scope="module")
+def runs_root(data_dir, tmp_path_factory):
+    """Real runs of two configs, one killed and resumed, one stopped; and folders a crash, a
+    copy or another tool left: what `runs` meets in a user's lightning_logs."""
+    root = tmp_path_factory.mktemp("runs")
+    main(fit_args(data_dir, root, *SHORT))  # sgd_0
+    # sgd_1: killed after a step checkpoint, then resumed: what it logged after the
+    # checkpoint is trained and logged again, and must count once
+    killed = run_cli(
+        *fit_args(data_dir, root, *SHORT, "--checkpoint.every_n_train_steps=7"),
+        "--trainer.callbacks+=tests.helpers.KillAt",
+        "--trainer.callbacks.step=45",
+    )
+    assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
+    main(fit_args(data_dir, root, *SHORT, "--checkpoint.every_n_train_steps=7", "--ckpt_path=last"))
+    adam = fit_args(data_dir, root, *SHORT, "--model.optimizer.init_args.lr=0.001")
+    adam[2] = str(ADAM)
+    main(adam)  # adam_0
+    stopped = run_cli(
+        *fit_args(data_dir, root, *SHORT, "--trainer.max_epochs=3"),
+        "--trainer.callbacks+=tests.helpers.SendSignalAt",
+        f"--trainer.callbacks.signum={int(signal.SIGTERM)}",
+        "--trainer.callbacks.step=40",
+    )
+    assert stopped.returncode == 143, stopped.stderr[-2000:]  # sgd_2, stopped in epoch 1
+
+    runs = root / "lightning_logs"
+    shutil.copytree(runs / "sgd_0", runs / "version_0")  # a run made before runs had names
+    torn = runs / "torn_0"  # a crash mid-write on another machine: its last record cut short
+    torn.mkdir()
+    events = min((runs / "sgd_0").glob("events.out.tfevents.*"))  # the fit's, not the test's
+    stamp = events.name.split(".")[3]
+    torn.joinpath(f"events.out.tfevents.{stamp}.elsewhere.1.0").write_bytes(
+        events.read_bytes()[:-50]
+    )
+    foreign = runs / "notes"  # another tool's folder
+    foreign.mkdir()
+    (foreign / "config.yaml").write_text("{ not: yaml: at all")
+    (foreign / "events.out.tfevents.1.host.1.0").write_bytes(b"\x00garbage" * 10)
+    live = runs / "live_0"  # a run whose writer is this test's own process: still running
+    live.mkdir()
+    (
+        live / f"events.out.tfevents.{int(time.time())}.{socket.gethostname()}.{os.getpid()}.0"
+    ).touch()
+    return runs
+
+
+def test_the_table_ranks_runs_and_says_what_each_is(runs_root):
+    result = _runs("--root", str(runs_root))
+    assert result.returncode == 0, result.stderr
+    header, *lines = result.stdout.splitlines()
+    assert header.split()[:4] == ["run", "config", "epochs", "best"]
+    rows = {line.split()[0]: line for line in lines}
+    assert set(rows) == {
+        "sgd_0",
+        "sgd_1",
+        "sgd_2",
+        "adam_0",
+        "version_0",
+        "torn_0",
+        "notes",
+        "live_0",
+    }
+    # best val/acc first: Adam at 1e-3 learns faster than the tutorial's SGD
+    assert lines[0].startswith("adam_0")
+    # what sets a run apart from the others: its values that are not the majority's
+    assert "optimizer=Adam" in rows["adam_0"] and "optimizer" not in rows["sgd_0"]
+    assert "max_epochs=3" in rows["sgd_2"] and "max_epochs" not in rows["sgd_1"]
+    assert rows["adam_0"].split()[1] == "adam" and rows["version_0"].split()[1] == "-"
+    assert " 2/2 " in rows["sgd_1"] and " finished " in rows["sgd_1"]
+    assert " 1/3 " in rows["sgd_2"] and " stopped " in rows["sgd_2"]
+    assert " running " in rows["live_0"]
+    assert "failed (config: no config.yaml)" in rows["torn_0"]
+    assert "%" in rows["torn_0"]  # what was written whole is read
+    assert "config" in rows["notes"] and "events" in rows["notes"]  # listed with the reason
+
+
+def test_json_gives_the_numbers_the_events_hold(runs_root):
+    result = _runs("--root", str(runs_root), "--json")
+    assert result.returncode == 0, result.stderr
+    runs = {run["run"]: run for run in json.loads(result.stdout)}
+    sgd = runs["sgd_0"]
+    val_acc = _scalars(runs_root / "sgd_0", "val/acc")
+    assert sgd["best_val_acc"] == pytest.approx(max(val_acc))
+    assert sgd["best_epoch"] == val_acc.index(max(val_acc)) + 1
+    assert sgd["test_acc"] == pytest.approx(_scalars(runs_root / "sgd_0", "test/acc")[-1])
+    assert sgd["epochs_done"] == sgd["epochs_planned"] == 2 and sgd["state"] == "finished"
+    assert 0 < sgd["wall_seconds"] < 600
+    assert sgd["differs"]["optimizer"] == "SGD" and runs["adam_0"]["differs"]["optimizer"] == "Adam"
+    # the killed and resumed run counts each step once: the numbers of the uninterrupted run
+    assert runs["sgd_1"]["best_val_acc"] == sgd["best_val_acc"]
+    assert runs["sgd_1"]["test_acc"] == sgd["test_acc"]
+    assert runs["version_0"]["best_val_acc"] == sgd["best_val_acc"]
+
+
+def test_csv_has_a_column_per_differing_setting(runs_root):
+    result = _runs("--root", str(runs_root), "--csv")
+    assert result.returncode == 0, result.stderr
+    rows = list(csv.DictReader(io.StringIO(result.stdout)))
+    assert len(rows) == 8
+    assert {"run", "config", "optimizer", "best_val_acc", "test_acc", "state"} <= set(rows[0])
+    assert "data_dir" not in rows[0] and "default_root_dir" not in rows[0]  # where, not what
+
+
+def test_the_plot_draws_the_runs_against_epochs(runs_root, tmp_path):
+    picture = tmp_path / "runs.png"
+    result = _runs("--root", str(runs_root), "--plot", str(picture))
+    assert result.returncode == 0, result.stderr
+    with Image.open(picture) as image:
+        assert image.size == (1300, 500)
+        assert len(image.getcolors(1 << 20) or []) > 50  # lines drawn, not an empty frame
+
+
+def test_a_missing_root_or_unknown_flag_is_one_line(tmp_path):
+    missing = _runs("--root", str(tmp_path / "nowhere"))
+    assert missing.returncode == 1
+    assert last_line(missing.stderr).startswith(f"error: --root {tmp_path / 'nowhere'}: no such")
+    assert len(missing.stderr.strip().splitlines()) == 1
+    unknown = _runs("--sort", "name")
+    assert unknown.returncode == 2 and "--help" in unknown.stderr
+    assert len(unknown.stderr.strip().splitlines()) == 1
+
+
+def test_a_rerun_of_a_runs_own_config_keeps_its_name(runs_root, data_dir, tmp_path):
+    config = runs_root / "adam_0" / "config.yaml"
+    main(
+        [
+            "fit",
+            f"--config={config}",
+            f"--data.data_dir={data_dir}",
+            f"--trainer.default_root_dir={tmp_path}",
+            *TINY,
+        ]
+    )
+    assert [p.name for p in (tmp_path / "lightning_logs").iterdir()] == ["adam_0"]
+
+
+def test_ckpt_path_last_takes_the_newest_run_of_the_config(runs_root, data_dir, tmp_path):
+    # sgd_2 was written last; the adam config's newest run is adam_0
+    shutil.copytree(runs_root, tmp_path / "lightning_logs", ignore=shutil.ignore_patterns("live_0"))
+    args = fit_args(data_dir, tmp_path, *TINY, "--ckpt_path=last")
+    args[0], args[2] = "validate", str(ADAM)
+    main(args)
+    saved = (tmp_path / "lightning_logs" / "adam_1" / "config.yaml").read_text()
+    assert f"{tmp_path / 'lightning_logs' / 'adam_0' / 'checkpoints' / 'last.ckpt'}" in saved
