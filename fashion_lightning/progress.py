@@ -28,6 +28,13 @@ class StepProgressBar(TQDMProgressBar):
             return super().total_train_batches
         return trainer.datamodule.training_batches()
 
+    def get_metrics(self, trainer: L.Trainer, pl_module: L.LightningModule) -> dict:
+        items = super().get_metrics(trainer, pl_module)
+        version = trainer.logger.version if trainer.logger is not None else None
+        if "v_num" in items and isinstance(version, str):  # Lightning keeps 4 characters
+            items["v_num"] = version  # the run's whole name: sgd_0, not gd_0
+        return items
+
     def on_train_epoch_start(self, trainer: L.Trainer, *args) -> None:
         self._epoch_start_step = trainer.global_step
         super().on_train_epoch_start(trainer, *args)

@@ -113,7 +113,8 @@ def is_run_folder(folder: Path) -> bool:
 def read_run(folder: Path, root: Path) -> RunRecord:
     """The record of the run in ``folder``; whatever cannot be read is named in ``problem``."""
     record = RunRecord(name=folder.relative_to(root).as_posix(), folder=folder)
-    record.config = config_of_folder(folder.name)
+    if folder.parent == root:  # a search's trial_N and confirm_seed_S_N are no config's names
+        record.config = config_of_folder(folder.name)
     problems = []
     try:
         config = _newest_config(folder)

@@ -13,7 +13,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 from fashion_lightning.cli import FashionCLI, main
 from fashion_lightning.data import FashionMNISTDataModule
 from fashion_lightning.model import ImageClassifier
-from tests.helpers import ROOT, SGD_CONFIG, fit_args, last_line, run_cli
+from tests.helpers import ROOT, SGD_CONFIG, TINY, fit_args, last_line, run_cli
 
 
 @pytest.mark.slow
@@ -203,3 +203,9 @@ def test_relative_paths_are_under_the_folder_it_runs_from(tmp_path, debian_sourc
     assert result.returncode == 0, result.stderr[-2000:]
     assert (tmp_path / "data" / "FashionMNIST" / "raw" / "train-images-idx3-ubyte").is_file()
     assert (tmp_path / "lightning_logs" / "sgd_0" / "checkpoints" / "last.ckpt").is_file()
+
+
+def test_the_progress_bar_names_the_whole_run(data_dir, tmp_path, capsys):
+    args = fit_args(data_dir, tmp_path, *TINY, "--trainer.enable_progress_bar=true")
+    main(args)
+    assert "v_num=sgd_0" in capsys.readouterr().out  # Lightning alone would show "gd_0"

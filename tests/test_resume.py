@@ -11,6 +11,7 @@ import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from fashion_lightning.cli import main
+from fashion_lightning.run_records import read_run
 from tests.helpers import SHORT, fit_args, last_line, run_cli, start_cli
 
 pytestmark = pytest.mark.slow
@@ -56,8 +57,8 @@ def uninterrupted(data_dir, tmp_path_factory) -> Path:
 
 
 def test_resume_at_epoch_boundary_in_new_process_is_exact(data_dir, tmp_path, uninterrupted):
-    first = run_cli(*fit_args(data_dir, tmp_path, *SHORT, "--trainer.max_epochs=1"))
-    assert first.returncode == 0, first.stderr
+    main(fit_args(data_dir, tmp_path, *SHORT, "--trainer.max_epochs=1"))
+    # a new process: nothing but the checkpoint carries over
     resumed = run_cli(*fit_args(data_dir, tmp_path, *SHORT, "--ckpt_path=last"))
     assert resumed.returncode == 0, resumed.stderr
     assert "Restoring states from the checkpoint" in resumed.stderr
@@ -142,6 +143,14 @@ def test_a_kill_9_after_a_step_checkpoint_resumes_exactly(data_dir, tmp_path):
     _stop(data_dir, tmp_path / "run", args, "KillAt", -signal.SIGKILL, step=45)
     assert _final_state(tmp_path / "run")["global_step"] == 42  # the last step checkpoint
     _resume_and_compare(data_dir, tmp_path / "run", args)
+    # `runs` counts what the killed process logged after its checkpoint once, as TensorBoard
+    resumed, straight = (
+        read_run(_run_dir(root), root / "lightning_logs")
+        for root in (tmp_path / "run", tmp_path / "run-uninterrupted")
+    )
+    assert resumed.curves == straight.curves and resumed.curves["train/loss"]
+    assert (resumed.best_val_acc, resumed.test_acc) == (straight.best_val_acc, straight.test_acc)
+    assert resumed.state == "finished"
 
 
 def test_epochs_without_validation_still_write_the_last_checkpoint(data_dir, tmp_path):

@@ -42,19 +42,11 @@ def _scalars(run, tag) -> list[float]:
 
 @pytest.fixture(scope="module")
 def runs_root(data_dir, tmp_path_factory):
-    """Real runs of two configs, one killed and resumed, one stopped; and folders a crash, a
-    copy or another tool left: what `runs` meets in a user's lightning_logs."""
+    """Real runs of two configs, one of them stopped; and folders a crash, a copy, a search or
+    another tool left: what `runs` meets in a user's lightning_logs. (A killed and resumed run
+    is read in tests/test_resume.py.)"""
     root = tmp_path_factory.mktemp("runs")
     main(fit_args(data_dir, root, *SHORT))  # sgd_0
-    # sgd_1: killed after a step checkpoint, then resumed: what it logged after the
-    # checkpoint is trained and logged again, and must count once
-    killed = run_cli(
-        *fit_args(data_dir, root, *SHORT, "--checkpoint.every_n_train_steps=7"),
-        "--trainer.callbacks+=tests.helpers.KillAt",
-        "--trainer.callbacks.step=45",
-    )
-    assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
-    main(fit_args(data_dir, root, *SHORT, "--checkpoint.every_n_train_steps=7", "--ckpt_path=last"))
     adam = fit_args(data_dir, root, *SHORT, "--model.optimizer.init_args.lr=0.001")
     adam[2] = str(ADAM)
     main(adam)  # adam_0
@@ -64,10 +56,11 @@ def runs_root(data_dir, tmp_path_factory):
         f"--trainer.callbacks.signum={int(signal.SIGTERM)}",
         "--trainer.callbacks.step=40",
     )
-    assert stopped.returncode == 143, stopped.stderr[-2000:]  # sgd_2, stopped in epoch 1
+    assert stopped.returncode == 143, stopped.stderr[-2000:]  # sgd_1, stopped in epoch 1
 
     runs = root / "lightning_logs"
     shutil.copytree(runs / "sgd_0", runs / "version_0")  # a run made before runs had names
+    shutil.copytree(runs / "sgd_0", runs / "tune" / "mlp" / "trial_3")  # a search's trial
     torn = runs / "torn_0"  # a crash mid-write on another machine: its last record cut short
     torn.mkdir()
     events = min((runs / "sgd_0").glob("events.out.tfevents.*"))  # the fit's, not the test's
@@ -96,21 +89,22 @@ def test_the_table_ranks_runs_and_says_what_each_is(runs_root):
     assert set(rows) == {
         "sgd_0",
         "sgd_1",
-        "sgd_2",
         "adam_0",
         "version_0",
         "torn_0",
         "notes",
         "live_0",
+        "tune/mlp/trial_3",
     }
     # best val/acc first: Adam at 1e-3 learns faster than the tutorial's SGD
     assert lines[0].startswith("adam_0")
     # what sets a run apart from the others: its values that are not the majority's
     assert "optimizer=Adam" in rows["adam_0"] and "optimizer" not in rows["sgd_0"]
-    assert "max_epochs=3" in rows["sgd_2"] and "max_epochs" not in rows["sgd_1"]
+    assert "max_epochs=3" in rows["sgd_1"] and "max_epochs" not in rows["sgd_0"]
     assert rows["adam_0"].split()[1] == "adam" and rows["version_0"].split()[1] == "-"
-    assert " 2/2 " in rows["sgd_1"] and " finished " in rows["sgd_1"]
-    assert " 1/3 " in rows["sgd_2"] and " stopped " in rows["sgd_2"]
+    assert rows["tune/mlp/trial_3"].split()[1] == "-"  # found two levels down, not a config
+    assert " 2/2 " in rows["sgd_0"] and " finished " in rows["sgd_0"]
+    assert " 1/3 " in rows["sgd_1"] and " stopped " in rows["sgd_1"]
     assert " running " in rows["live_0"]
     assert "failed (config: no config.yaml)" in rows["torn_0"]
     assert "%" in rows["torn_0"]  # what was written whole is read
@@ -129,9 +123,6 @@ def test_json_gives_the_numbers_the_events_hold(runs_root):
     assert sgd["epochs_done"] == sgd["epochs_planned"] == 2 and sgd["state"] == "finished"
     assert 0 < sgd["wall_seconds"] < 600
     assert sgd["differs"]["optimizer"] == "SGD" and runs["adam_0"]["differs"]["optimizer"] == "Adam"
-    # the killed and resumed run counts each step once: the numbers of the uninterrupted run
-    assert runs["sgd_1"]["best_val_acc"] == sgd["best_val_acc"]
-    assert runs["sgd_1"]["test_acc"] == sgd["test_acc"]
     assert runs["version_0"]["best_val_acc"] == sgd["best_val_acc"]
 
 
@@ -178,7 +169,7 @@ def test_a_rerun_of_a_runs_own_config_keeps_its_name(runs_root, data_dir, tmp_pa
 
 
 def test_ckpt_path_last_takes_the_newest_run_of_the_config(runs_root, data_dir, tmp_path):
-    # sgd_2 was written last; the adam config's newest run is adam_0
+    # sgd_1 was written last; the adam config's newest run is adam_0
     shutil.copytree(runs_root, tmp_path / "lightning_logs", ignore=shutil.ignore_patterns("live_0"))
     args = fit_args(data_dir, tmp_path, *TINY, "--ckpt_path=last")
     args[0], args[2] = "validate", str(ADAM)
