@@ -1,15 +1,17 @@
 """Screenshots of TensorBoard over real runs, for the README.
 
-    for c in sgd adam rmsprop; do
-        python -m fashion_lightning fit --config configs/$c.yaml --trainer.default_root_dir shots/$c
+    for c in sgd adam rmsprop best; do
+        python -m fashion_lightning fit --config configs/$c.yaml --trainer.max_epochs 5 \
+            --trainer.default_root_dir shots
     done
-    python scripts/tensorboard_screenshot.py --logdir shots
+    python scripts/tensorboard_screenshot.py --logdir shots/lightning_logs
     # -> docs/tensorboard-scalars.png, docs/tensorboard-hparams.png, docs/tensorboard-images.png
 
 Starts a real TensorBoard server on 127.0.0.1 over the runs and photographs three of its
-pages with headless Chromium (Debian's ``chromium`` package: ``apt-get install -y chromium``):
-the Custom Scalars layout (train and val loss and accuracy on shared charts), the HParams
-table, and the Images at their normal card size.
+pages with headless Chromium (Debian's ``chromium`` package: ``apt-get install -y chromium``)
+in a 1280x800 window, a usual laptop's: the Custom Scalars layout (train and val loss and
+accuracy on shared charts), the HParams table, and best.yaml's validation pictures at their
+normal card size.
 """
 
 from __future__ import annotations
@@ -23,9 +25,10 @@ from headless import free_port, photograph, server
 ROOT = Path(__file__).resolve().parents[1]
 # (file name, TensorBoard page, window width,height)
 PAGES = (
-    ("scalars", "#custom_scalars", "1400,900"),
-    ("hparams", "#hparams", "1900,420"),
-    ("images", "#images", "1400,1100"),
+    ("scalars", "#custom_scalars", "1280,800"),
+    ("hparams", "#hparams", "1280,800"),
+    # the Images tab opens on the test group: its own filters show the validation pictures
+    ("images", "#images&tagFilter=val%2Fpredictions%7Cval%2Fconfusion&regexInput=best", "1280,800"),
 )
 
 
