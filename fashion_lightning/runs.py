@@ -132,6 +132,19 @@ def table(rows: list[dict[str, str]]) -> str:
     return "\n".join(lines)
 
 
+def _outcome(r: RunRecord) -> dict:
+    """What a run reached and where it stands, as the numbers scripts read."""
+    return {
+        "epochs_done": r.epochs_done,
+        "epochs_planned": r.planned_epochs,
+        "best_val_acc": r.best_val_acc,
+        "best_epoch": r.best_epoch,
+        "test_acc": r.test_acc,
+        "wall_seconds": round(r.wall_seconds, 1),
+        "state": r.state,
+    }
+
+
 def as_json(records: list[RunRecord], keys: list[str]) -> str:
     return json.dumps(
         [
@@ -141,13 +154,7 @@ def as_json(records: list[RunRecord], keys: list[str]) -> str:
                 "config": r.config or None,
                 "differs": {k: r.settings.get(k) for k in keys},
                 "settings": r.settings,
-                "epochs_done": r.epochs_done,
-                "epochs_planned": r.planned_epochs,
-                "best_val_acc": r.best_val_acc,
-                "best_epoch": r.best_epoch,
-                "test_acc": r.test_acc,
-                "wall_seconds": round(r.wall_seconds, 1),
-                "state": r.state,
+                **_outcome(r),
                 "problem": r.problem or None,
             }
             for r in records
@@ -157,36 +164,13 @@ def as_json(records: list[RunRecord], keys: list[str]) -> str:
 
 
 def write_csv(records: list[RunRecord], keys: list[str]) -> None:
-    fields = [
-        "run",
-        "config",
-        *keys,
-        "epochs_done",
-        "epochs_planned",
-        "best_val_acc",
-        "best_epoch",
-        "test_acc",
-        "wall_seconds",
-        "state",
-        "problem",
-    ]
+    fields = ["run", "config", *keys, *_outcome(RunRecord("", Path())), "problem"]
     writer = csv.DictWriter(sys.stdout, fieldnames=fields, lineterminator="\n")
     writer.writeheader()
     for r in records:
+        settings = {k: r.settings.get(k, "") for k in keys}
         writer.writerow(
-            {
-                "run": r.name,
-                "config": r.config,
-                **{k: r.settings.get(k, "") for k in keys},
-                "epochs_done": r.epochs_done,
-                "epochs_planned": r.planned_epochs,
-                "best_val_acc": r.best_val_acc,
-                "best_epoch": r.best_epoch,
-                "test_acc": r.test_acc,
-                "wall_seconds": round(r.wall_seconds, 1),
-                "state": r.state,
-                "problem": r.problem,
-            }
+            {"run": r.name, "config": r.config, **settings, **_outcome(r), "problem": r.problem}
         )
 
 
