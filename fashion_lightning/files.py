@@ -66,10 +66,19 @@ def process_running(pid: int) -> bool:
     return True
 
 
+def process_start(pid: int) -> str | None:
+    """When process ``pid`` started, as Linux's /proc counts it (clock ticks since boot, as
+    text): tells it from a later process with the same pid. None where there is no /proc."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[19]
+    except (OSError, IndexError):
+        return None
+
+
 def process_started_at(pid: int) -> float | None:
     """When process ``pid`` started, in seconds since the epoch (Linux's /proc; else None)."""
+    ticks = process_start(pid)
     try:
-        ticks = int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[19])
         boot = next(
             int(line.split()[1])
             for line in Path("/proc/stat").read_text().splitlines()
@@ -77,7 +86,7 @@ def process_started_at(pid: int) -> float | None:
         )
     except (OSError, IndexError, ValueError, StopIteration):
         return None
-    return boot + ticks / os.sysconf("SC_CLK_TCK")
+    return None if ticks is None else boot + int(ticks) / os.sysconf("SC_CLK_TCK")
 
 
 def ensure_writable_dir(path: Path) -> None:

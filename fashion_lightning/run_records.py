@@ -24,7 +24,8 @@ from tensorboard.util import tensor_util
 from fashion_lightning.errors import first_line
 from fashion_lightning.files import process_running, process_started_at
 
-EVENTS_GLOB = "events.out.tfevents.*"
+EVENTS_PREFIX = "events.out.tfevents."
+EVENTS_GLOB = f"{EVENTS_PREFIX}*"
 CONFIG_FILE = re.compile(r"^config(-(\d+))?\.yaml$")
 # a run folder named after its config: sgd_0, best_3 (version_N: runs made before names)
 NAMED_RUN = re.compile(r"^(?P<config>.+)_\d+$")
@@ -105,7 +106,7 @@ def is_run_folder(folder: Path) -> bool:
     except OSError:
         return False
     return any(
-        name.startswith("events.out.tfevents.") or name == "checkpoints" or CONFIG_FILE.match(name)
+        name.startswith(EVENTS_PREFIX) or name == "checkpoints" or CONFIG_FILE.match(name)
         for name in names
     )
 
@@ -125,7 +126,7 @@ def read_run(folder: Path, root: Path) -> RunRecord:
         problems.append(f"config: {first_line(err)}")
     try:
         scalars, spans, live = _read_events(folder)
-    except Exception as err:  # a torn or foreign events file: TensorBoard's reader raises anything
+    except Exception as err:  # a damaged record (protobuf's DecodeError), an unreadable file
         scalars, spans, live = {}, [], False
         problems.append(f"events: {type(err).__name__}: {first_line(err)}")
     _summarize(record, scalars)
@@ -191,11 +192,11 @@ def _read_events(folder: Path) -> tuple[dict[str, dict[int, float]], list[float]
     times: dict[str, list[float]] = {}
     live = False
     for path in sorted(folder.glob(EVENTS_GLOB), key=_events_order):
-        _, _, _, created, *host, pid, _ = path.name.split(".")
-        writer = f"{'.'.join(host)}:{pid}"
-        if not live and ".".join(host) == socket.gethostname() and pid.isdigit():
-            started = process_started_at(int(pid))
-            live = process_running(int(pid)) and (started is None or started <= float(created) + 1)
+        created, host, pid, _ = _writer_of(path)
+        writer = f"{host}:{pid}"
+        if not live and host == socket.gethostname() and pid > 0:
+            started = process_started_at(pid)
+            live = process_running(pid) and (started is None or started <= created + 1)
         for event in event_records(path):
             if event.HasField("session_log") and event.session_log.status == 1:  # START
                 for values in scalars.values():  # a resume: what followed its checkpoint goes
@@ -239,12 +240,19 @@ def _number(value: Any) -> float:
     return float(tensor_util.make_ndarray(value.tensor).reshape(()))
 
 
-def _events_order(path: Path) -> tuple[int, int]:
+def _writer_of(path: Path) -> tuple[int, str, int, int]:
+    """What SummaryWriter puts in an events file's name,
+    ``events.out.tfevents.<created>.<host>.<pid>.<n>``: created, host, pid and n (0 where a
+    foreign name has no number)."""
     parts = path.name.split(".")
-    return (
-        int(parts[3]) if parts[3].isdigit() else 0,
-        int(parts[-1]) if parts[-1].isdigit() else 0,
-    )
+    number = [int(p) if p.isdigit() else 0 for p in parts]
+    host = ".".join(parts[4:-2])
+    return (number[3] if len(parts) > 3 else 0, host, number[-2], number[-1])
+
+
+def _events_order(path: Path) -> tuple[int, int]:
+    created, _, _, n = _writer_of(path)
+    return created, n
 
 
 def _summarize(record: RunRecord, scalars: dict[str, dict[int, float]]) -> None:

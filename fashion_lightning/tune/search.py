@@ -30,7 +30,7 @@ from fashion_lightning.errors import (
     Stopped,
     UserError,
 )
-from fashion_lightning.files import ensure_writable_dir
+from fashion_lightning.files import ensure_writable_dir, process_start
 from fashion_lightning.raw_files import ensure_raw_files
 from fashion_lightning.tune.space import (
     check_space,
@@ -38,11 +38,7 @@ from fashion_lightning.tune.space import (
     overrides,
     sample,
 )
-from fashion_lightning.tune.storage import (
-    MAX_RETRIES,
-    alive,
-    process_start,
-)
+from fashion_lightning.tune.storage import MAX_RETRIES, alive
 from fashion_lightning.tune.study import (
     OBJECTIVES,
     open_study,

@@ -18,7 +18,7 @@ from optuna.storages.journal import JournalFileBackend, JournalFileOpenLock
 from optuna.trial import FrozenTrial
 
 from fashion_lightning.errors import SearchError, UserError, first_line
-from fashion_lightning.files import claim_file, process_running
+from fashion_lightning.files import claim_file, process_running, process_start
 from fashion_lightning.tune.workers import STOPS
 
 MAX_RETRIES = 2  # how often the parameters of a trial that was stopped or died are tried again
@@ -270,14 +270,6 @@ def _secrets(spec: str) -> set[str]:
 
 
 # --- dead workers --------------------------------------------------------------------------
-
-
-def process_start(pid: int) -> str | None:
-    """When process ``pid`` started (Linux), to tell it from a later process with the same pid."""
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[19]
-    except (OSError, IndexError):
-        return None
 
 
 def alive(pid: int, started: str | None) -> bool:
