@@ -14,7 +14,7 @@ test: $(VENV)/.installed data postgresql lint
 
 # The runs' curves: open http://localhost:6006/#custom_scalars (train and val on one chart).
 tensorboard: $(VENV)/.installed
-	@echo "TensorBoard: http://localhost:6006/#custom_scalars"
+	@echo "TensorBoard: http://localhost:6006/#custom_scalars&_smoothingWeight=0 (train and val against epochs; Time Series: http://localhost:6006/?smoothing=0#timeseries)"
 	$(VENV)/bin/tensorboard --logdir lightning_logs
 
 # Epoch time of the tutorial's loop, the bare-PyTorch floor and this project (minutes).

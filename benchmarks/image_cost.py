@@ -1,12 +1,14 @@
-"""What TensorBoard's extras cost, in a real fit: the pictures, the per-class accuracies and
-the HParams bookkeeping.
+"""What TensorBoard's extras cost, in a real fit: the pictures, the per-class accuracies, the
+HParams bookkeeping, the training cross-entropy of each step and the scalar writes.
 
     python benchmarks/image_cost.py --epochs 3
 
 Times every hook of ClassificationImages (updating the confusion matrix, drawing, PNG encoding
-and writing) and of HParamsSummary, and the per-class accuracy metrics of the model (their
-updates and their 20 tags a validation and test), during a real ``fit`` of the tutorial's
-setup with the project's logger, and prints each against the run's time.
+and writing) and of HParamsSummary, the per-class accuracy metrics of the model (their
+updates and their 20 tags a validation and test), the sum of each step's cross-entropy (for
+the learning curves against epochs) and every scalar write of the project's logger (those
+curves included), during a real ``fit`` of the tutorial's setup, and prints each against the
+run's time.
 """
 
 from __future__ import annotations
@@ -59,6 +61,7 @@ class TimedClassifier(ImageClassifier):
             metric.update = timed("per-class accuracy", metric.update)
 
     _log_per_class = timed("per-class accuracy", ImageClassifier._log_per_class)
+    _add_cross_entropy = timed("train cross-entropy", ImageClassifier._add_cross_entropy)
 
 
 def main() -> None:
@@ -71,6 +74,8 @@ def main() -> None:
     ensure_raw_files(data_dir, DEBIAN_SOURCE_DIR, download=False)
     time_hooks(ClassificationImages, "pictures")
     time_hooks(HParamsSummary, "hparams")
+    # every scalar written to TensorBoard, the curves against epochs (epoch/*) among them
+    RunFolderLogger.log_metrics = timed("scalar writes", RunFolderLogger.log_metrics)
     with tempfile.TemporaryDirectory() as root:
         trainer = L.Trainer(
             max_epochs=args.epochs,

@@ -23,6 +23,8 @@ from fashion_lightning.fashion_mnist import (
 )
 from fashion_lightning.steps import LOOP_KEY, optimizer_step_done
 
+CROSS_ENTROPY_KEY = "train_cross_entropy"  # a checkpoint's sums for the epoch so far
+
 # a dropout probability: 0 (none) up to, not including, 1 (which would drop everything)
 DropoutProbability = restricted_number_type(
     "DropoutProbability", float, [(">=", 0), ("<", 1)], docstring="a float in [0, 1)"
@@ -119,6 +121,12 @@ class ImageClassifier(L.LightningModule):
         self.val_loss, self.test_loss = MeanMetric(), MeanMetric()
         self.train_acc = MulticlassAccuracy(NUM_CLASSES, average="micro")
         self.train_acc.persistent(True)  # in checkpoints, so a mid-epoch resume counts on
+        # The epoch's plain cross-entropy of the training batches (no label smoothing), summed
+        # over its images: the training loss that compares with val/loss in the learning
+        # curves. A sum, not a torchmetrics MeanMetric: its update costs 30 us, 1% of a step,
+        # this one addition; kept off the state_dict, so "true" precisions leave it float32.
+        self.train_cross_entropy_sum = torch.zeros(())
+        self.train_images = 0
         self.val_acc = MulticlassAccuracy(NUM_CLASSES, average="micro")
         self.test_acc = MulticlassAccuracy(NUM_CLASSES, average="micro")
         # accuracy within each true class (its recall): 0 for a class the model never predicts
@@ -127,6 +135,15 @@ class ImageClassifier(L.LightningModule):
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         checkpoint[LOOP_KEY] = "lightning" if self.automatic_optimization else "project"
+        # so that a mid-epoch resume counts on (as train_acc's states, in the state_dict)
+        sums = {"sum": float(self.train_cross_entropy_sum), "images": self.train_images}
+        checkpoint[CROSS_ENTROPY_KEY] = sums
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        # a checkpoint from before the sum was kept: the epoch's mean counts the steps after it
+        sums = checkpoint.get(CROSS_ENTROPY_KEY) or {"sum": 0.0, "images": 0}
+        self.train_cross_entropy_sum = torch.tensor(float(sums["sum"]))
+        self.train_images = int(sums["images"])
 
     def configure_model(self) -> None:
         if self.compile:
@@ -153,6 +170,7 @@ class ImageClassifier(L.LightningModule):
         images, labels = batch
         loss, logits = self._loss(images, labels, batch_idx)
         self.train_acc.update(logits.detach(), labels)
+        self._add_cross_entropy(loss, logits, labels)
         if self._step_is_logged():
             self.log("train/loss", loss, batch_size=len(labels))
             # one tag whatever the optimizer (LearningRateMonitor names it lr-SGD, lr-Adam...)
@@ -165,6 +183,14 @@ class ImageClassifier(L.LightningModule):
         if not torch.isfinite(loss):  # before the step: no NaN reaches the weights
             self._stop_on_non_finite(loss, batch_idx)
         return loss, logits
+
+    def _add_cross_entropy(self, loss: Tensor, logits: Tensor, labels: Tensor) -> None:
+        """Count the step's plain cross-entropy: the loss itself unless it is label-smoothed."""
+        plain = loss if self.label_smoothing == 0 else F.cross_entropy(logits, labels)
+        if self.train_cross_entropy_sum.device != plain.device:  # after a checkpoint's load
+            self.train_cross_entropy_sum = self.train_cross_entropy_sum.to(plain.device)
+        self.train_cross_entropy_sum.add_(plain.detach().float(), alpha=len(labels))
+        self.train_images += len(labels)
 
     def _several_steps(self, batches: list[tuple[Tensor, Tensor]], call_idx: int) -> dict:
         """The tutorial's loop over a group of batches, one optimizer step each: what Lightning
@@ -187,6 +213,7 @@ class ImageClassifier(L.LightningModule):
             if scheduler is not None:
                 scheduler.step()
             self.train_acc.update(logits.detach(), labels)
+            self._add_cross_entropy(loss, logits, labels)
             if self._step_is_logged(step):  # at the step and with the values Lightning logs
                 for logger in self.loggers:
                     logger.log_metrics({"train/loss": loss.item(), "train/lr": lr}, step=step)
@@ -203,6 +230,9 @@ class ImageClassifier(L.LightningModule):
             if scheduler is not None:
                 scheduler.step()  # Lightning steps schedulers itself only without manual steps
         self.log("train/acc", self.train_acc)
+        if self.train_images:  # the mean of each process's mean under DDP (equal shares)
+            mean = self.train_cross_entropy_sum / self.train_images
+            self.log("train/cross_entropy", mean, sync_dist=True)
         self._log_at_optimizer_step()
 
     def on_train_start(self) -> None:
@@ -225,14 +255,23 @@ class ImageClassifier(L.LightningModule):
                 )
 
     def on_train_epoch_start(self) -> None:
-        self.train_acc.reset()  # not called when resuming mid-epoch: the counts carry on
+        # not called when resuming mid-epoch: the counts carry on
+        self.train_acc.reset()
+        self.train_cross_entropy_sum = torch.zeros((), device=self.device)
+        self.train_images = 0
 
-    def _log_at_optimizer_step(self) -> None:
+    def _log_at_optimizer_step(self, with_epoch: bool = True) -> None:
         """Write this epoch's values at the number of optimizer steps done, where the pictures
         and ``hp_metric`` go too. (Lightning counts its own way: one step behind at the end of
         an epoch, and in calls of ``training_step``, not optimizer steps, with several steps a
-        call.) A logged value named ``step`` sets the step of the values logged with it."""
+        call.) A logged value named ``step`` sets the step of the values logged with it.
+
+        Lightning adds the epoch (``epoch``, counted from 0) to the values it writes only when
+        it picks the step itself: it is logged here too with training's values, for the loggers
+        (the CSV log's column, the TensorBoard charts against epochs)."""
         self.log("step", float(self.global_step))
+        if with_epoch:
+            self.log("epoch", float(self.current_epoch))
 
     def _step_is_logged(self, step: int | None = None) -> bool:
         """Whether Lightning writes this step's metrics (every ``log_every_n_steps`` steps).
@@ -284,7 +323,7 @@ class ImageClassifier(L.LightningModule):
         self.log(f"{stage}/loss", getattr(self, f"{stage}_loss"))
         self.log(f"{stage}/acc", getattr(self, f"{stage}_acc"), prog_bar=True)
         self._log_per_class(stage)
-        self._log_at_optimizer_step()
+        self._log_at_optimizer_step(with_epoch=stage == "val")
 
     def _log_per_class(self, stage: str) -> None:
         """``val/acc_class/Sandal`` and so on: a class the model never predicts shows as 0."""

@@ -21,6 +21,7 @@ from lightning.pytorch.loggers import CSVLogger, Logger, TensorBoardLogger
 from lightning.pytorch.utilities.rank_zero import rank_zero_only
 
 from fashion_lightning.files import atomic_write, claim_file
+from fashion_lightning.visuals import EPOCH_CURVES
 
 
 def claim_version(folder: Path, prefix: str = "version_") -> str:
@@ -43,7 +44,8 @@ def claim_version(folder: Path, prefix: str = "version_") -> str:
 class RunFolderLogger(TensorBoardLogger):
     """Lightning's TensorBoardLogger, except that a new run claims its folder atomically, the
     folder is named after the run's config (``sgd_0``, ``sgd_1``, ``best_0``; ``version_N``
-    without one), and the ``epoch`` counter is not written.
+    without one), the ``epoch`` counter is not written, and the learning curves are written
+    a second time against epochs done (``epoch/acc_val``..., see ``visuals.EPOCH_CURVES``).
 
     This is the project's default logger, and a ``TensorBoardLogger`` named in a config is
     swapped for it; its arguments are TensorBoardLogger's. The folder is claimed when the run
@@ -80,7 +82,13 @@ class RunFolderLogger(TensorBoardLogger):
     def log_metrics(self, metrics: dict[str, Any], step: int | None = None) -> None:
         # Lightning adds the epoch number to every write: in TensorBoard a staircase that sorts
         # first among the charts and can't serve as an x-axis; the steps already order the run
-        super().log_metrics({k: v for k, v in metrics.items() if k != "epoch"}, step)
+        epoch = metrics.get("epoch")
+        metrics = {k: v for k, v in metrics.items() if k != "epoch"}
+        super().log_metrics(metrics, step)
+        # the learning curves again at the epochs done, an x-axis that runs share
+        curves = {EPOCH_CURVES[k]: v for k, v in metrics.items() if k in EPOCH_CURVES}
+        if curves and epoch is not None:
+            super().log_metrics(curves, int(epoch) + 1)
 
     def release_unused_folder(self) -> None:
         """Remove the claimed folder if nothing was written into it: a command that fails

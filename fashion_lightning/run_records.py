@@ -45,7 +45,7 @@ NOT_SETTINGS = (
     "checkpoint.",
     "images.",
 )
-CURVES = ("val/acc", "val/loss", "train/loss", "test/acc")
+CURVES = ("val/acc", "val/loss", "train/cross_entropy", "train/loss", "test/acc")
 
 
 @dataclass

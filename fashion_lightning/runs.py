@@ -199,9 +199,11 @@ def plot(records: list[RunRecord], path: Path) -> None:
             loss.plot(
                 *_xy(record.curves["val/loss"]), color=colour, marker=".", label=f"{label} val"
             )
-        if record.curves.get("train/loss"):
+        # the epoch's plain cross-entropy, which compares with val/loss; older runs lack it
+        train = "train/cross_entropy" if record.curves.get("train/cross_entropy") else "train/loss"
+        if record.curves.get(train):
             loss.plot(
-                *_xy(record.curves["train/loss"]),
+                *_xy(record.curves[train]),
                 color=colour,
                 linestyle=":",
                 alpha=0.7,
@@ -209,8 +211,9 @@ def plot(records: list[RunRecord], path: Path) -> None:
             )
     accuracy.set(title="val/acc at each validation", xlabel="epoch", ylabel="accuracy")
     loss.set(
-        title="val/loss (solid): cross-entropy of the weights validated\n"
-        "train/loss (dotted): the loss optimized, as logged during the epoch",
+        title="val (solid): cross-entropy of the weights validated\n"
+        "train (dotted): cross-entropy of the epoch's training batches, training weights\n"
+        "(runs from before it was logged: train/loss, the loss optimized)",
         xlabel="epoch",
         ylabel="loss",
     )

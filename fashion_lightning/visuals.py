@@ -23,18 +23,39 @@ from fashion_lightning.fashion_mnist import CLASS_NAMES
 HP_METRIC = "hp_metric"  # Lightning's name for the run's headline metric: the best val/acc
 RIGHT, WRONG = (90, 200, 90), (235, 70, 70)
 
+# The learning curves again, against epochs done (step 1: after the first epoch), so that
+# runs of any batch size line up. TensorBoard's Time Series sorts its groups by name and opens
+# the first two: "epoch" comes before "hp_metric", "test", "train" and "val".
+EPOCH_CURVES = {
+    "train/acc": "epoch/acc_train",
+    "train/cross_entropy": "epoch/loss_train",
+    "val/acc": "epoch/acc_val",
+    "val/loss": "epoch/loss_val",
+}
+# TensorBoard's charts hide the lowest and highest 5% of a chart's values until its
+# "Ignore outliers" setting is unticked: a one-cycle schedule's warm-up and tail among them
+OUTLIERS = "untick Settings > Ignore outliers to see all of it"
 # TensorBoard's Custom Scalars tab: the charts that answer "is it learning, is it over-fitting"
 LAYOUT = {
-    "Learning": {
-        # with label smoothing or weight averaging (configs/best.yaml) the two lines measure
-        # different things: the titles say which
-        "loss: train (the loss optimized, training weights) and val (cross-entropy, "
-        "weights validated)": ["Multiline", [r"^train/loss$", r"^val/loss$"]],
+    "Learning, against epochs": {
+        # the same loss for both lines; the weights differ where validation averages them
+        # (configs/best.yaml's EMA) or mirrors the images (flip_tta): the titles say so
+        "loss: cross-entropy of the training batches during the epoch (training weights) "
+        "and of validation (weights validated)": [
+            "Multiline",
+            [r"^epoch/loss_train$", r"^epoch/loss_val$"],
+        ],
         "accuracy: train (training weights, during the epoch) and val (weights validated)": [
             "Multiline",
-            [r"^train/acc$", r"^val/acc$"],
+            [r"^epoch/acc_train$", r"^epoch/acc_val$"],
         ],
-        "learning rate": ["Multiline", [r"^train/lr$"]],
+    },
+    "Learning, against steps": {
+        "train/loss: the loss optimized (label-smoothed where the config says so)": [
+            "Multiline",
+            [r"^train/loss$"],
+        ],
+        f"learning rate ({OUTLIERS})": ["Multiline", [r"^train/lr$"]],
     },
     "Accuracy per class": {
         "val": ["Multiline", [r"^val/acc_class/"]],
@@ -308,48 +329,66 @@ def share_colour(share: float) -> tuple[int, int, int]:
     )
 
 
+# the confusion matrix's geometry: cells, the class names' column on the left and row, the
+# images-a-class column on the right
+CELL_W, CELL_H, LEFT, TOP, RIGHT = 30, 28, 70, 92, 40
+
+
+def _share_text(share: float) -> str:
+    """A cell's percentage, whole: "93", "<1" for a share that rounds to 0 but is not."""
+    return "<1" if 0 < share < 0.005 else f"{share:.0%}".removesuffix("%")
+
+
 def render_confusion_matrix(matrix: Tensor, title: str) -> Tensor:
     """The confusion matrix as a heat map with each row normalised to 100% (rows: true class,
-    columns: predicted), the percentage and count in each cell, and a colour key; a class the
-    model never predicts has its column name in red. Drawn for TensorBoard's cards (about
-    400 px wide) with Pillow: a matplotlib figure costs a noticeable part of an epoch.
+    columns: predicted), each cell's percentage in large type, each row's number of images at
+    its right, and a colour key; a class the model never predicts has its column name in red.
+    Drawn for TensorBoard's cards (about 400 px wide, shown at 300 to 400): the percentages
+    stay readable there, where a count in small type beside them blurred. Drawn with Pillow:
+    a matplotlib figure costs a noticeable part of an epoch.
     """
     counts = matrix.detach().cpu().long()
     classes = len(counts)
-    cell_w, cell_h, left, top = 32, 28, 70, 92
-    width, height = left + cell_w * classes + 6, top + cell_h * classes + 34
+    width = LEFT + CELL_W * classes + RIGHT
+    height = TOP + CELL_H * classes + 34
     canvas = Image.new("RGB", (width, height), (255, 255, 255))
-    draw, font, small = ImageDraw.Draw(canvas), _font(11), _font(9)
+    draw, font, small, large = ImageDraw.Draw(canvas), _font(11), _font(10), _font(14)
+    grey = (90, 90, 90)
     draw.text((4, 3), title, fill=(0, 0, 0), font=_font(12))
-    draw.text((4, top - 14), "true \\ predicted", fill=(90, 90, 90), font=small)
-    shares = counts.float() / counts.sum(dim=1, keepdim=True).clamp(min=1)
+    draw.text((4, TOP - 14), "true \\ predicted", fill=grey, font=small)
+    right = LEFT + CELL_W * classes
+    draw.text((right + 4, TOP - 14), "images", fill=grey, font=small)
+    totals = counts.sum(dim=1)
+    shares = counts.float() / totals.unsqueeze(1).clamp(min=1)
     never_predicted = counts.sum(dim=0) == 0
     for i, name in enumerate(CLASS_NAMES):
         short = name.split("/")[0]
-        draw.text((4, top + i * cell_h + cell_h // 2 - 6), short, fill=(0, 0, 0), font=font)
-        label = Image.new("RGB", (top - 24, 13), (255, 255, 255))
+        row_y = TOP + i * CELL_H
+        draw.text((4, row_y + CELL_H // 2 - 6), short, fill=(0, 0, 0), font=font)
+        draw.text((right + 4, row_y + CELL_H // 2 - 6), str(int(totals[i])), fill=grey, font=font)
+        label = Image.new("RGB", (TOP - 24, 13), (255, 255, 255))
         red = bool(never_predicted[i])
         ImageDraw.Draw(label).text((0, 0), short, fill=WRONG if red else (0, 0, 0), font=font)
-        canvas.paste(label.rotate(90, expand=True), (left + i * cell_w + cell_w // 2 - 6, 20))
+        canvas.paste(label.rotate(90, expand=True), (LEFT + i * CELL_W + CELL_W // 2 - 6, 20))
         for j in range(classes):
             share = float(shares[i, j])
             box = (
-                left + j * cell_w,
-                top + i * cell_h,
-                left + (j + 1) * cell_w - 1,
-                top + (i + 1) * cell_h - 1,
+                LEFT + j * CELL_W,
+                row_y,
+                LEFT + (j + 1) * CELL_W - 1,
+                row_y + CELL_H - 1,
             )
             draw.rectangle(box, fill=share_colour(share), outline=(230, 230, 230))
             if counts[i, j] == 0:
                 continue
             ink = (255, 255, 255) if share > 0.5 else (0, 0, 0)
-            draw.text((box[0] + 3, box[1] + 2), f"{share:.0%}", fill=ink, font=font)
-            draw.text((box[0] + 3, box[1] + 15), str(int(counts[i, j])), fill=ink, font=small)
-    key_y = top + cell_h * classes + 10
-    for x in range(cell_w * 5):  # the colour key: 0% to 100% of the true class
-        draw.line((left + x, key_y, left + x, key_y + 10), fill=share_colour(x / (cell_w * 5 - 1)))
-    draw.text((4, key_y), "share of row", fill=(90, 90, 90), font=small)
-    draw.text((left + cell_w * 5 + 4, key_y), "0% to 100%", fill=(90, 90, 90), font=small)
+            middle = ((box[0] + box[2]) / 2, (box[1] + box[3]) / 2)
+            draw.text(middle, _share_text(share), fill=ink, font=large, anchor="mm")
+    key_y = TOP + CELL_H * classes + 10
+    for x in range(CELL_W * 5):  # the colour key: 0% to 100% of the true class
+        draw.line((LEFT + x, key_y, LEFT + x, key_y + 10), fill=share_colour(x / (CELL_W * 5 - 1)))
+    draw.text((4, key_y), "% of row", fill=grey, font=small)
+    draw.text((LEFT + CELL_W * 5 + 4, key_y), "0 to 100", fill=grey, font=small)
     return _chw(canvas)
 
 

@@ -5,13 +5,13 @@
             --trainer.default_root_dir shots
     done
     python scripts/tensorboard_screenshot.py --logdir shots/lightning_logs
-    # -> docs/tensorboard-scalars.png, docs/tensorboard-hparams.png, docs/tensorboard-images.png
+    # -> docs/tensorboard-{scalars,timeseries,hparams,images}.png
 
-Starts a real TensorBoard server on 127.0.0.1 over the runs and photographs three of its
+Starts a real TensorBoard server on 127.0.0.1 over the runs and photographs four of its
 pages with headless Chromium (Debian's ``chromium`` package: ``apt-get install -y chromium``)
 in a 1280x800 window, a usual laptop's: the Custom Scalars layout (train and val loss and
-accuracy on shared charts), the HParams table, and best.yaml's validation pictures at their
-normal card size.
+accuracy on shared charts), Time Series' first view, the HParams table, and best.yaml's
+validation pictures at their normal card size.
 """
 
 from __future__ import annotations
@@ -25,7 +25,9 @@ from headless import free_port, photograph, server
 ROOT = Path(__file__).resolve().parents[1]
 # (file name, TensorBoard page, window width,height)
 PAGES = (
-    ("scalars", "#custom_scalars", "1280,800"),
+    # the pages `make tensorboard` links to: values as measured (no smoothing)
+    ("scalars", "#custom_scalars&_smoothingWeight=0", "1280,800"),
+    ("timeseries", "?smoothing=0#timeseries", "1280,800"),
     ("hparams", "#hparams", "1280,800"),
     # the Images tab opens on the test group: its own filters show the validation pictures
     ("images", "#images&tagFilter=val%2Fpredictions%7Cval%2Fconfusion&regexInput=best", "1280,800"),

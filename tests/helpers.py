@@ -138,6 +138,19 @@ class RecordLearningRate(Callback):
         RecordLearningRate.seen.append(trainer.optimizers[0].param_groups[0]["lr"])
 
 
+class RecordCrossEntropy(Callback):
+    """Keeps (epoch, plain cross-entropy, images) of every training batch, computed before its
+    step with the weights that step trains, in ``RecordCrossEntropy.seen`` (one step a call)."""
+
+    seen: list[tuple[int, float, int]] = []  # noqa: RUF012 - read by the test that runs it
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        images, labels = batch
+        with torch.no_grad():
+            loss = torch.nn.functional.cross_entropy(pl_module(images), labels)
+        RecordCrossEntropy.seen.append((trainer.current_epoch, float(loss), len(labels)))
+
+
 class RecordLastCheckpoint(Callback):
     """Keeps the global step that ``last.ckpt`` holds when training reaches ``at_step``, in
     ``RecordLastCheckpoint.seen`` (None: no last.ckpt yet)."""

@@ -15,12 +15,17 @@ from tensorboard.plugins.hparams import plugin_data_pb2
 from fashion_lightning.cli import main
 from fashion_lightning.fashion_mnist import CLASS_NAMES
 from fashion_lightning.visuals import (
+    CELL_H,
+    CELL_W,
+    EPOCH_CURVES,
+    LEFT,
+    TOP,
     WRONG,
     render_confusion_matrix,
     render_predictions,
     share_colour,
 )
-from tests.helpers import ROOT, fit_args
+from tests.helpers import ROOT, RecordCrossEntropy, fit_args
 
 
 def _events(run_dir) -> EventAccumulator:
@@ -78,17 +83,22 @@ def test_scalars_images_and_hparams_of_a_real_run(trained_run):
 
 @pytest.fixture(scope="module")
 def adam_run(data_dir, tmp_path_factory):
+    """Adam with label smoothing: the loss it optimizes is not the cross-entropy validated."""
     root = tmp_path_factory.mktemp("adam")
+    RecordCrossEntropy.seen.clear()
     main(
         fit_args(
             data_dir,
             root,
             f"--config={ROOT / 'configs' / 'adam.yaml'}",
+            "--model.label_smoothing=0.1",
+            "--model.steps_per_call=1",
             "--trainer.max_epochs=2",
             "--trainer.limit_train_batches=20",
             "--trainer.limit_val_batches=2",
             "--trainer.limit_test_batches=2",
-            "--trainer.log_every_n_steps=10",
+            "--trainer.log_every_n_steps=1",
+            "--trainer.callbacks+=tests.helpers.RecordCrossEntropy",
         )
     )
     return root / "lightning_logs" / "sgd+adam_0"  # named after its two config files
@@ -136,17 +146,41 @@ def test_two_runs_with_different_optimizers_compare_at_a_glance(trained_run, ada
             e.step for e in events.Scalars("test/acc")
         ]
 
-        # Custom Scalars: train and val loss on one chart, train and val accuracy on another
+        # Custom Scalars: train and val loss on one chart against epochs, accuracies on another
         layout = layout_pb2.Layout.FromString(
             events.Tensors("custom_scalars__config__")[0].tensor_proto.string_val[0]
         )
         charts = {
             chart.title: list(chart.multiline.tag) for cat in layout.category for chart in cat.chart
         }
-        loss_chart = next(tags for tags in charts.values() if "^train/loss$" in tags)
-        assert "^val/loss$" in loss_chart
-        accuracy_chart = next(tags for tags in charts.values() if "^train/acc$" in tags)
-        assert "^val/acc$" in accuracy_chart
+        assert ["^epoch/loss_train$", "^epoch/loss_val$"] in charts.values()
+        assert ["^epoch/acc_train$", "^epoch/acc_val$"] in charts.values()
+        lr_chart = next(title for title, tags in charts.items() if tags == ["^train/lr$"])
+        assert "Ignore outliers" in lr_chart  # TensorBoard cuts a one-cycle's ends by default
+
+        # Time Series sorts its groups by name and opens the first two: the learning curves
+        # against epochs first, each validation at the epoch it ends, for any batch size
+        tags = [*events.Tags()["scalars"], *events.Tags()["images"]]
+        assert sorted({tag.split("/")[0] for tag in tags})[:2] == ["epoch", "hp_metric"]
+        for source, curve in EPOCH_CURVES.items():
+            assert [(e.step, e.value) for e in events.Scalars(curve)] == [
+                (epoch, e.value) for epoch, e in enumerate(events.Scalars(source), start=1)
+            ], curve
+
+
+def test_the_learning_curves_draw_one_loss_for_train_and_val(adam_run):
+    """Label smoothing changes the loss optimized (train/loss), not the one drawn against val:
+    epoch/loss_train is each epoch's plain cross-entropy of its training batches, as val/loss
+    is of validation's."""
+    events = _events(adam_run)
+    drawn = _values(events, "epoch/loss_train")
+    optimized = _values(events, "train/loss")  # every step, label-smoothed
+    for epoch, value in enumerate(drawn):
+        seen = [(loss, n) for at, loss, n in RecordCrossEntropy.seen if at == epoch]
+        assert len(seen) == 20
+        assert value == pytest.approx(sum(loss * n for loss, n in seen) / 20 / 64, rel=1e-5)
+        smoothed = sum(optimized[epoch * 20 : (epoch + 1) * 20]) / 20
+        assert smoothed - value > 0.05  # what the chart used to draw against val/loss
 
 
 def test_images_can_be_switched_off(data_dir, tmp_path):
@@ -190,14 +224,32 @@ def test_confusion_matrix_rows_are_shares_and_never_predicted_classes_are_red():
     matrix = torch.zeros(10, 10, dtype=torch.long)
     matrix[0, 0], matrix[5, 7], matrix[7, 7] = 100, 500, 3  # only T-shirt and Sneaker predicted
     picture = render_confusion_matrix(matrix, "val").permute(1, 2, 0).numpy()
-    cell = picture[92 + 5 * 28 + 20, 70 + 7 * 32 + 28]  # Sandal row, Sneaker column: 100%
-    assert tuple(cell) == share_colour(1.0)  # 500 of 500, as dark as 100 of 100 on the diagonal
-    assert tuple(picture[92 + 7 * 28 + 20, 70 + 7 * 32 + 28]) == share_colour(1.0)
+
+    def cell(row, column):  # a corner of the cell, away from its number
+        return tuple(picture[TOP + row * CELL_H + 2, LEFT + column * CELL_W + 2])
+
+    assert cell(5, 7) == share_colour(1.0)  # 500 of 500, as dark as 100 of 100 on the diagonal
+    assert cell(7, 7) == share_colour(1.0)
+    assert cell(5, 5) == share_colour(0.0)
 
     def red(area):
         r, g, b = (area[..., i].astype(int) for i in range(3))
         return ((r > 180) & (g < 150) & (b < 150)).sum()
 
-    sandal, sneaker = 70 + 5 * 32, 70 + 7 * 32
-    assert red(picture[20:88, sandal : sandal + 32]) > 20  # never predicted: its name is red
-    assert red(picture[20:88, sneaker : sneaker + 32]) == 0
+    sandal, sneaker = LEFT + 5 * CELL_W, LEFT + 7 * CELL_W
+    assert red(picture[20 : TOP - 4, sandal : sandal + CELL_W]) > 20  # never predicted: red
+    assert red(picture[20 : TOP - 4, sneaker : sneaker + CELL_W]) == 0
+
+
+def test_confusion_matrix_numbers_are_legible_at_card_size():
+    """Each cell's percentage in type large enough for a card that shows the picture at 300 px
+    (its rows hold 10 cells), light on dark cells and dark on light ones."""
+    matrix = torch.full((10, 10), 1, dtype=torch.long) + torch.diag(torch.full((10,), 991))
+    picture = render_confusion_matrix(matrix, "val").permute(1, 2, 0).numpy().astype(int)
+    scale = 300 / picture.shape[1]
+    inside = slice(TOP + 2, TOP + CELL_H - 3)  # the first row's cells, without their borders
+    diagonal = picture[inside, LEFT + 2 : LEFT + CELL_W - 3]  # "99", white on blue
+    ink = (diagonal.min(axis=2) > 200).any(axis=1)  # rows of the cell with white type
+    assert ink.sum() * scale >= 7, ink.sum()  # the digits' height at card size, in pixels
+    other = picture[inside, LEFT + CELL_W + 2 : LEFT + 2 * CELL_W - 3]  # "<1", dark on white
+    assert (other.max(axis=2) < 80).any(axis=1).sum() * scale >= 7
