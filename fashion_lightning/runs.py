@@ -211,9 +211,9 @@ def plot(records: list[RunRecord], path: Path) -> None:
             )
     accuracy.set(title="val/acc at each validation", xlabel="epoch", ylabel="accuracy")
     loss.set(
-        title="val (solid): cross-entropy of the weights validated\n"
-        "train (dotted): cross-entropy of the epoch's training batches, training weights\n"
-        "(runs from before it was logged: train/loss, the loss optimized)",
+        title="val (solid): cross-entropy, weights validated\n"
+        "train (dotted): cross-entropy of the epoch's training batches\n"
+        "(older runs: train/loss, the loss optimized)",
         xlabel="epoch",
         ylabel="loss",
     )

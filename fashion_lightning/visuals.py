@@ -37,7 +37,7 @@ EPOCH_CURVES = {
 OUTLIERS = "untick Settings > Ignore outliers to see all of it"
 # TensorBoard's Custom Scalars tab: the charts that answer "is it learning, is it over-fitting"
 LAYOUT = {
-    "Learning, against epochs": {
+    "Learning, against epochs (untick Ignore outliers on the left to see every point)": {
         # the same loss for both lines; the weights differ where validation averages them
         # (configs/best.yaml's EMA) or mirrors the images (flip_tta): the titles say so
         "loss: cross-entropy of the training batches during the epoch (training weights) "
@@ -331,7 +331,7 @@ def share_colour(share: float) -> tuple[int, int, int]:
 
 # the confusion matrix's geometry: cells, the class names' column on the left and row, the
 # images-a-class column on the right
-CELL_W, CELL_H, LEFT, TOP, RIGHT = 30, 28, 70, 92, 40
+CELL_W, CELL_H, LEFT, TOP, COUNTS_W = 30, 28, 70, 92, 40
 
 
 def _share_text(share: float) -> str:
@@ -349,7 +349,7 @@ def render_confusion_matrix(matrix: Tensor, title: str) -> Tensor:
     """
     counts = matrix.detach().cpu().long()
     classes = len(counts)
-    width = LEFT + CELL_W * classes + RIGHT
+    width = LEFT + CELL_W * classes + COUNTS_W
     height = TOP + CELL_H * classes + 34
     canvas = Image.new("RGB", (width, height), (255, 255, 255))
     draw, font, small, large = ImageDraw.Draw(canvas), _font(11), _font(10), _font(14)

@@ -27,7 +27,9 @@ ROOT = Path(__file__).resolve().parents[1]
 PAGES = (
     # the pages `make tensorboard` links to: values as measured (no smoothing)
     ("scalars", "#custom_scalars&_smoothingWeight=0", "1280,800"),
-    ("timeseries", "?smoothing=0#timeseries", "1280,800"),
+    # forceSVG: the same charts drawn as SVG, at once; headless Chromium photographs the
+    # off-screen canvas TensorBoard draws by default before it is drawn, now and then
+    ("timeseries", "?smoothing=0&forceSVG=true#timeseries", "1280,800"),
     ("hparams", "#hparams", "1280,800"),
     # the Images tab opens on the test group: its own filters show the validation pictures
     ("images", "#images&tagFilter=val%2Fpredictions%7Cval%2Fconfusion&regexInput=best", "1280,800"),

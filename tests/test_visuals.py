@@ -19,6 +19,7 @@ from fashion_lightning.visuals import (
     CELL_W,
     EPOCH_CURVES,
     LEFT,
+    RIGHT,
     TOP,
     WRONG,
     render_confusion_matrix,
@@ -212,6 +213,8 @@ def test_wrong_predictions_are_framed_red_and_right_ones_not():
     tile_width = picture.shape[1] // 4
     red = (picture == WRONG).all(axis=-1)
     assert not red[:, :tile_width].any()  # the right one: no red frame, green caption
+    r, g, b = (picture[:, :tile_width, i].astype(int) for i in range(3))
+    assert ((g > 150) & (r < 130) & (b < 130)).sum() > 20, RIGHT
     assert red[:, tile_width : 2 * tile_width].sum() > 4 * 56  # a frame around the wrong one
     titled = render_predictions(
         images, torch.tensor([3, 5]), torch.tensor([3, 4]), torch.tensor([0.9, 0.6]), title="e 2"
