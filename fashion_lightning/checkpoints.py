@@ -24,6 +24,8 @@ from fashion_lightning.configs import ACCEPTED_CLASSES, class_problem, flat
 from fashion_lightning.errors import CheckpointError
 from fashion_lightning.run_records import config_of_folder, run_name
 
+CROSS_ENTROPY_KEY = "train_cross_entropy"  # the epoch's training cross-entropy so far
+
 LAST_CHECKPOINT = "last.ckpt"
 # the data values that decide which images a run trains on, in which order: fixed on resume
 TRAINING_ORDER = ("batch_size", "seed", "val_size")
@@ -100,7 +102,22 @@ def read_checkpoint(path: Path, option: str = "--ckpt_path") -> Checkpoint:
         raise CheckpointError(f"{where}: not a Lightning checkpoint (no state_dict)")
     checkpoint = Checkpoint(path, contents)
     _check_named_classes(checkpoint, where)
+    _check_cross_entropy_sums(checkpoint, where)
     return checkpoint
+
+
+def _check_cross_entropy_sums(checkpoint: Checkpoint, where: str) -> None:
+    """The epoch's training cross-entropy so far, as the model keeps it: two numbers, or
+    nothing in a checkpoint written before it was kept."""
+    sums = checkpoint.contents.get(CROSS_ENTROPY_KEY)
+    numbers = isinstance(sums, dict) and sorted(sums) == ["images", "sum"]
+    if numbers:
+        numbers = all(type(value) in (int, float) for value in sums.values())
+    if sums is not None and not numbers:
+        raise CheckpointError(
+            f"{where}: {CROSS_ENTROPY_KEY} is not the two numbers this project writes; "
+            "refusing a crafted or foreign checkpoint (nothing was run)"
+        )
 
 
 def _check_named_classes(checkpoint: Checkpoint, where: str) -> None:

@@ -13,6 +13,7 @@ from torch import Tensor, nn
 from torchmetrics import MeanMetric
 from torchmetrics.classification import MulticlassAccuracy
 
+from fashion_lightning.checkpoints import CROSS_ENTROPY_KEY
 from fashion_lightning.errors import NonFiniteLossError, UserError
 from fashion_lightning.fashion_mnist import (
     CLASS_TAGS,
@@ -22,8 +23,6 @@ from fashion_lightning.fashion_mnist import (
     PIXEL_STD,
 )
 from fashion_lightning.steps import LOOP_KEY, optimizer_step_done
-
-CROSS_ENTROPY_KEY = "train_cross_entropy"  # a checkpoint's sums for the epoch so far
 
 # a dropout probability: 0 (none) up to, not including, 1 (which would drop everything)
 DropoutProbability = restricted_number_type(

@@ -10,8 +10,8 @@ import pytest
 import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
+from fashion_lightning.checkpoints import CROSS_ENTROPY_KEY
 from fashion_lightning.cli import main
-from fashion_lightning.model import CROSS_ENTROPY_KEY
 from fashion_lightning.run_records import read_run
 from tests.helpers import SHORT, fit_args, last_line, run_cli, start_cli
 

@@ -10,6 +10,7 @@ import pytest
 import torch
 import yaml
 
+from fashion_lightning.checkpoints import CROSS_ENTROPY_KEY
 from fashion_lightning.cli import main
 from fashion_lightning.configs import TRUSTED_IMPORTS_ENV
 from tests.helpers import ROOT, SGD_CONFIG, TINY, fit_args, last_line
@@ -106,6 +107,24 @@ def test_a_crafted_checkpoint_imports_nothing(
     code, line = _command(args, capsys, monkeypatch, folder=tmp_path)
     assert code == 1 and phrase in line, line
     assert not marker.exists() and "evil_module" not in sys.modules
+
+
+@pytest.mark.parametrize("sums", ["os.system", {"sum": [1.0], "images": 64}, {"sum": 1.0}])
+def test_a_checkpoint_with_crafted_training_sums_is_one_line(
+    sums, good_checkpoint, data_dir, tmp_path, capsys, monkeypatch
+):
+    checkpoint = torch.load(good_checkpoint, weights_only=True)
+    checkpoint[CROSS_ENTROPY_KEY] = sums
+    crafted = tmp_path / "crafted.ckpt"
+    torch.save(checkpoint, crafted)
+    args = ["fit", *fit_args(data_dir, tmp_path / "runs", *TINY)[1:], f"--ckpt_path={crafted}"]
+    code, line = _command(args, capsys, monkeypatch)
+    assert code == 1
+    assert line == (
+        f"error: --ckpt_path {crafted}: {CROSS_ENTROPY_KEY} is not the two numbers this project "
+        "writes; refusing a crafted or foreign checkpoint (nothing was run)"
+    )
+    assert not (tmp_path / "runs").exists()  # nothing was written
 
 
 @pytest.mark.parametrize("subcommand", ["fit", "test"])
