@@ -266,8 +266,9 @@ class ImageClassifier(L.LightningModule):
         call.) A logged value named ``step`` sets the step of the values logged with it.
 
         Lightning adds the epoch (``epoch``, counted from 0) to the values it writes only when
-        it picks the step itself: it is logged here too with training's values, for the loggers
-        (the CSV log's column, the TensorBoard charts against epochs)."""
+        it picks the step itself: it is logged here too with the values of an epoch's end
+        (training's, and the validation that ends it), for the loggers (the CSV log's column,
+        the TensorBoard charts against epochs)."""
         self.log("step", float(self.global_step))
         if with_epoch:
             self.log("epoch", float(self.current_epoch))
@@ -322,7 +323,9 @@ class ImageClassifier(L.LightningModule):
         self.log(f"{stage}/loss", getattr(self, f"{stage}_loss"))
         self.log(f"{stage}/acc", getattr(self, f"{stage}_acc"), prog_bar=True)
         self._log_per_class(stage)
-        self._log_at_optimizer_step(with_epoch=stage == "val")
+        # a validation within an epoch (val_check_interval < 1) has no epoch to be drawn at
+        ends_epoch = stage == "val" and self.trainer.is_last_batch
+        self._log_at_optimizer_step(with_epoch=ends_epoch)
 
     def _log_per_class(self, stage: str) -> None:
         """``val/acc_class/Sandal`` and so on: a class the model never predicts shows as 0."""

@@ -169,6 +169,26 @@ def test_two_runs_with_different_optimizers_compare_at_a_glance(trained_run, ada
             ], curve
 
 
+def test_a_validation_within_an_epoch_is_not_drawn_as_the_epochs_end(data_dir, tmp_path):
+    main(
+        fit_args(
+            data_dir,
+            tmp_path,
+            "--trainer.val_check_interval=0.5",
+            "--trainer.max_epochs=1",
+            "--trainer.limit_train_batches=4",
+            "--trainer.limit_val_batches=1",
+            "--trainer.limit_test_batches=1",
+        )
+    )
+    events = _events(tmp_path / "lightning_logs" / "sgd_0")
+    validations = events.Scalars("val/acc")
+    assert [e.step for e in validations] == [2, 4]
+    assert [(e.step, e.value) for e in events.Scalars("epoch/acc_val")] == [
+        (1, validations[-1].value)
+    ]
+
+
 def test_the_learning_curves_draw_one_loss_for_train_and_val(adam_run):
     """Label smoothing changes the loss optimized (train/loss), not the one drawn against val:
     epoch/loss_train is each epoch's plain cross-entropy of its training batches, as val/loss
