@@ -269,9 +269,11 @@ class ImageClassifier(L.LightningModule):
         it picks the step itself: it is logged here too with the values of an epoch's end
         (training's, and the validation that ends it), for the loggers (the CSV log's column,
         the TensorBoard charts against epochs)."""
-        self.log("step", float(self.global_step))
+        # the same on every process: the sync (one tiny collective; the max keeps the number
+        # exact) only meets Lightning's advice for epoch values under DDP, printed otherwise
+        self.log("step", float(self.global_step), sync_dist=True, reduce_fx="max")
         if with_epoch:
-            self.log("epoch", float(self.current_epoch))
+            self.log("epoch", float(self.current_epoch), sync_dist=True, reduce_fx="max")
 
     def _step_is_logged(self, step: int | None = None) -> bool:
         """Whether Lightning writes this step's metrics (every ``log_every_n_steps`` steps).

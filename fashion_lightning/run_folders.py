@@ -21,6 +21,7 @@ from lightning.pytorch.loggers import CSVLogger, Logger, TensorBoardLogger
 from lightning.pytorch.utilities.rank_zero import rank_zero_only
 
 from fashion_lightning.files import atomic_write, claim_file
+from fashion_lightning.run_records import last_steps
 from fashion_lightning.visuals import EPOCH_CURVES
 
 
@@ -67,6 +68,8 @@ class RunFolderLogger(TensorBoardLogger):
         self._claims = version is None and rank_zero_only.rank == 0 and "://" not in str(save_dir)
         self._folder_prefix = f"{run_name}_" if run_name else "version_"
         self.claimed: Path | None = None  # the folder this logger created, while it may be unused
+        # epochs drawn before a resume: tag -> last step (see continued_logger)
+        self.epochs_drawn: dict[str, int] = {}
 
     @property
     def version(self) -> int | str:
@@ -86,9 +89,16 @@ class RunFolderLogger(TensorBoardLogger):
         metrics = {k: v for k, v in metrics.items() if k != "epoch"}
         super().log_metrics(metrics, step)
         # the learning curves again at the epochs done, an x-axis that runs share
-        curves = {EPOCH_CURVES[k]: v for k, v in metrics.items() if k in EPOCH_CURVES}
-        if curves and epoch is not None:
-            super().log_metrics(curves, int(epoch) + 1)
+        if epoch is None:
+            return
+        done = int(epoch) + 1
+        curves = {
+            EPOCH_CURVES[k]: v
+            for k, v in metrics.items()
+            if k in EPOCH_CURVES and done > self.epochs_drawn.get(EPOCH_CURVES[k], 0)
+        }
+        if curves:
+            super().log_metrics(curves, done)
 
     def release_unused_folder(self) -> None:
         """Remove the claimed folder if nothing was written into it: a command that fails
@@ -118,7 +128,11 @@ def continued_logger(logger: Logger | None, run_dir: Path, last_step: int) -> Lo
     common = {"save_dir": logger.save_dir, "name": logger.name, "version": run_dir.name}
     if isinstance(logger, TensorBoardLogger):
         cls = type(logger) if isinstance(logger, RunFolderLogger) else RunFolderLogger
-        return cls(**common, purge_step=last_step + 1)
+        continued = cls(**common, purge_step=last_step + 1)
+        # purge_step hides later steps, not the epochs of epoch/*: an epoch drawn before its
+        # checkpoint was written (a kill -9 between the two) is not drawn twice
+        continued.epochs_drawn = last_steps(run_dir, "epoch/")
+        return continued
     metrics = run_dir / "metrics.csv"
     columns, rows = _csv_rows_until(metrics, last_step)
     continued = type(logger)(**common)

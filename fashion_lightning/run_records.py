@@ -8,6 +8,7 @@ No torch, no Lightning: a hundred runs read in about a second (see :func:`event_
 from __future__ import annotations
 
 import itertools
+import math
 import os
 import re
 import socket
@@ -46,6 +47,9 @@ NOT_SETTINGS = (
     "images.",
 )
 CURVES = ("val/acc", "val/loss", "train/cross_entropy", "train/loss", "test/acc")
+# written at each training epoch's end, at the same write: the optimizer steps done, and the
+# epochs done (runs from before epoch/* have train/acc alone)
+EPOCH_ENDS = ("train/acc", "epoch/acc_train")
 
 
 @dataclass
@@ -62,7 +66,7 @@ class RunRecord:
     best_epoch: int | None = None
     test_acc: float | None = None
     wall_seconds: float = 0.0
-    state: str = "unknown"  # finished, stopped, running, failed, unknown
+    state: str = "unknown"  # finished, stopped, running, failed, evaluated, unknown
     problem: str = ""  # why the folder could not be read (whole or in part)
     # tag -> [(epoch, value)]: val/* at each validation, train/loss at each logged step
     curves: dict[str, list[tuple[float, float]]] = field(default_factory=dict)
@@ -114,7 +118,9 @@ def is_run_folder(folder: Path) -> bool:
 def read_run(folder: Path, root: Path) -> RunRecord:
     """The record of the run in ``folder``; whatever cannot be read is named in ``problem``."""
     record = RunRecord(name=folder.relative_to(root).as_posix(), folder=folder)
-    if folder.parent == root:  # a search's trial_N and confirm_seed_S_N are no config's names
+    # a run folder of the root, or of a lightning_logs in it (--root a default_root_dir); a
+    # search's trial_N and confirm_seed_S_N, further down, are no config's names
+    if folder.parent == root or folder.parent.name == "lightning_logs":
         record.config = config_of_folder(folder.name)
     problems = []
     try:
@@ -131,7 +137,9 @@ def read_run(folder: Path, root: Path) -> RunRecord:
         problems.append(f"events: {type(err).__name__}: {first_line(err)}")
     _summarize(record, scalars)
     record.wall_seconds = sum(spans)
-    record.state = _state(record, folder, live, bool(scalars))
+    record.state = _state(record, folder, live, scalars)
+    if record.state == "evaluated":  # it trained no epochs: its values are of its checkpoint
+        record.epochs_done, record.best_epoch = 0, None
     if not scalars and not any(p.startswith("events") for p in problems):
         problems.append("events: none readable")
     record.problem = "; ".join(problems)
@@ -203,12 +211,24 @@ def _read_events(folder: Path) -> tuple[dict[str, dict[int, float]], list[float]
                     for step in [s for s in values if s >= event.step]:
                         del values[step]
             for value in event.summary.value:
-                if value.tag in CURVES:
+                if value.tag in CURVES or value.tag in EPOCH_ENDS:
                     scalars.setdefault(value.tag, {})[event.step] = _number(value)
             if event.wall_time:
                 times.setdefault(writer, []).append(event.wall_time)
     spans = [max(t) - min(t) for t in times.values()]
     return scalars, spans, live
+
+
+def last_steps(folder: Path, prefix: str) -> dict[str, int]:
+    """The last step of each scalar whose tag starts with ``prefix`` in a run folder's events
+    files: for ``epoch/``, the epochs a stopped run has drawn."""
+    last: dict[str, int] = {}
+    for path in folder.glob(EVENTS_GLOB):
+        for event in event_records(path):
+            for value in event.summary.value:
+                if value.tag.startswith(prefix):
+                    last[value.tag] = max(last.get(value.tag, 0), event.step)
+    return last
 
 
 def event_records(path: Path) -> Iterator[Event]:
@@ -257,10 +277,8 @@ def _events_order(path: Path) -> tuple[int, int]:
 
 def _summarize(record: RunRecord, scalars: dict[str, dict[int, float]]) -> None:
     """Epochs, the best ``val/acc`` and its epoch, ``test/acc`` and the curves against epochs."""
-    every = int(record.settings.get("check_val_every_n_epoch", "1") or 1)
     validations = sorted(scalars.get("val/acc", {}).items())
-    # the k-th validation ends epoch k * every; a step between two validations is in between
-    ends = [(0, 0.0)] + [(step, float((k + 1) * every)) for k, (step, _) in enumerate(validations)]
+    ends = [(0, 0.0), *_epoch_ends(record, scalars, validations)]
     record.epochs_done = int(ends[-1][1])
     for tag in CURVES:
         record.curves[tag] = [
@@ -269,9 +287,26 @@ def _summarize(record: RunRecord, scalars: dict[str, dict[int, float]]) -> None:
     if validations:
         best = max(range(len(validations)), key=lambda k: (validations[k][1], -k))
         record.best_val_acc = validations[best][1]
-        record.best_epoch = (best + 1) * every
+        # the epoch the best validation came in (counted from 1, as val/best_epoch)
+        record.best_epoch = math.ceil(_epoch_at(validations[best][0], ends))
     if scalars.get("test/acc"):
         record.test_acc = sorted(scalars["test/acc"].items())[-1][1]
+
+
+def _epoch_ends(
+    record: RunRecord, scalars: dict[str, dict[int, float]], validations: list[tuple[int, float]]
+) -> list[tuple[int, float]]:
+    """(optimizer steps, epochs done) at the end of each training epoch.
+
+    A run writes train/acc at each epoch's end and, since the curves against epochs, the
+    epochs done with it (epoch/acc_train): the k-th of each belong together. Older runs, and
+    validate or test commands, have validations only: the k-th ends epoch k times
+    ``check_val_every_n_epoch``."""
+    steps, epochs = (sorted(scalars.get(tag, {}).items()) for tag in EPOCH_ENDS)
+    if epochs and len(steps) == len(epochs):
+        return [(step, float(epoch)) for (step, _), (epoch, _) in zip(steps, epochs, strict=True)]
+    every = int(record.settings.get("check_val_every_n_epoch", "1") or 1)
+    return [(step, float((k + 1) * every)) for k, (step, _) in enumerate(validations)]
 
 
 def _epoch_at(step: int, ends: list[tuple[int, float]]) -> float:
@@ -284,7 +319,10 @@ def _epoch_at(step: int, ends: list[tuple[int, float]]) -> float:
     return 0.0
 
 
-def _state(record: RunRecord, folder: Path, live: bool, has_events: bool) -> str:
+def _state(record: RunRecord, folder: Path, live: bool, scalars: dict) -> str:
+    trained = any(tag.startswith("train/") for tag in scalars)
+    if scalars and not trained and not any((folder / "checkpoints").glob("*.ckpt")):
+        return "evaluated"  # a validate or test command: its folder has no training
     planned = record.planned_epochs
     finished = record.test_acc is not None or (
         planned is not None and record.epochs_done >= planned
@@ -295,4 +333,4 @@ def _state(record: RunRecord, folder: Path, live: bool, has_events: bool) -> str
         return "running"
     if any((folder / "checkpoints").glob("last*.ckpt")):
         return "stopped"
-    return "failed" if has_events else "unknown"
+    return "failed" if scalars else "unknown"

@@ -100,7 +100,7 @@ def row(record: RunRecord, differs: list[str]) -> dict[str, str]:
         "run": record.name,
         "config": record.config or "-",
         "differs": " ".join(differs) or "-",
-        "epochs": f"{record.epochs_done}/{planned}",
+        "epochs": "-" if record.state == "evaluated" else f"{record.epochs_done}/{planned}",
         "best val/acc": _percent(record.best_val_acc),
         "epoch": "-" if record.best_epoch is None else str(record.best_epoch),
         "test/acc": _percent(record.test_acc),
@@ -207,13 +207,13 @@ def plot(records: list[RunRecord], path: Path) -> None:
                 color=colour,
                 linestyle=":",
                 alpha=0.7,
-                label=f"{label} train",
+                label=f"{label} {train}",
             )
     accuracy.set(title="val/acc at each validation", xlabel="epoch", ylabel="accuracy")
     loss.set(
-        title="val (solid): cross-entropy, weights validated\n"
-        "train (dotted): cross-entropy of the epoch's training batches\n"
-        "(older runs: train/loss, the loss optimized)",
+        title="val/loss (solid): cross-entropy, weights validated\n"
+        "train/cross_entropy (dotted): of the epoch's training batches\n"
+        "(older runs: train/loss, the loss optimized, as logged)",
         xlabel="epoch",
         ylabel="loss",
     )

@@ -34,10 +34,11 @@ EPOCH_CURVES = {
 }
 # TensorBoard's charts hide the lowest and highest 5% of a chart's values until its
 # "Ignore outliers" setting is unticked: a one-cycle schedule's warm-up and tail among them
-OUTLIERS = "untick Settings > Ignore outliers to see all of it"
+OUTLIERS = "untick Ignore outliers in chart scaling, on the left, to see all of it"
 # TensorBoard's Custom Scalars tab: the charts that answer "is it learning, is it over-fitting"
 LAYOUT = {
-    "Learning, against epochs (untick Ignore outliers on the left to see every point)": {
+    "Learning, against epochs (untick Ignore outliers in chart scaling, on the left, to see "
+    "every point)": {
         # the same loss for both lines; the weights differ where validation averages them
         # (configs/best.yaml's EMA) or mirrors the images (flip_tta): the titles say so
         "loss: cross-entropy of the training batches during the epoch (training weights) "
@@ -335,8 +336,13 @@ CELL_W, CELL_H, LEFT, TOP, COUNTS_W = 30, 28, 70, 92, 40
 
 
 def _share_text(share: float) -> str:
-    """A cell's percentage, whole: "93", "<1" for a share that rounds to 0 but is not."""
-    return "<1" if 0 < share < 0.005 else f"{share:.0%}".removesuffix("%")
+    """A cell's percentage, whole: "93"; "<1" and ">99" for shares that would round to 0 or
+    100 but are not (the row's other cells then hold something)."""
+    if 0 < share < 0.005:
+        return "<1"
+    if 0.995 <= share < 1:
+        return ">99"
+    return f"{share:.0%}".removesuffix("%")
 
 
 def render_confusion_matrix(matrix: Tensor, title: str) -> Tensor:

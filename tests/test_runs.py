@@ -15,7 +15,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 from fashion_lightning.cli import FashionCLI, main
 from fashion_lightning.data import FashionMNISTDataModule
 from fashion_lightning.model import ImageClassifier
-from fashion_lightning.run_folders import RunFolderLogger
+from fashion_lightning.run_folders import RunFolderLogger, continued_logger
 from tests.helpers import ROOT, RecordLastCheckpoint, fit_args, last_line, run_cli
 
 pytestmark = pytest.mark.slow
@@ -48,6 +48,25 @@ def test_loggers_created_together_claim_different_folders(tmp_path):
         "version_0",
         "version_1",
     ]
+
+
+def test_a_resume_does_not_draw_an_epoch_twice(tmp_path):
+    """A run killed after it drew an epoch's validation and before that epoch's checkpoint
+    resumes from the epoch before: the values it writes again are drawn once."""
+    first = RunFolderLogger(tmp_path, run_name="sgd")
+    for epoch, step in ((0, 10), (1, 20)):  # what Lightning hands the logger at epoch ends
+        first.log_metrics({"val/acc": 0.5 + epoch / 10, "epoch": float(epoch)}, step)
+    first.finalize("success")
+    run_dir = tmp_path / "lightning_logs" / "sgd_0"
+    resumed = continued_logger(RunFolderLogger(tmp_path), run_dir, last_step=10)
+    for epoch, step in ((1, 20), (2, 30)):  # epoch 1 again, as the checkpoint of step 10 goes
+        resumed.log_metrics({"val/acc": 0.5 + epoch / 10, "epoch": float(epoch)}, step)
+    resumed.finalize("success")
+    events = EventAccumulator(str(run_dir))
+    events.Reload()
+    drawn = [(e.step, round(e.value, 6)) for e in events.Scalars("epoch/acc_val")]
+    assert drawn == [(1, 0.5), (2, 0.6), (3, 0.7)]
+    assert [e.step for e in events.Scalars("val/acc")] == [10, 20, 30]  # purge_step's part
 
 
 def test_runs_started_together_each_get_their_own_folder(data_dir, tmp_path):

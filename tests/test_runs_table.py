@@ -18,6 +18,8 @@ from PIL import Image
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from fashion_lightning.cli import main
+from fashion_lightning.run_folders import RunFolderLogger
+from fashion_lightning.run_records import read_run
 from tests.helpers import ROOT, SHORT, TINY, fit_args, last_line, run_cli
 
 pytestmark = pytest.mark.slow
@@ -176,3 +178,37 @@ def test_ckpt_path_last_takes_the_newest_run_of_the_config(runs_root, data_dir, 
     main(args)
     saved = (tmp_path / "lightning_logs" / "adam_1" / "config.yaml").read_text()
     assert f"{tmp_path / 'lightning_logs' / 'adam_0' / 'checkpoints' / 'last.ckpt'}" in saved
+
+
+def _logged_run(root, name, writes, max_epochs=2):
+    """A run folder holding what a logger was handed, ``writes`` of (metrics, step)."""
+    logger = RunFolderLogger(root, run_name=name)
+    for metrics, step in writes:
+        logger.log_metrics(metrics, step)
+    logger.finalize("success")
+    folder = root / "lightning_logs" / f"{name}_0"
+    (folder / "config.yaml").write_text(f"trainer:\n  max_epochs: {max_epochs}\n")
+    return folder
+
+
+def test_epochs_count_training_epochs_whatever_the_validations(tmp_path):
+    """Two validations an epoch (val_check_interval 0.5): two epochs, not four; the best
+    validation, half-way through the second epoch, came in epoch 2."""
+    writes = []
+    for epoch in range(2):
+        middle, end = 32 * epoch + 16, 32 * epoch + 32
+        writes.append(({"val/acc": 0.6 + epoch / 10 + 0.05}, middle))  # no epoch: mid-epoch
+        writes.append(({"val/acc": 0.6 + epoch / 10, "epoch": float(epoch)}, end))
+        writes.append(({"train/acc": 0.5, "epoch": float(epoch)}, end))
+    record = read_run(_logged_run(tmp_path, "sgd", writes), tmp_path / "lightning_logs")
+    assert (record.epochs_done, record.state) == (2, "finished")
+    assert (record.best_val_acc, record.best_epoch) == (pytest.approx(0.75), 2)
+
+
+def test_a_validate_commands_folder_is_evaluated_not_failed(tmp_path):
+    folder = _logged_run(tmp_path, "sgd", [({"val/acc": 0.7}, 0)], max_epochs=10)
+    result = _runs("--root", str(tmp_path))  # the default_root_dir: its lightning_logs is read
+    assert result.returncode == 0, result.stderr
+    row = result.stdout.splitlines()[1].split()
+    assert row[:4] == ["lightning_logs/sgd_0", "sgd", "-", "70.00%"] and "evaluated" in row
+    assert read_run(folder, tmp_path / "lightning_logs").state == "evaluated"
