@@ -191,14 +191,16 @@ def plot(records: list[RunRecord], path: Path) -> None:
         ) from None
     drawn = [r for r in records if r.curves.get("val/acc")]
     figure, (accuracy, loss) = plt.subplots(1, 2, figsize=(13, 5), layout="constrained")
+    # one colour a run: ten distinct ones, twenty beyond (paired shades)
+    colours = plt.get_cmap("tab10" if len(drawn) <= 10 else "tab20").colors
     for index, record in enumerate(drawn):
-        colour = f"C{index % 10}"
-        label = record.name
+        colour = colours[index % len(colours)]
+        # a run from before train/cross_entropy: its dotted line is train/loss, and it says so
+        older = not record.curves.get("train/cross_entropy") and record.curves.get("train/loss")
+        label = f"{record.name} (dotted: train/loss)" if older else record.name
         accuracy.plot(*_xy(record.curves["val/acc"]), color=colour, marker=".", label=label)
         if record.curves.get("val/loss"):
-            loss.plot(
-                *_xy(record.curves["val/loss"]), color=colour, marker=".", label=f"{label} val"
-            )
+            loss.plot(*_xy(record.curves["val/loss"]), color=colour, marker=".")
         # the epoch's plain cross-entropy, which compares with val/loss; older runs lack it
         train = "train/cross_entropy" if record.curves.get("train/cross_entropy") else "train/loss"
         if record.curves.get(train):
@@ -207,7 +209,6 @@ def plot(records: list[RunRecord], path: Path) -> None:
                 color=colour,
                 linestyle=":",
                 alpha=0.7,
-                label=f"{label} {train}",
             )
     accuracy.set(title="val/acc at each validation", xlabel="epoch", ylabel="accuracy")
     loss.set(
@@ -219,7 +220,9 @@ def plot(records: list[RunRecord], path: Path) -> None:
     )
     for axes in (accuracy, loss):
         axes.grid(alpha=0.3)
-        axes.legend(fontsize=8)
+    if drawn:  # the runs once, beside both charts: it stays readable with many runs
+        columns = 1 + len(drawn) // 26
+        figure.legend(loc="outside right upper", fontsize=8, ncols=columns)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         figure.savefig(path, dpi=100)
