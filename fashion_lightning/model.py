@@ -126,6 +126,7 @@ class ImageClassifier(L.LightningModule):
         # this one addition; kept off the state_dict, so "true" precisions leave it float32.
         self.train_cross_entropy_sum = torch.zeros(())
         self.train_images = 0
+        self.epoch_cut_short = False  # max_steps ended the epoch's last group of steps early
         self.val_acc = MulticlassAccuracy(NUM_CLASSES, average="micro")
         self.test_acc = MulticlassAccuracy(NUM_CLASSES, average="micro")
         # accuracy within each true class (its recall): 0 for a class the model never predicts
@@ -203,6 +204,7 @@ class ImageClassifier(L.LightningModule):
         images_done, losses = 0, []
         for i, (images, labels) in enumerate(batches):
             if 0 <= trainer.max_steps <= trainer.global_step:
+                self.epoch_cut_short = True
                 break  # max_steps can end a group early, as it ends an epoch
             step, lr = trainer.global_step, optimizer.param_groups[0]["lr"]
             loss, logits = self._loss(images, labels, call_idx * self.steps_per_call + i)
@@ -232,7 +234,10 @@ class ImageClassifier(L.LightningModule):
         if self.train_images:  # the mean of each process's mean under DDP (equal shares)
             mean = self.train_cross_entropy_sum / self.train_images
             self.log("train/cross_entropy", mean, sync_dist=True)
-        self._log_at_optimizer_step()
+        # max_steps can end training within an epoch (or its last group of steps); Lightning
+        # still ends the epoch (these hooks, its logs), which has no epoch to be drawn at
+        whole = self.trainer.is_last_batch and not self.epoch_cut_short
+        self._log_at_optimizer_step(with_epoch=whole)
 
     def on_train_start(self) -> None:
         self._check_schedule_length()
@@ -258,6 +263,7 @@ class ImageClassifier(L.LightningModule):
         self.train_acc.reset()
         self.train_cross_entropy_sum = torch.zeros((), device=self.device)
         self.train_images = 0
+        self.epoch_cut_short = False
 
     def _log_at_optimizer_step(self, with_epoch: bool = True) -> None:
         """Write this epoch's values at the number of optimizer steps done, where the pictures

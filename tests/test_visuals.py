@@ -189,6 +189,26 @@ def test_a_validation_within_an_epoch_is_not_drawn_as_the_epochs_end(data_dir, t
     ]
 
 
+@pytest.mark.parametrize("steps_per_call", [1, 16])
+def test_a_run_that_max_steps_ends_within_an_epoch_draws_no_partial_epoch(
+    steps_per_call, data_dir, tmp_path
+):
+    main(
+        fit_args(
+            data_dir,
+            tmp_path,
+            f"--model.steps_per_call={steps_per_call}",
+            "--trainer.max_steps=6",
+            "--trainer.limit_train_batches=4",
+            "--trainer.limit_val_batches=1",
+            "--trainer.limit_test_batches=1",
+        )
+    )
+    events = _events(tmp_path / "lightning_logs" / "sgd_0")
+    assert [e.step for e in events.Scalars("train/acc")] == [4, 6]  # Lightning ends both
+    assert [e.step for e in events.Scalars("epoch/acc_train")] == [1]
+
+
 def test_the_learning_curves_draw_one_loss_for_train_and_val(adam_run):
     """Label smoothing changes the loss optimized (train/loss), not the one drawn against val:
     epoch/loss_train is each epoch's plain cross-entropy of its training batches, as val/loss
