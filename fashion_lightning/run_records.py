@@ -299,12 +299,20 @@ def _epoch_ends(
     """(optimizer steps, epochs done) at the end of each training epoch.
 
     A run writes train/acc at each epoch's end and, since the curves against epochs, the
-    epochs done with it (epoch/acc_train): the k-th of each belong together. Older runs, and
-    validate or test commands, have validations only: the k-th ends epoch k times
+    epochs done with it (epoch/acc_train), the same value: each of those is paired with the
+    next train/acc of its value (an epoch max_steps cut short has a train/acc alone). Older
+    runs, and validate or test commands, have validations only: the k-th ends epoch k times
     ``check_val_every_n_epoch``."""
     steps, epochs = (sorted(scalars.get(tag, {}).items()) for tag in EPOCH_ENDS)
-    if epochs and len(steps) == len(epochs):
-        return [(step, float(epoch)) for (step, _), (epoch, _) in zip(steps, epochs, strict=True)]
+    ends: list[tuple[int, float]] = []
+    for epoch, value in epochs:
+        later = [(step, v) for step, v in steps if step > (ends[-1][0] if ends else -1)]
+        match = next((step for step, v in later if v == value), None)
+        if match is None:
+            break
+        ends.append((match, float(epoch)))
+    if epochs and len(ends) == len(epochs):
+        return ends
     every = int(record.settings.get("check_val_every_n_epoch", "1") or 1)
     return [(step, float((k + 1) * every)) for k, (step, _) in enumerate(validations)]
 

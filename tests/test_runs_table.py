@@ -200,6 +200,7 @@ def test_epochs_count_training_epochs_whatever_the_validations(tmp_path):
         writes.append(({"val/acc": 0.6 + epoch / 10 + 0.05}, middle))  # no epoch: mid-epoch
         writes.append(({"val/acc": 0.6 + epoch / 10, "epoch": float(epoch)}, end))
         writes.append(({"train/acc": 0.5, "epoch": float(epoch)}, end))
+    writes.append(({"train/acc": 0.55}, 72))  # max_steps ended a third epoch early
     record = read_run(_logged_run(tmp_path, "sgd", writes), tmp_path / "lightning_logs")
     assert (record.epochs_done, record.state) == (2, "finished")
     assert (record.best_val_acc, record.best_epoch) == (pytest.approx(0.75), 2)
