@@ -110,9 +110,11 @@ def _check_cross_entropy_sums(checkpoint: Checkpoint, where: str) -> None:
     """The epoch's training cross-entropy so far, as the model keeps it: two numbers, or
     nothing in a checkpoint written before it was kept."""
     sums = checkpoint.contents.get(CROSS_ENTROPY_KEY)
-    numbers = isinstance(sums, dict) and sorted(sums) == ["images", "sum"]
-    if numbers:
-        numbers = all(type(value) in (int, float) for value in sums.values())
+    numbers = (
+        isinstance(sums, dict)
+        and sorted(sums) == ["images", "sum"]
+        and all(type(value) in (int, float) for value in sums.values())
+    )
     if sums is not None and not numbers:
         raise CheckpointError(
             f"{where}: {CROSS_ENTROPY_KEY} is not the two numbers this project writes; "

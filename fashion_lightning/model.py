@@ -187,8 +187,6 @@ class ImageClassifier(L.LightningModule):
     def _add_cross_entropy(self, loss: Tensor, logits: Tensor, labels: Tensor) -> None:
         """Count the step's plain cross-entropy: the loss itself unless it is label-smoothed."""
         plain = loss if self.label_smoothing == 0 else F.cross_entropy(logits, labels)
-        if self.train_cross_entropy_sum.device != plain.device:  # after a checkpoint's load
-            self.train_cross_entropy_sum = self.train_cross_entropy_sum.to(plain.device)
         self.train_cross_entropy_sum.add_(plain.detach().float(), alpha=len(labels))
         self.train_images += len(labels)
 
@@ -241,6 +239,8 @@ class ImageClassifier(L.LightningModule):
 
     def on_train_start(self) -> None:
         self._check_schedule_length()
+        # a sum a checkpoint gave back (on the CPU) goes where the steps add to it
+        self.train_cross_entropy_sum = self.train_cross_entropy_sum.to(self.device)
 
     def _check_schedule_length(self) -> None:
         """A schedule with a fixed length (OneCycleLR's ``total_steps``) cannot run past its
@@ -265,7 +265,7 @@ class ImageClassifier(L.LightningModule):
         self.train_images = 0
         self.epoch_cut_short = False
 
-    def _log_at_optimizer_step(self, with_epoch: bool = True) -> None:
+    def _log_at_optimizer_step(self, with_epoch: bool) -> None:
         """Write this epoch's values at the number of optimizer steps done, where the pictures
         and ``hp_metric`` go too. (Lightning counts its own way: one step behind at the end of
         an epoch, and in calls of ``training_step``, not optimizer steps, with several steps a

@@ -68,7 +68,8 @@ class RunRecord:
     wall_seconds: float = 0.0
     state: str = "unknown"  # finished, stopped, running, failed, evaluated, unknown
     problem: str = ""  # why the folder could not be read (whole or in part)
-    # tag -> [(epoch, value)]: val/* at each validation, train/loss at each logged step
+    # tag -> [(epoch, value)]: val/* at each validation, train/cross_entropy at each epoch's
+    # end, train/loss at each logged step
     curves: dict[str, list[tuple[float, float]]] = field(default_factory=dict)
 
 
@@ -304,10 +305,10 @@ def _epoch_ends(
     runs, and validate or test commands, have validations only: the k-th ends epoch k times
     ``check_val_every_n_epoch``."""
     steps, epochs = (sorted(scalars.get(tag, {}).items()) for tag in EPOCH_ENDS)
-    ends: list[tuple[int, float]] = []
+    unpaired = iter(steps)  # each search goes on after the previous pair
+    ends = []
     for epoch, value in epochs:
-        later = [(step, v) for step, v in steps if step > (ends[-1][0] if ends else -1)]
-        match = next((step for step, v in later if v == value), None)
+        match = next((step for step, v in unpaired if v == value), None)
         if match is None:
             break
         ends.append((match, float(epoch)))

@@ -195,14 +195,14 @@ def plot(records: list[RunRecord], path: Path) -> None:
     colours = plt.get_cmap("tab10" if len(drawn) <= 10 else "tab20").colors
     for index, record in enumerate(drawn):
         colour = colours[index % len(colours)]
-        # a run from before train/cross_entropy: its dotted line is train/loss, and it says so
-        older = not record.curves.get("train/cross_entropy") and record.curves.get("train/loss")
+        # the epoch's plain cross-entropy, which compares with val/loss; a run from before it
+        # has train/loss, and its label says so
+        train = "train/cross_entropy" if record.curves.get("train/cross_entropy") else "train/loss"
+        older = train == "train/loss" and record.curves.get(train)
         label = f"{record.name} (dotted: train/loss)" if older else record.name
         accuracy.plot(*_xy(record.curves["val/acc"]), color=colour, marker=".", label=label)
         if record.curves.get("val/loss"):
             loss.plot(*_xy(record.curves["val/loss"]), color=colour, marker=".")
-        # the epoch's plain cross-entropy, which compares with val/loss; older runs lack it
-        train = "train/cross_entropy" if record.curves.get("train/cross_entropy") else "train/loss"
         if record.curves.get(train):
             loss.plot(
                 *_xy(record.curves[train]),

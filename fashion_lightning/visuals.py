@@ -355,14 +355,12 @@ def render_confusion_matrix(matrix: Tensor, title: str) -> Tensor:
     """
     counts = matrix.detach().cpu().long()
     classes = len(counts)
-    width = LEFT + CELL_W * classes + COUNTS_W
-    height = TOP + CELL_H * classes + 34
-    canvas = Image.new("RGB", (width, height), (255, 255, 255))
+    right = LEFT + CELL_W * classes  # where the images column begins
+    canvas = Image.new("RGB", (right + COUNTS_W, TOP + CELL_H * classes + 34), (255, 255, 255))
     draw, font, small, large = ImageDraw.Draw(canvas), _font(11), _font(10), _font(14)
     grey = (90, 90, 90)
     draw.text((4, 3), title, fill=(0, 0, 0), font=_font(12))
     draw.text((4, TOP - 14), "true \\ predicted", fill=grey, font=small)
-    right = LEFT + CELL_W * classes
     draw.text((right + 4, TOP - 14), "images", fill=grey, font=small)
     totals = counts.sum(dim=1)
     shares = counts.float() / totals.unsqueeze(1).clamp(min=1)
