@@ -15,7 +15,7 @@ from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
 from torchvision.datasets import FashionMNIST
 
-from fashion_lightning.fashion_mnist import IMAGE_SIZE, TRAINING_IMAGES
+from fashion_lightning.fashion_mnist import TRAINING_IMAGES
 from fashion_lightning.pictures import check_picture_folder, load_pictures
 from fashion_lightning.raw_files import DEBIAN_SOURCE_DIR, ensure_raw_files
 
@@ -133,15 +133,25 @@ def augment(images: Tensor, flip: bool, max_shift: int, generator: torch.Generat
         flipped = torch.rand(count, generator=generator, device=images.device) < 0.5
         images = torch.where(flipped[:, None, None, None], images.flip(-1), images)
     if max_shift > 0:
+        # (x, y) of each image, in whole pixels
         shifts = torch.randint(
             -max_shift, max_shift + 1, (count, 2), generator=generator, device=images.device
         )
-        theta = torch.zeros(count, 2, 3, device=images.device)
-        theta[:, 0, 0] = theta[:, 1, 1] = 1
-        theta[:, :, 2] = shifts.to(images.dtype) * (2 / IMAGE_SIZE)  # whole pixels
-        grid = F.affine_grid(theta, list(images.shape), align_corners=False)
-        images = F.grid_sample(images, grid, mode="nearest", align_corners=False)
+        images = shift_images(images, shifts, max_shift)
     return images
+
+
+def shift_images(images: Tensor, shifts: Tensor, max_shift: int) -> Tensor:
+    """Each image moved by its whole-pixel ``(x, y)`` in ``shifts``, zeros moving in from the
+    edge: one gather from the zero-padded batch. (The same pixels as torch's ``grid_sample``
+    with a translation and ``nearest``, which costs six times as much on a CPU.)"""
+    count, channels, height, width = images.shape
+    padded = F.pad(images, (max_shift,) * 4)
+    rows = torch.arange(height, device=images.device) + max_shift + shifts[:, 1:2]
+    cols = torch.arange(width, device=images.device) + max_shift + shifts[:, 0:1]
+    index = rows[:, :, None] * (width + 2 * max_shift) + cols[:, None, :]
+    index = index.view(count, 1, height * width).expand(count, channels, height * width)
+    return padded.flatten(2).gather(2, index).view(count, channels, height, width)
 
 
 def to_float_images(images: Tensor) -> Tensor:

@@ -8,7 +8,12 @@ import pytest
 import torch
 
 from fashion_lightning.cli import main
-from fashion_lightning.data import FashionMNISTDataModule, augment, to_float_images
+from fashion_lightning.data import (
+    FashionMNISTDataModule,
+    augment,
+    shift_images,
+    to_float_images,
+)
 from tests.helpers import ROOT, RecordLearningRate
 
 CONFIGS = sorted(path.stem for path in (ROOT / "configs").glob("*.yaml"))
@@ -82,6 +87,21 @@ def test_augment_flips_and_shifts_whole_batches_reproducibly():
     assert all(s or m for s, m in zip(same, mirrored, strict=True)) and 16 < sum(mirrored) < 48
     shifted = run(1, flip=False, shift=1)
     assert (shifted != images).any() and (shifted == 0).sum() > 0  # pixels moved in from the edge
+
+
+@pytest.mark.parametrize("max_shift", [1, 2, 4])
+def test_shifts_move_whole_pixels_as_a_translation_by_grid_sample_does(max_shift):
+    """The gather gives the pixels of torch's own translation (runs made before it repeat)."""
+    images = torch.rand(256, 1, 28, 28)
+    shifts = torch.randint(-max_shift, max_shift + 1, (256, 2), generator=torch.Generator())
+    theta = torch.zeros(256, 2, 3)
+    theta[:, 0, 0] = theta[:, 1, 1] = 1
+    theta[:, :, 2] = shifts.float() * (2 / 28)
+    grid = torch.nn.functional.affine_grid(theta, [256, 1, 28, 28], align_corners=False)
+    expected = torch.nn.functional.grid_sample(images, grid, mode="nearest", align_corners=False)
+    assert torch.equal(shift_images(images, shifts, max_shift), expected)
+    right = shift_images(images[:1], torch.tensor([[-1, 0]]), max_shift)  # one pixel right
+    assert torch.equal(right[..., 1:], images[:1, ..., :-1]) and (right[..., 0] == 0).all()
 
 
 def test_augmentation_applies_to_training_batches_only_and_repeats(data_dir):

@@ -166,6 +166,7 @@ def check_space(
     for key, distribution in space.items():
         node = config
         for part in key.split("."):
+            node = _last_in_list(node, part)
             if not isinstance(node, dict) or part not in node:
                 raise SearchError(
                     f"--search {search}: {key} is not a key of the fit config {config_path} "
@@ -191,6 +192,15 @@ def check_space(
                     ) from None
             raise
     return config
+
+
+def _last_in_list(node: Any, key: str) -> Any:
+    """In a list of classes (``trainer.callbacks``), the init_args of the last one, where
+    jsonargparse puts ``--trainer.callbacks.decay``: the key a search file writes for it."""
+    if isinstance(node, list) and node and isinstance(node[-1], dict):
+        last = node[-1]
+        return last if key in last else last.get("init_args", last)
+    return node
 
 
 def _probes(space: dict[str, BaseDistribution]) -> list[dict[str, Any]]:
