@@ -14,16 +14,26 @@ from __future__ import annotations
 
 import os
 import sys
+from argparse import ArgumentError
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from fashion_lightning.checkpoint_contents import (
+    LIGHTNING_INSTANTIATOR,
+    Refused,
+    check_contents,
+    check_restorable,
+    url_problem,
+)
 from fashion_lightning.configs import ACCEPTED_CLASSES, class_problem, flat
 from fashion_lightning.errors import CheckpointError
 from fashion_lightning.run_records import config_of_folder, run_name
 
+# how a refused checkpoint ends its one line
+REFUSING = "refusing a crafted or foreign checkpoint (nothing was run)"
 CROSS_ENTROPY_KEY = "train_cross_entropy"  # the epoch's training cross-entropy so far
 
 LAST_CHECKPOINT = "last.ckpt"
@@ -34,8 +44,6 @@ SPEED_ONLY = ("steps_per_call",)
 # ModelCheckpoint's names for the last checkpoint: last.ckpt, or last-v1.ckpt, last-v2.ckpt...
 # when a folder already holds another run's (several runs without a logger share a folder)
 LAST_CHECKPOINT_PATTERNS = ("last.ckpt", "last-v*.ckpt")
-# what LightningCLI itself writes into hyper_parameters (load_from_checkpoint's hook)
-LIGHTNING_INSTANTIATOR = "lightning.pytorch.cli.instantiate_module"
 
 
 @dataclass
@@ -103,6 +111,10 @@ def read_checkpoint(path: Path, option: str = "--ckpt_path") -> Checkpoint:
     checkpoint = Checkpoint(path, contents)
     _check_named_classes(checkpoint, where)
     _check_cross_entropy_sums(checkpoint, where)
+    try:
+        check_contents(contents)
+    except Refused as refused:
+        raise CheckpointError(f"{where}: {refused}; {REFUSING}") from None
     return checkpoint
 
 
@@ -117,8 +129,7 @@ def _check_cross_entropy_sums(checkpoint: Checkpoint, where: str) -> None:
     )
     if sums is not None and not numbers:
         raise CheckpointError(
-            f"{where}: {CROSS_ENTROPY_KEY} is not the two numbers this project writes; "
-            "refusing a crafted or foreign checkpoint (nothing was run)"
+            f"{where}: {CROSS_ENTROPY_KEY} is not the two numbers this project writes; {REFUSING}"
         )
 
 
@@ -147,10 +158,7 @@ def _check_named_classes(checkpoint: Checkpoint, where: str) -> None:
         elif not _plain(value):
             problem = "it is not a plain value, and this argument takes one"
         if problem:
-            raise CheckpointError(
-                f"{where}: hyper_parameters.{key}: {problem}; refusing a crafted or foreign "
-                "checkpoint (nothing was run)"
-            )
+            raise CheckpointError(f"{where}: hyper_parameters.{key}: {problem}; {REFUSING}")
 
 
 def _plain(value: Any) -> bool:
@@ -158,19 +166,31 @@ def _plain(value: Any) -> bool:
 
 
 def check_fits(checkpoint: Checkpoint, model: torch.nn.Module) -> None:
-    """CheckpointError unless the checkpoint's weights have the names and shapes of ``model``'s."""
+    """CheckpointError unless the checkpoint's weights (and the raw ones that a weight average
+    keeps beside them) have the names and shapes of ``model``'s."""
     expected = {name: tuple(t.shape) for name, t in model.state_dict().items()}
-    found = {
-        name: tuple(getattr(t, "shape", ()))
-        for name, t in checkpoint.contents["state_dict"].items()
-    }
-    if found != expected:
-        differing = sorted(set(expected.items()) ^ set(found.items()))[:3]
-        raise CheckpointError(
-            f"--ckpt_path {checkpoint.path}: a checkpoint of another model (differs in "
-            f"{', '.join(f'{name} {shape}' for name, shape in differing)}); "
-            "pass a checkpoint that this project's fit wrote"
-        )
+    for key in ("state_dict", "current_model_state"):
+        if key not in checkpoint.contents:
+            continue
+        found = {
+            name: tuple(getattr(t, "shape", ())) for name, t in checkpoint.contents[key].items()
+        }
+        if found != expected:
+            differing = sorted(set(expected.items()) ^ set(found.items()))[:3]
+            raise CheckpointError(
+                f"--ckpt_path {checkpoint.path}: a checkpoint of another model (differs in "
+                f"{', '.join(f'{name} {shape}' for name, shape in differing)}); "
+                "pass a checkpoint that this project's fit wrote"
+            )
+
+
+def check_restores_into(checkpoint: Checkpoint, trainer: Any, model: Any, fitting: bool) -> None:
+    """CheckpointError unless what Lightning restores into ``trainer`` is like what it writes
+    (:func:`~fashion_lightning.checkpoint_contents.check_restorable`)."""
+    try:
+        check_restorable(checkpoint.contents, trainer, model, fitting)
+    except Refused as refused:
+        raise CheckpointError(f"--ckpt_path {checkpoint.path}: {refused}; {REFUSING}") from None
 
 
 def differences(group: str, recorded: dict[str, Any], asked: dict[str, Any]) -> list[str]:
@@ -243,6 +263,12 @@ def find_checkpoint(ckpt_path: str, folders: list[Path], where: str) -> Checkpoi
     """The checkpoint ``--ckpt_path`` means, read: the file itself, or the newest run's last
     (``last``) or its recorded best (``best``)."""
     if ckpt_path not in ("last", "best"):
+        problem = url_problem(ckpt_path)
+        if problem:
+            raise CheckpointError(
+                f"--ckpt_path {ckpt_path}: {problem}; checkpoints are read from local files only "
+                f"(docs/trust.md): download it first (a local file named so: ./{ckpt_path})"
+            )
         return read_checkpoint(Path(ckpt_path))
     last = newest_last_checkpoint(folders)
     if last is None and ckpt_path == "last":
@@ -298,7 +324,7 @@ def take_checkpoint(parser: Any, config: Any, subcommand: str) -> tuple[Any, Che
             f"include {', '.join(unknown[:3])}); pass a checkpoint that this project's fit wrote"
         )
     if recorded:
-        config = parser.parse_object({subcommand: {"model": recorded}}, config)
+        config = _merged(parser, config, subcommand, recorded, checkpoint.path)
     section = config[subcommand]
     differing = differences("model", section.model.as_dict(), asked)
     if subcommand == "fit":
@@ -318,3 +344,18 @@ def take_checkpoint(parser: Any, config: Any, subcommand: str) -> tuple[Any, Che
             )
         print(f"note: {subcommand} uses the checkpoint's {shown}{more}", file=sys.stderr)
     return config, checkpoint
+
+
+def _merged(parser: Any, config: Any, subcommand: str, model: dict, path: Path) -> Any:
+    """``config`` with the checkpoint's model arguments, checked by the parser as a config's
+    are; a value the parser refuses is a one-line error that names the checkpoint."""
+    exit_on_error, parser.exit_on_error = parser.exit_on_error, False
+    try:
+        return parser.parse_object({subcommand: {"model": model}}, config)
+    except ArgumentError as err:
+        message = " ".join(str(err).split())
+        raise CheckpointError(
+            f"--ckpt_path {path}: hyper_parameters: {message}; {REFUSING}"
+        ) from None
+    finally:
+        parser.exit_on_error = exit_on_error

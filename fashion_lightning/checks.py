@@ -3,6 +3,8 @@ exists, with a traceback) is one line now."""
 
 from __future__ import annotations
 
+import math
+import re
 from pathlib import Path
 from typing import Any
 
@@ -18,9 +20,28 @@ def check_optimizer(model: Any) -> None:
     """Build the optimizer once: a value torch refuses (a negative learning rate) is a
     one-line error before a run folder exists."""
     try:
-        model.optimizer(model.parameters())
+        optimizer = model.optimizer(model.parameters())
     except (ValueError, TypeError) as err:
         raise ConfigError(f"--model.optimizer: {err}") from None
+    for group in optimizer.param_groups:
+        for key, value in group.items():
+            if isinstance(value, float) and not math.isfinite(value):
+                raise ConfigError(f"--model.optimizer.init_args.{key} {value}: not a finite number")
+
+
+def check_validation_interval(trainer: L.Trainer, datamodule: Any) -> None:
+    """A validation every N batches within an epoch needs N batches in the epoch (Lightning
+    would say so with a traceback once the run has begun)."""
+    every = trainer.val_check_interval
+    if isinstance(every, int) and trainer.check_val_every_n_epoch is not None:
+        batches = datamodule.training_batches(trainer)
+        if every > batches:
+            raise ConfigError(
+                f"--trainer.val_check_interval {every}: an epoch has {batches} training "
+                f"batches; validate every {batches} or fewer, at a share of the epoch "
+                "(0.5), or pass --trainer.check_val_every_n_epoch null to count batches "
+                "across epochs"
+            )
 
 
 def check_writable(folder: Path, what: str, option: str) -> None:
@@ -64,3 +85,31 @@ def check_callbacks(callbacks: list[Callback]) -> None:
                 "checkpoints nor the test; use --trainer.callbacks+=WeightAveraging (an equal "
                 "average, as SWA's) or EMAWeightAveraging, which this project keeps end to end"
             )
+
+
+def check_checkpoint_names(trainer: L.Trainer) -> None:
+    """Each checkpoint callback's file name stays in its folder (``../../x`` would write
+    ``x.ckpt`` four folders up, over what is there)."""
+    for callback in trainer.checkpoint_callbacks:
+        name = re.sub(r"\{[^}]*\}", "x", callback.filename or "")  # {epoch}... filled in later
+        if Path(name).is_absolute() or ".." in Path(name).parts:
+            raise ConfigError(
+                f"--checkpoint.filename {callback.filename}: a checkpoint's name is a file name "
+                "inside its folder, without '..' or a leading '/'; choose the folder with "
+                "--checkpoint.dirpath"
+            )
+
+
+def check_logger_folders(loggers: Any) -> None:
+    """A configured logger's ``name``, ``version`` and ``sub_dir`` are folders inside its
+    ``save_dir``: ``../..`` would write its logs (and a CSV log would delete a
+    ``metrics.csv``) elsewhere."""
+    for logger in loggers if isinstance(loggers, list) else [loggers]:
+        init_args = getattr(logger, "init_args", None) or {}
+        for key in ("name", "version", "sub_dir"):
+            value = init_args.get(key) if hasattr(init_args, "get") else None
+            if isinstance(value, str) and (Path(value).is_absolute() or ".." in Path(value).parts):
+                raise ConfigError(
+                    f"--trainer.logger.init_args.{key} {value}: a folder inside the logger's "
+                    "save_dir, without '..' or a leading '/'; choose where logs go with save_dir"
+                )

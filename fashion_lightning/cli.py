@@ -12,7 +12,7 @@ import sys
 import threading
 import warnings
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from jsonargparse import Namespace
 from lightning.fabric.plugins import CheckpointIO
@@ -24,27 +24,44 @@ from lightning.pytorch.loggers import Logger
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from fashion_lightning import __version__
-from fashion_lightning.checkpoints import Checkpoint, check_fits, read_checkpoint, take_checkpoint
+from fashion_lightning.checkpoints import (
+    Checkpoint,
+    check_fits,
+    check_restores_into,
+    read_checkpoint,
+    take_checkpoint,
+)
 from fashion_lightning.checks import (
     check_accelerator,
     check_callbacks,
+    check_checkpoint_names,
+    check_logger_folders,
     check_optimizer,
     check_run_folders,
+    check_validation_interval,
 )
 from fashion_lightning.configs import (
     check_model_classes,
     config_file_problem,
     config_files,
     plain_numbers,
+    refused_class_argument,
     refused_import,
+    refused_weights_only,
     restrict_imports,
+    seed_problem,
 )
 from fashion_lightning.data import FashionMNISTDataModule
 from fashion_lightning.errors import (
     WRITE_ERRNOS,
+    CheckpointError,
+    ConfigError,
+    Stopped,
     UserError,
     cause_of,
     exit_with,
+    first_line,
+    out_of_memory,
     parse_error,
     write_failure,
 )
@@ -79,7 +96,8 @@ class OneLineErrorParser(LightningArgumentParser):
         if not self.exit_on_error or os.environ.get("JSONARGPARSE_DEBUG"):
             super().error(message, ex)  # raises, as jsonargparse does inside its own parsing
         prog = (getattr(ex, "subcommand_parser", None) or self).prog.replace(" [options]", "")
-        parse_error(prog, refused_import(message) or message)
+        refused = refused_import(message) or refused_weights_only(message)
+        parse_error(prog, refused or refused_class_argument(message) or message)
 
 
 class FashionCLI(LightningCLI):
@@ -107,6 +125,7 @@ class FashionCLI(LightningCLI):
         self.test_after_fit = test_after_fit
         self.searched = searched
         self.resumable = ResumableTraining()
+        self.checkpoint_io: ResumableCheckpointIO | None = None
         restrict_imports()
         super().__init__(
             *args,
@@ -118,7 +137,19 @@ class FashionCLI(LightningCLI):
             **kwargs,
         )
 
+    @staticmethod
+    def subcommands() -> dict[str, set[str]]:
+        # the Trainer's weights_only is this CLI's own argument (add_arguments_to_parser)
+        return {name: {*skip, "weights_only"} for name, skip in LightningCLI.subcommands().items()}
+
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
+        parser.add_argument(
+            "--weights_only",
+            type=Literal[True] | None,
+            default=None,
+            help="Checkpoints are always read with torch.load(weights_only=True): they are "
+            "data, and may not run code (docs/trust.md); false is refused",
+        )
         parser.add_lightning_class_args(ClassificationImages, "images")
         parser.add_lightning_class_args(RunCheckpoint, "checkpoint")
         parser.set_defaults(
@@ -145,6 +176,10 @@ class FashionCLI(LightningCLI):
                     )
         super().parse_arguments(parser, args)
         subcommand = self.config.get("subcommand")
+        seed = (self.config[subcommand] if subcommand else self.config).get("seed_everything")
+        if seed_problem(seed):
+            prog = f"{parser.prog} {subcommand}" if subcommand else parser.prog
+            parse_error(prog, f"--seed_everything {seed}: {seed_problem(seed)}")
         if subcommand and self.config[subcommand].get("ckpt_path") is not None:
             self.asked_ckpt_path = self.config[subcommand].ckpt_path
             self.config, self.checkpoint = take_checkpoint(parser, self.config, subcommand)
@@ -162,6 +197,7 @@ class FashionCLI(LightningCLI):
             config.ckpt_path = str(self.checkpoint.path)
         plain_numbers(config)
         check_model_classes(config.model)
+        check_logger_folders(config.trainer.logger)
         loggers = config.trainer.logger
         for logger in loggers if isinstance(loggers, list) else [loggers]:
             if isinstance(logger, Namespace) and logger.class_path in PLAIN_TENSORBOARD:
@@ -194,12 +230,15 @@ class FashionCLI(LightningCLI):
             extra.append(StepProgressBar())
         kwargs["callbacks"] = [*callbacks, *extra]
         plugins = _as_list(config.get("plugins"))
-        if not any(isinstance(p, CheckpointIO) for p in plugins):
-            checkpoint_io = ResumableCheckpointIO()
-            if self.checkpoint is not None:
-                checkpoint_io.preload(self.checkpoint.path, self.checkpoint.contents)
-            plugins.append(checkpoint_io)
-        kwargs["plugins"] = plugins
+        writers = [p for p in plugins if isinstance(p, CheckpointIO)]
+        if len(writers) > 1:
+            raise ConfigError("--trainer.plugins: name one checkpoint IO at most")
+        # the configured one writes; every checkpoint is read as the bytes that were checked
+        self.checkpoint_io = ResumableCheckpointIO(writer=writers[0] if writers else None)
+        if self.checkpoint is not None:
+            self.checkpoint_io.preload(self.checkpoint.path, self.checkpoint.contents)
+        others = [p for p in plugins if not isinstance(p, CheckpointIO)]
+        kwargs["plugins"] = [*others, self.checkpoint_io]
         trainer = super().instantiate_trainer(**kwargs)
         if self.subcommand == "fit":
             choose_training_loop(self.model, trainer, self.checkpoint)
@@ -235,11 +274,14 @@ class FashionCLI(LightningCLI):
 
     def _check_inputs(self) -> None:
         """Turn the expected failures after parsing into one-line errors, before any work."""
-        if self.checkpoint is not None:
-            check_fits(self.checkpoint, self.model)
         fitting = self.subcommand == "fit"
         if fitting:
             check_optimizer(self.model)
+            check_validation_interval(self.trainer, self.datamodule)
+        if self.checkpoint is not None:
+            check_fits(self.checkpoint, self.model)
+            check_restores_into(self.checkpoint, self.trainer, self.model, fitting)
+        check_checkpoint_names(self.trainer)
         configured = isinstance(self._section(self.config).trainer.logger, Namespace)
         check_run_folders(self.trainer, fitting, configured)
         if self.subcommand in ("validate", "test") and self.checkpoint is None:
@@ -288,14 +330,29 @@ class FashionCLI(LightningCLI):
         except Exception as err:
             failure = write_failure(
                 err, f"the run outputs in {self.trainer.log_dir}", self._what_is_kept()
-            )
+            ) or self._restore_failure(err)
             if isinstance(self.trainer.logger, RunFolderLogger):  # after log_dir: it claims one
-                self.trainer.logger.release_unused_folder()
+                if self.resumable.stage_began or isinstance(err, Stopped):
+                    self.trainer.logger.release_unused_folder()
+                else:  # nothing ran: what this command wrote (its config) records nothing
+                    self.trainer.logger.forget_this_command(_config_file(self.trainer))
             if failure is None:
                 raise
             raise failure from err
         finally:
             self.resumable.stop_listening()
+
+    def _restore_failure(self, err: Exception) -> CheckpointError | None:
+        """An error while Lightning restored the checked checkpoint, before anything ran, as
+        one line: an entry no check foresaw that Lightning could not take."""
+        restoring = self.checkpoint_io is not None and self.checkpoint_io.handed_over
+        if isinstance(err, UserError) or not restoring or self.resumable.stage_began:
+            return None
+        return CheckpointError(
+            f"--ckpt_path {self.checkpoint.path}: Lightning could not restore it "
+            f"({type(err).__name__}: {first_line(err)}); it is not a checkpoint this project "
+            "wrote, or it was altered (nothing was run)"
+        )
 
     def _what_is_kept(self) -> str:
         """What a user whose disk filled up still has, and what to do next."""
@@ -325,6 +382,14 @@ class FashionCLI(LightningCLI):
             print(f"Testing the best checkpoint {best}", file=sys.stderr)
             self.model.load_state_dict(read_checkpoint(Path(best)).contents["state_dict"])
         self.test(model=self.model, datamodule=self.datamodule)
+
+
+def _config_file(trainer: Trainer) -> Path | None:
+    """The config file this command saved into its run folder, if it saved one."""
+    for callback in trainer.callbacks:
+        if isinstance(callback, SaveRunConfig) and callback.already_saved:
+            return Path(trainer.log_dir) / callback.config_filename
+    return None
 
 
 def _as_list(value: Any) -> list:
@@ -380,6 +445,9 @@ def main(args: list[str] | None = None) -> None:
         exit_with(err, 2)
     except Exception as err:
         missing = cause_of(err, ModuleNotFoundError)  # a callback's package is missing
-        if missing is None:
+        if missing is not None:
+            exit_with(missing, 1)
+        memory = out_of_memory(err)
+        if memory is None:
             raise
-        exit_with(missing, 1)
+        exit_with(memory)

@@ -76,6 +76,41 @@ def refused_import(message: str) -> str | None:
     )
 
 
+def seed_problem(seed: Any) -> str | None:
+    """Why ``seed_everything`` cannot seed (Lightning raises a traceback), or None."""
+    if isinstance(seed, bool) or not isinstance(seed, int) or 0 <= seed < 2**32:
+        return None
+    return f"a seed is a whole number from 0 to {2**32 - 1} (or true for a random one)"
+
+
+def refused_weights_only(message: str) -> str | None:
+    """jsonargparse's refusal of ``weights_only: false``, in this project's words."""
+    if 'Parser key "weights_only"' not in message:
+        return None
+    return (
+        "weights_only takes true or null only: this project reads every checkpoint with "
+        "torch.load(weights_only=True), so that no checkpoint runs code (docs/trust.md)"
+    )
+
+
+def refused_class_argument(message: str) -> str | None:
+    """jsonargparse's refusal of an optimizer's or scheduler's argument (a page of union types
+    and 'Expected a path'), as the key, the value and the kinds it takes; None for others."""
+    outer = re.match(r'Parser key "(model\.\w+)":', message)
+    given = re.search(r"class_path='([^']+)', init_args=Namespace\((\w+)=(.*?)\)\)", message)
+    if outer is None or given is None:
+        return None
+    cls, name, value = given.groups()
+    key = f'Parser key "{outer.group(1)}.init_args.{name}"'
+    if re.search(rf"Option '{re.escape(name)}' is not accepted", message):
+        return f"{key}: {cls} takes no argument {name!r}"
+    if f'Parser key "{name}":' not in message:  # not about this value (the class itself)
+        return None
+    kinds = [k for k in ("int", "float", "bool", "list") if f"Expected a <class '{k}'>" in message]
+    kinds = " or ".join(f"{'an' if k == 'int' else 'a'} {k}" for k in kinds) or "accepted"
+    return f"{key}: {value} is not {kinds} ({cls})"
+
+
 def loaded_object(path: str) -> Any:
     """The object a dotted path names, found among the modules already imported; None when the
     path names nothing loaded. Never imports (an import runs the module's code)."""

@@ -293,13 +293,18 @@ class FashionMNISTDataModule(L.LightningDataModule):
         module = self.trainer.lightning_module if self.trainer is not None else None
         return getattr(module, "steps_per_call", 1)
 
-    def training_batches(self) -> int:
+    def training_batches(self, trainer: L.Trainer | None = None) -> int:
         """Batches (optimizer steps) in one training epoch of one process,
-        ``limit_train_batches`` applied."""
-        processes = self.trainer.world_size if self.trainer is not None else 1
-        images = -(-len(self.train_set) // processes)  # DDP's shares: equal, the last padded
+        ``limit_train_batches`` applied; ``trainer``: the one this data will train with (its
+        own, once attached), which is all it needs before ``setup``."""
+        trainer = trainer or self.trainer
+        processes = trainer.world_size if trainer is not None else 1
+        train_size = (
+            len(self.train_set) if self.train_set is not None else TRAINING_IMAGES - self.val_size
+        )
+        images = -(-train_size // processes)  # DDP's shares: equal, the last padded
         batches = -(-images // self.batch_size)
-        limit = self.trainer.limit_train_batches if self.trainer is not None else 1.0
+        limit = trainer.limit_train_batches if trainer is not None else 1.0
         if isinstance(limit, int):
             return min(batches, limit)
         return int(batches * limit) if limit < 1 else batches

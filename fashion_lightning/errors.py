@@ -108,6 +108,18 @@ def write_failure(err: BaseException, where: str, kept: str) -> UserError | None
     return UserError(f"cannot write {cause.filename or where}: {cause.strerror}; {kept}")
 
 
+def out_of_memory(err: BaseException) -> UserError | None:
+    """torch's failed allocation (CPU or GPU) anywhere under ``err`` as one line, or None."""
+    cause = cause_of(err, RuntimeError)
+    text = first_line(cause) if cause is not None else ""
+    if "can't allocate memory" not in text and "out of memory" not in text.lower():
+        return None
+    return UserError(
+        f"out of memory ({text[:200]}); lower --model.hidden_size or --data.batch_size, or use "
+        "a machine with more memory"
+    )
+
+
 def parse_error(prog: str, message: str) -> NoReturn:
     """How both commands refuse their command line: one line naming ``--help``, exit 2."""
     print(f"error: {one_line(message)} (see: {prog} --help)", file=sys.stderr)

@@ -24,6 +24,10 @@ from fashion_lightning.fashion_mnist import (
 )
 from fashion_lightning.steps import LOOP_KEY, optimizer_step_done
 
+# the hidden layers' width: 16384 makes a 1 GB layer, far past what 28x28 images need
+HiddenSize = restricted_number_type(
+    "HiddenSize", int, [(">=", 1), ("<=", 16384)], docstring="an int in [1, 16384]"
+)
 # a dropout probability: 0 (none) up to, not including, 1 (which would drop everything)
 DropoutProbability = restricted_number_type(
     "DropoutProbability", float, [(">=", 0), ("<", 1)], docstring="a float in [0, 1)"
@@ -64,7 +68,7 @@ class ImageClassifier(L.LightningModule):
 
     def __init__(
         self,
-        hidden_size: PositiveInt = 512,
+        hidden_size: HiddenSize = 512,
         optimizer: OptimizerCallable = torch.optim.SGD,
         lr_scheduler: LRSchedulerCallable | None = None,
         scheduler_interval: Literal["step", "epoch"] = "epoch",
@@ -77,7 +81,7 @@ class ImageClassifier(L.LightningModule):
     ) -> None:
         """
         Args:
-            hidden_size: Width of the MLP's two hidden layers (the tutorial: 512).
+            hidden_size: Width of the MLP's two hidden layers (the tutorial: 512), up to 16384.
             optimizer: Optimizer class and its arguments, e.g. ``torch.optim.SGD`` with
                 ``lr: 1e-3`` (the tutorial; also torch's default lr for SGD). Weight decay is
                 an optimizer argument (``weight_decay``).
@@ -365,12 +369,17 @@ class ImageClassifier(L.LightningModule):
         optimizer = self.optimizer(self.parameters())
         if self.lr_scheduler is None:
             return optimizer
-        extra = {}
-        given = getattr(self.lr_scheduler, "keywords", {})  # jsonargparse gives a partial
-        if "total_steps" in given and given["total_steps"] is None and given.get("epochs") is None:
-            extra["total_steps"] = self.planned_steps()  # OneCycleLR
-        scheduler = self.lr_scheduler(optimizer, **extra)
+        scheduler = self.make_scheduler(optimizer)
         return {
             "optimizer": optimizer,
             "lr_scheduler": {"scheduler": scheduler, "interval": self.scheduler_interval},
         }
+
+    def make_scheduler(self, optimizer: torch.optim.Optimizer, total_steps: int | None = None):
+        """``lr_scheduler`` for ``optimizer``; a schedule of fixed length given none
+        (OneCycleLR without ``total_steps``) spans ``total_steps``, by default the whole run."""
+        extra = {}
+        given = getattr(self.lr_scheduler, "keywords", {})  # jsonargparse gives a partial
+        if "total_steps" in given and given["total_steps"] is None and given.get("epochs") is None:
+            extra["total_steps"] = total_steps or self.planned_steps()  # OneCycleLR
+        return self.lr_scheduler(optimizer, **extra)

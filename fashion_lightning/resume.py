@@ -17,33 +17,45 @@ from typing import Any
 
 import lightning as L
 import torch
-from lightning.fabric.plugins import TorchCheckpointIO
+from lightning.fabric.plugins import CheckpointIO, TorchCheckpointIO
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities import rank_zero_warn
 
-from fashion_lightning.checkpoints import LAST_CHECKPOINT
+from fashion_lightning.checkpoint_contents import CHECKPOINT_SUFFIX, url_problem
+from fashion_lightning.checkpoints import LAST_CHECKPOINT, read_checkpoint
 from fashion_lightning.data import EpochShuffleSampler
-from fashion_lightning.errors import Stopped, TrainingInterrupted
+from fashion_lightning.errors import CheckpointError, Stopped, TrainingInterrupted
 from fashion_lightning.files import atomic_write
 
 SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
 
 class ResumableCheckpointIO(TorchCheckpointIO):
-    """Lightning's checkpoint IO, with two differences:
+    """The checkpoint IO of every run: Lightning's, with three differences.
 
-    - each checkpoint is written next to its target, fsynced, then renamed into place
+    - Each checkpoint is written next to its target, fsynced, then renamed into place
       (:func:`~fashion_lightning.files.atomic_write`): a ``kill -9`` at any moment leaves the
       previous file or the new one. (Lightning writes into the system's temporary folder and
       ``shutil.move``s the file, a plain copy when that folder is on another file system.)
-    - the checkpoint that the command already read and checked (``--ckpt_path``) is handed
-      to the Trainer as it was read, not read a second time.
+    - A checkpoint is read once, as the bytes that were checked: the one the command read and
+      checked (``--ckpt_path``) is handed to the Trainer as it was read; any other is read and
+      checked by :func:`~fashion_lightning.checkpoints.read_checkpoint`, never with
+      ``weights_only=False``, and never through fsspec (which opens any URL, ``data:`` too).
+    - A checkpoint that a better one replaces is removed as a file, never a folder and never a
+      URL the run did not write (Lightning removes with ``fs.rm(path, recursive=True)``).
+
+    ``writer``: a checkpoint IO of the config (``trainer.plugins``, such as
+    ``AsyncCheckpointIO``), which then writes and removes the files; reading stays here.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, writer: CheckpointIO | None = None) -> None:
         super().__init__()
+        if writer is not None and getattr(writer, "checkpoint_io", True) is None:
+            writer.checkpoint_io = ResumableCheckpointIO()  # AsyncCheckpointIO's own writer
+        self.writer = writer
         self._preloaded: tuple[Path, dict[str, Any]] | None = None
+        self.handed_over = False  # the checked checkpoint went to Lightning to be restored
 
     def preload(self, path: Path, contents: dict[str, Any]) -> None:
         self._preloaded = (path.resolve(), contents)
@@ -51,17 +63,33 @@ class ResumableCheckpointIO(TorchCheckpointIO):
     def save_checkpoint(
         self, checkpoint: dict[str, Any], path: str | os.PathLike, storage_options: Any = None
     ) -> None:
-        if "://" in str(path):  # remote storage: Lightning's own fsspec path
+        if self.writer is not None:
+            self.writer.save_checkpoint(checkpoint, path, storage_options)
+        elif url_problem(str(path)):  # remote storage: Lightning's own fsspec path
             super().save_checkpoint(checkpoint, path, storage_options)
-            return
-        with atomic_write(path) as f:
-            torch.save(checkpoint, f)
+        else:
+            with atomic_write(path) as f:
+                torch.save(checkpoint, f)
 
     def load_checkpoint(self, path, map_location=None, weights_only=None) -> dict[str, Any]:
         if self._preloaded is not None and Path(path).resolve() == self._preloaded[0]:
             contents, self._preloaded = self._preloaded[1], None
+            self.handed_over = True
             return contents
-        return super().load_checkpoint(path, map_location=map_location, weights_only=weights_only)
+        if url_problem(str(path)):
+            raise CheckpointError(f"{path}: checkpoints are read from local files only")
+        return read_checkpoint(Path(path), option="checkpoint").contents
+
+    def remove_checkpoint(self, path: str | os.PathLike) -> None:
+        name = str(path)
+        if url_problem(name):  # in a remote --checkpoint.dirpath: a file this run wrote there
+            (self.writer or super()).remove_checkpoint(path)
+        elif name.endswith(CHECKPOINT_SUFFIX) and (os.path.islink(name) or os.path.isfile(name)):
+            os.unlink(name)  # a link itself, not what it points to
+
+    def teardown(self) -> None:
+        if self.writer is not None:
+            self.writer.teardown()  # AsyncCheckpointIO waits for its writes
 
 
 class RunCheckpoint(ModelCheckpoint):
@@ -101,6 +129,8 @@ class RunCheckpoint(ModelCheckpoint):
         self.keep_last = bool(save_last)
         self.step_interval = every_n_train_steps or 0
         self.written_step = -1  # global step of the last.ckpt written last by this run
+        self.stopped_within_epoch = False  # should_stop ended training within an epoch
+        self._stop_pending = False  # should_stop came within an accumulation window
         self._steps_saved = 0  # every_n_train_steps multiples reached
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
@@ -124,6 +154,8 @@ class RunCheckpoint(ModelCheckpoint):
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)  # time-based
+        if trainer.should_stop or self._stop_pending:
+            self._stop_within_epoch(trainer, batch_idx)
         if not self.step_interval:
             return
         # every N optimizer steps; with several steps a call (model.steps_per_call), at the
@@ -133,6 +165,31 @@ class RunCheckpoint(ModelCheckpoint):
             self._write_last(trainer)
         self._steps_saved = max(self._steps_saved, multiple)
 
+    def _stop_within_epoch(self, trainer: L.Trainer, batch_idx: int) -> None:
+        """``trainer.should_stop`` ends training within an epoch (``max_time``, a callback),
+        which Lightning then counts as done, so a resume from its end would skip the rest of
+        the epoch: the last checkpoint is written here instead, at the first batch that ends
+        an optimizer step (the stop waits for it), and is kept as the run's last state."""
+        if batch_idx + 1 >= trainer.num_training_batches:  # the epoch ends: it stops whole
+            trainer.should_stop, self._stop_pending = True, False
+            return
+        if (batch_idx + 1) % trainer.accumulate_grad_batches:
+            # within an accumulation window, whose gradients no checkpoint keeps: after it
+            trainer.should_stop, self._stop_pending = False, True
+            return
+        trainer.should_stop, self._stop_pending = True, False
+        if self.stopped_within_epoch:
+            return
+        self.stopped_within_epoch = True
+        self._write_last(trainer)
+        if trainer.is_global_zero and self.written_step == trainer.global_step:
+            print(
+                f"note: training stops within epoch {trainer.current_epoch} (step "
+                f"{trainer.global_step}, --trainer.max_time or a callback); {self.last_model_path}"
+                " continues it exactly with --ckpt_path last",
+                file=sys.stderr,
+            )
+
     def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         super().on_validation_end(trainer, pl_module)
         if not trainer.is_last_batch:  # a validation within the epoch; the epoch's end writes
@@ -140,11 +197,14 @@ class RunCheckpoint(ModelCheckpoint):
 
     def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         super().on_train_epoch_end(trainer, pl_module)
-        self._write_last(trainer)
+        # should_stop after a validation within the epoch (EarlyStopping): it wrote the last
+        self.stopped_within_epoch |= trainer.should_stop and not trainer.is_last_batch
+        if not self.stopped_within_epoch:
+            self._write_last(trainer)
 
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        if trainer.global_step != self.written_step:  # stopped between epochs (max_steps...)
-            self._write_last(trainer)
+        if trainer.global_step != self.written_step and not self.stopped_within_epoch:
+            self._write_last(trainer)  # stopped between epochs (max_steps...)
 
     def _write_last(self, trainer: L.Trainer) -> None:
         if self.keep_last and self._writes(trainer):
@@ -154,8 +214,10 @@ class RunCheckpoint(ModelCheckpoint):
         """Write the last checkpoint of the current state at once (also a stop by signal)."""
         path = self.format_checkpoint_name({}, self.CHECKPOINT_NAME_LAST)
         version = self.STARTING_VERSION
-        # a folder several runs share (no logger): another run's last.ckpt is not ours
-        while self.file_exists(path, trainer) and path != self.last_model_path:
+        # a folder several runs share (no logger): another run's last.ckpt is not ours; the
+        # one this run resumed from is (also in a run folder moved since it was written)
+        ours = {self.last_model_path, os.path.realpath(trainer.ckpt_path or "")}
+        while self.file_exists(path, trainer) and path not in ours:
             path = self.format_checkpoint_name({}, self.CHECKPOINT_NAME_LAST, ver=version)
             version += 1
         previous, self.last_model_path = self.last_model_path, path  # the file records it
@@ -218,6 +280,8 @@ class ResumableTraining(Callback):
     """
 
     def __init__(self) -> None:
+        self.stage_began = False  # this command has begun a sanity check, training or evaluation
+        self.trained = False  # this command has trained (a test after fit may follow)
         self._signal: int | None = None
         self._previous_handlers: dict[int, Any] = {}
         self._training = False
@@ -233,6 +297,7 @@ class ResumableTraining(Callback):
         """Take SIGINT and SIGTERM for this command (called before the Trainer runs)."""
         self._signal = None
         self._training = False
+        self.stage_began = False
         if threading.current_thread() is not threading.main_thread():
             return
         for signum in SIGNALS:
@@ -246,7 +311,9 @@ class ResumableTraining(Callback):
 
     def _take_back_signals(self) -> None:
         """Lightning installs its own SIGTERM handler when a stage starts (it would raise
-        ``SIGTERMException`` in the middle of a validation): this one handles it instead."""
+        ``SIGTERMException`` in the middle of a validation): this one handles it instead.
+        (Called when each stage starts, which is also when a checkpoint was fully restored.)"""
+        self.stage_began = True
         if self._previous_handlers and threading.current_thread() is threading.main_thread():
             for signum in SIGNALS:
                 if signal.getsignal(signum) != self._on_signal:
@@ -254,8 +321,12 @@ class ResumableTraining(Callback):
 
     def _on_signal(self, signum: int, frame: Any) -> None:
         name = signal.Signals(signum).name
-        if not self._training:  # nothing trained in this command yet: nothing new to save
+        if not self._training:  # not training: nothing new to save
             self.stop_listening()
+            if self.trained:  # the test after fit
+                raise Stopped(
+                    f"stopped by {name} while testing; training's checkpoints are kept", signum
+                )
             raise Stopped(f"stopped by {name}; nothing was saved", signum)
         if self._signal is not None:  # asked twice: stop now
             self.stop_listening()
@@ -302,7 +373,7 @@ class ResumableTraining(Callback):
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._take_back_signals()
-        self._training = True
+        self._training = self.trained = True
         resume, self._resume_at = self._resume_at, None
         if resume is None:
             return

@@ -11,6 +11,8 @@ from __future__ import annotations
 import csv
 import glob
 import os
+import shutil
+import time
 import warnings
 from pathlib import Path
 from typing import Any
@@ -23,6 +25,8 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_only
 from fashion_lightning.files import atomic_write, claim_file
 from fashion_lightning.run_records import last_steps
 from fashion_lightning.visuals import EPOCH_CURVES
+
+PROCESS_STARTED = time.time()  # files of this process's pid from before are another's
 
 
 def claim_version(folder: Path, prefix: str = "version_") -> str:
@@ -106,6 +110,20 @@ class RunFolderLogger(TensorBoardLogger):
         claimed = self.claimed
         if claimed is not None and claimed.is_dir() and not any(claimed.iterdir()):
             claimed.rmdir()
+
+    def forget_this_command(self, config_file: Path | None) -> None:
+        """Remove what this command wrote into its run folder when it failed before anything
+        ran: a folder it claimed goes whole (nothing else writes into a claimed folder); in a
+        continued run's folder, its config file and the events files of this process."""
+        if self.claimed is not None:
+            shutil.rmtree(self.claimed, ignore_errors=True)
+            return
+        if config_file is not None:
+            config_file.unlink(missing_ok=True)
+        folder = Path(self.log_dir)
+        for events in folder.glob(f"events.out.tfevents.*.{os.getpid()}.*"):
+            if events.stat().st_mtime >= PROCESS_STARTED:
+                events.unlink()
 
 
 def default_logger(save_dir: str | os.PathLike, name: str | None = None) -> RunFolderLogger:

@@ -225,10 +225,13 @@ def last_steps(folder: Path, prefix: str) -> dict[str, int]:
     files: for ``epoch/``, the epochs a stopped run has drawn."""
     last: dict[str, int] = {}
     for path in folder.glob(EVENTS_GLOB):
-        for event in event_records(path):
-            for value in event.summary.value:
-                if value.tag.startswith(prefix):
-                    last[value.tag] = max(last.get(value.tag, 0), event.step)
+        try:
+            for event in event_records(path):
+                for value in event.summary.value:
+                    if value.tag.startswith(prefix):
+                        last[value.tag] = max(last.get(value.tag, 0), event.step)
+        except Exception:  # a damaged record (protobuf's DecodeError): what was read counts
+            continue
     return last
 
 

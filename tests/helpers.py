@@ -7,9 +7,11 @@ import os
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import torch
+from lightning.fabric.plugins import TorchCheckpointIO
 from lightning.pytorch.callbacks import Callback
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -72,6 +74,21 @@ def start_cli(*args: str) -> subprocess.Popen:
 
 def last_line(text: str) -> str:
     return text.strip().splitlines()[-1]
+
+
+def cli_in_process(args: list[str], capsys) -> tuple[int, str]:
+    """``main(args)`` in this process: its exit code and what it printed to stderr, which
+    holds no traceback."""
+    from fashion_lightning.cli import main
+
+    code = 0
+    try:
+        main(args)
+    except SystemExit as exit_:
+        code = exit_.code
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    return code, err
 
 
 class SendSignalAt(Callback):
@@ -189,3 +206,43 @@ class SendSignalInEvaluation(Callback):
 
     def on_predict_batch_start(self, trainer, pl_module, batch, batch_idx, dataloader_idx=0):
         os.kill(os.getpid(), self.signum)
+
+
+class StopTrainingAt(Callback):
+    """Sets ``trainer.should_stop`` once, at the end of the first batch (call of
+    ``training_step``) after which ``step`` optimizer steps are done, or of the ``batch``-th
+    batch of this process (from 1): what Lightning's Timer (``max_time``) or an early stop does
+    within an epoch."""
+
+    def __init__(self, step: int | None = None, batch: int | None = None) -> None:
+        self.step = step
+        self.batch = batch
+        self.seen = 0
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        self.seen += 1
+        if (self.step is not None and trainer.global_step >= self.step) or self.seen == self.batch:
+            trainer.should_stop = True
+            self.step = self.batch = None  # once
+
+
+class SlowSteps(Callback):
+    """Sleeps ``seconds`` after each training batch, so that ``max_time`` lands mid-epoch."""
+
+    def __init__(self, seconds: float) -> None:
+        self.seconds = seconds
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        time.sleep(self.seconds)
+
+
+class ReadingCheckpointIO(TorchCheckpointIO):
+    """A checkpoint IO a config may name, which leaves ``marker`` behind if it ever reads."""
+
+    def __init__(self, marker: str) -> None:
+        super().__init__()
+        self.marker = marker
+
+    def load_checkpoint(self, *args, **kwargs):
+        Path(self.marker).touch()
+        return super().load_checkpoint(*args, **kwargs)

@@ -154,7 +154,15 @@ def test_unwritable_location_is_one_line(option, phrase, tmp_path, capsys):
         ("--data.eval_batch_size=-1", 'Parser key "data.eval_batch_size": Not of type PositiveInt'),
         ("--data.val_size=60000", 'Parser key "data.val_size": Not of type ValidationSize'),
         ("--data.num_workers=-1", 'Parser key "data.num_workers": Not of type NonNegativeInt'),
-        ("--model.hidden_size=0", 'Parser key "model.hidden_size": Not of type PositiveInt'),
+        ("--model.hidden_size=0", 'Parser key "model.hidden_size": Not of type HiddenSize'),
+        ("--model.hidden_size=1000000000000", 'Parser key "model.hidden_size": Not of type'),
+        ("--seed_everything=-1", "--seed_everything -1: a seed is a whole number from 0 to"),
+        (
+            "--model.optimizer.init_args.lr=nan",
+            "Parser key \"model.optimizer.init_args.lr\": 'nan' is not a float (torch.optim.SGD)",
+        ),
+        ("--model.optimizer.init_args.foo=1", "torch.optim.SGD takes no argument 'foo'"),
+        ("--weights_only=false", "weights_only takes true or null only: this project reads"),
         ("--model.label_smoothing=2", 'Parser key "model.label_smoothing": Not of type'),
         ("--model.dropout=1.5", 'Parser key "model.dropout": Not of type DropoutProbability'),
         ("--images.every_n_epochs=-1", 'Parser key "images.every_n_epochs": Not of type'),
@@ -213,15 +221,38 @@ def test_restricted_values_reach_checkpoints_as_plain_numbers(checkpoints):
     [
         ("--trainer.max_epochs=-5", "error: `max_epochs` must be a non-negative integer or -1"),
         ("--trainer.accelerator=gpu", "error: --trainer.accelerator gpu: PyTorch sees no such"),
+        (
+            "--trainer.val_check_interval=1000",
+            "error: --trainer.val_check_interval 1000: an epoch has 860 training batches",
+        ),
+        (
+            "--checkpoint.filename=../../../../x",
+            "error: --checkpoint.filename ../../../../x: a checkpoint's name is a file name",
+        ),
+        (
+            "--model.optimizer.init_args.lr=.nan",
+            "error: --model.optimizer.init_args.lr nan: not a finite number",
+        ),
     ],
 )
 def test_values_lightning_refuses_are_one_line(option, phrase, tmp_path, capsys):
     if option.endswith("gpu") and torch.cuda.is_available():
         pytest.skip("this machine has a GPU")
-    code = 2 if "max_epochs" in option else 1
+    code = 1 if "accelerator" in option else 2
     line = _fails(fit_args(tmp_path / "data", tmp_path, option), capsys, exit_code=code)
     assert line.startswith(phrase), line
     assert not (tmp_path / "lightning_logs").exists()
+
+
+def test_a_logger_folder_that_leads_out_of_its_save_dir_is_refused(tmp_path, capsys):
+    logger = [
+        "--trainer.logger=TensorBoardLogger",
+        f"--trainer.logger.save_dir={tmp_path}",
+        "--trainer.logger.version=../../escaped",
+    ]
+    line = _fails(fit_args(tmp_path / "data", tmp_path, *logger), capsys, exit_code=2)
+    assert line.startswith("error: --trainer.logger.init_args.version ../../escaped: a folder")
+    assert not list(tmp_path.parent.glob("escaped")) and not list(tmp_path.iterdir())
 
 
 def test_stochastic_weight_averaging_is_refused_in_one_line(tmp_path, capsys):

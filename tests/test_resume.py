@@ -38,12 +38,17 @@ def _scalars(root: Path) -> dict[str, list[tuple[int, float]]]:
     }
 
 
-def assert_same_run(expected_root: Path, resumed_root: Path) -> None:
-    """Bit-identical final weights and optimizer state, and the same logged curves."""
+def assert_same_weights(expected_root: Path, resumed_root: Path) -> None:
+    """Bit-identical final weights, after as many optimizer steps."""
     expected, resumed = _final_state(expected_root), _final_state(resumed_root)
     assert resumed["global_step"] == expected["global_step"]
     for name, tensor in expected["state_dict"].items():
         assert torch.equal(resumed["state_dict"][name], tensor), name
+
+
+def assert_same_run(expected_root: Path, resumed_root: Path) -> None:
+    """Bit-identical final weights and optimizer state, and the same logged curves."""
+    assert_same_weights(expected_root, resumed_root)
     expected_curves, resumed_curves = _scalars(expected_root), _scalars(resumed_root)
     for tag in COMPARED_SCALARS:
         assert resumed_curves[tag] == expected_curves[tag], tag
@@ -144,6 +149,72 @@ def test_a_stop_anywhere_resumes_exactly(
     _resume_and_compare(data_dir, tmp_path / "run", args)
 
 
+def _resume_and_compare_but_the_stop(data_dir, root: Path, args, stop: int) -> None:
+    """Resume in a new process and compare with an uninterrupted run: the same weights and
+    curves, but for what Lightning writes when training stops early (``should_stop``): a
+    validation at the stop, and the training values of the batch it stops after."""
+    resumed = run_cli(*fit_args(data_dir, root, *args), "--ckpt_path=last")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    expected_root = root.parent / "uninterrupted"
+    main(fit_args(data_dir, expected_root, *args))
+    assert_same_weights(expected_root, root)
+    expected_curves, got_curves = _scalars(expected_root), _scalars(root)
+    for tag in COMPARED_SCALARS:
+        got, expected = got_curves[tag], expected_curves[tag]
+        extra = [point for point in got if point not in expected]
+        assert all(stop - 1 <= step <= stop for step, _ in extra), (tag, extra)
+        assert [point for point in got if point not in extra] == expected, tag
+
+
+@pytest.mark.parametrize(
+    ("extra", "stop_at", "stopped_at_step"),
+    [
+        ([], "step=40", 40),
+        # the 9th batch of epoch 1 is within an accumulation window of 4 (epoch 0 made 8
+        # steps): training goes on to the window's end, step 11, then stops
+        (["--trainer.accumulate_grad_batches=4"], "batch=39", 11),
+        # several steps a call: the stop comes at the end of the call (steps 38 to 42)
+        (["--model.steps_per_call=4"], "step=41", 42),
+    ],
+    ids=["one-step-a-call", "accumulation", "four-steps-a-call"],
+)
+def test_a_stop_within_an_epoch_by_should_stop_resumes_exactly(
+    extra, stop_at, stopped_at_step, data_dir, tmp_path
+):
+    """``max_time`` and early stops end training within an epoch that Lightning then counts
+    as done; the last checkpoint is the state where it stopped, so a resume trains the rest."""
+    args = (*SHORT, *extra)
+    stopped = run_cli(
+        *fit_args(data_dir, tmp_path / "run", *args),
+        "--trainer.callbacks+=tests.helpers.StopTrainingAt",
+        f"--trainer.callbacks.{stop_at}",
+    )
+    assert stopped.returncode == 0, stopped.stderr[-3000:]
+    note = f"note: training stops within epoch 1 (step {stopped_at_step},"
+    assert note in stopped.stderr, stopped.stderr[-3000:]
+    last = _final_state(tmp_path / "run")
+    assert last["global_step"] == stopped_at_step
+    assert not last["callbacks"]["ResumableTraining"]["epoch_finished"]
+    _resume_and_compare_but_the_stop(data_dir, tmp_path / "run", args, stopped_at_step)
+
+
+def test_max_time_stops_within_an_epoch_and_the_run_resumes_exactly(data_dir, tmp_path):
+    args = (
+        *SHORT,
+        "--trainer.callbacks+=tests.helpers.SlowSteps",
+        "--trainer.callbacks.seconds=0.05",
+    )
+    run = tmp_path / "run"
+    stopped = run_cli(*fit_args(data_dir, run, *args, "--trainer.max_time=00:00:00:01"))
+    assert stopped.returncode == 0, stopped.stderr[-3000:]
+    assert "note: training stops within epoch 0" in stopped.stderr  # 1 s of 3 s of steps
+    assert "test/acc" in stopped.stdout  # Lightning's end: the best checkpoint is tested
+    stop = _final_state(run)["global_step"]
+    assert 0 < stop < 30
+    # resumed without the limit (a Timer keeps its elapsed time in the checkpoint)
+    _resume_and_compare_but_the_stop(data_dir, run, args, stop)
+
+
 def test_a_kill_9_after_a_step_checkpoint_resumes_exactly(data_dir, tmp_path):
     args = (*SHORT, "--checkpoint.every_n_train_steps=7")
     _stop(data_dir, tmp_path / "run", args, "KillAt", -signal.SIGKILL, step=45)
@@ -239,3 +310,16 @@ def test_kill_9_at_any_moment_leaves_a_loadable_last_ckpt(data_dir, tmp_path):
     assert finished.returncode == 0, finished.stderr
     assert torch.load(last, weights_only=False)["global_step"] == 300
     assert not writing()  # the torn temporary files of the killed runs are gone
+
+
+def test_a_signal_during_the_test_after_fit_says_the_checkpoints_are_kept(data_dir, tmp_path):
+    result = run_cli(
+        *fit_args(data_dir, tmp_path, *SHORT, "--trainer.max_epochs=1"),
+        "--trainer.callbacks+=tests.helpers.SendSignalInEvaluation",
+        f"--trainer.callbacks.signum={SIGINT}",
+    )
+    assert result.returncode == 130, result.stderr[-2000:]
+    assert last_line(result.stderr) == (
+        "error: stopped by SIGINT while testing; training's checkpoints are kept"
+    )
+    assert _final_state(tmp_path)["global_step"] == 30

@@ -800,3 +800,50 @@ def test_numbers_yaml_reads_as_text_are_taken_as_numbers(tmp_path):
     search.write_text("model.dropout: {type: float, low: 1e-4, high: 1e-2, log: true}\n")
     distribution = load_search_space(search)["model.dropout"]
     assert (distribution.low, distribution.high) == (1e-4, 1e-2)
+
+
+def _crafted_study(root: Path, **user_attrs) -> None:
+    """A study of the name the command opens (the config's), as someone may hand it over:
+    one finished trial with these records, written through Optuna's own API."""
+    journal = root / "lightning_logs" / "tune" / "sgd" / "study.journal"
+    journal.parent.mkdir(parents=True)
+    storage = JournalStorage(JournalFileBackend(str(journal)))
+    study = optuna.create_study(study_name="sgd", storage=storage, direction="maximize")
+    trial = study.ask({LR: optuna.distributions.FloatDistribution(1e-3, 1e-1, log=True)})
+    for key, value in user_attrs.items():
+        trial.set_user_attr(key, value)
+    study.tell(trial, 0.5)
+
+
+@pytest.mark.parametrize(
+    ("records", "phrase"),
+    [
+        ({"config": "- a\n- list\n"}, "trial 0's config is not a YAML mapping of settings"),
+        ({"config": "model: [unclosed\n"}, "trial 0's config is not a YAML mapping"),
+        ({"config": "!!python/object/apply:os.system [touch x]\n"}, "is not a YAML mapping"),
+        ({"seconds": "x"}, "trial 0's seconds is 'x', not what the search writes"),
+        ({"retries": [1]}, "trial 0's retries is [1], not what the search writes"),
+        ({"pid": "1"}, "trial 0's pid is '1'"),
+        ({"run_dir": 5}, "trial 0's run_dir is 5"),
+        ({"run_dir": "/nonexistent/trial_0"}, "the best trial, 0, kept its config in"),
+    ],
+    ids=["list", "invalid", "tagged", "seconds", "retries", "pid", "run-dir-type", "run-dir-gone"],
+)
+def test_a_crafted_study_is_one_line(records, phrase, data_dir, tmp_path, tune_here):
+    _crafted_study(tmp_path, **records)
+    code, stderr = tune_here(*_args(data_dir, tmp_path, 1))
+    errors = [line for line in stderr.splitlines() if line.startswith("error:")]
+    assert code == 2 and len(errors) == 1 and phrase in errors[0], stderr[-2000:]
+    assert "Traceback" not in stderr and not (tmp_path / "x").exists()
+    assert not list(tmp_path.glob("lightning_logs/tune/sgd/trial_*"))
+
+
+def test_a_crafted_started_with_is_one_line(data_dir, tmp_path, tune_here):
+    _crafted_study(tmp_path)
+    journal = tmp_path / "lightning_logs" / "tune" / "sgd" / "study.journal"
+    study = optuna.load_study(
+        study_name="sgd", storage=JournalStorage(JournalFileBackend(str(journal)))
+    )
+    study.set_user_attr("started_with", ["not", "a", "mapping"])
+    code, stderr = tune_here(*_args(data_dir, tmp_path, 1))
+    assert code == 2 and "its started_with is not what the search writes" in last_line(stderr)

@@ -11,9 +11,8 @@ import torch
 import yaml
 
 from fashion_lightning.checkpoints import CROSS_ENTROPY_KEY
-from fashion_lightning.cli import main
 from fashion_lightning.configs import TRUSTED_IMPORTS_ENV
-from tests.helpers import ROOT, SGD_CONFIG, TINY, fit_args, last_line
+from tests.helpers import ROOT, SGD_CONFIG, TINY, cli_in_process, fit_args, last_line
 
 pytestmark = pytest.mark.slow  # a fit for the checkpoints, and a search in a process
 
@@ -44,13 +43,7 @@ def _command(args, capsys, monkeypatch, folder=None, trusted=None) -> tuple[int,
         monkeypatch.syspath_prepend(str(folder))
     if trusted is not None:
         monkeypatch.setenv(TRUSTED_IMPORTS_ENV, trusted)
-    code = 0
-    try:
-        main(args)
-    except SystemExit as exit_:
-        code = exit_.code
-    err = capsys.readouterr().err
-    assert "Traceback" not in err
+    code, err = cli_in_process(args, capsys)
     return code, last_line(err) if err.strip() else ""
 
 
@@ -221,12 +214,14 @@ def test_todays_configs_name_only_allowed_classes():
         check_model_classes(model)  # raises for a class the project does not accept
 
 
-def test_a_search_file_may_not_name_a_command(data_dir, tmp_path):
+@pytest.mark.parametrize(
+    ("key", "choice"),
+    [("model.optimizer", "os.system"), ("weights_only", False)],  # a pickle's code, then
+)
+def test_a_search_file_may_not_name_a_command(key, choice, data_dir, tmp_path):
     marker = tmp_path / "ran"
     search = tmp_path / "space.yaml"
-    search.write_text(
-        yaml.safe_dump({"model.optimizer": {"type": "categorical", "choices": ["os.system"]}})
-    )
+    search.write_text(yaml.safe_dump({key: {"type": "categorical", "choices": [choice]}}))
     result = subprocess.run(
         [
             sys.executable,
@@ -246,6 +241,6 @@ def test_a_search_file_may_not_name_a_command(data_dir, tmp_path):
         timeout=120,
     )
     assert result.returncode == 2, result.stderr[-2000:]
-    assert "model.optimizer" in last_line(result.stderr)
+    assert key in last_line(result.stderr)
     assert not marker.exists()
     assert not list(tmp_path.rglob("trial_*"))

@@ -90,8 +90,15 @@ def write_best(search: Search, best: FrozenTrial) -> Path:
     """The best trial's complete config, runnable as ``fit --config`` as it is."""
     text = best.user_attrs.get("config")
     if text is None:  # a trial of an earlier version, which kept it only in its folder
-        text = (Path(best.user_attrs["run_dir"]) / "config.yaml").read_text()
-    config = yaml.safe_load(text)
+        kept = Path(best.user_attrs.get("run_dir", "?")) / "config.yaml"
+        try:
+            text = kept.read_text()
+        except OSError as err:
+            raise SearchError(
+                f"the best trial, {best.number}, kept its config in {kept}, which cannot be "
+                f"read ({err.strerror}); restore that folder, or search on with --trials"
+            ) from None
+    config = yaml.safe_load(text)  # a mapping: the study's records were checked when opened
     config["ckpt_path"] = None
     path = search.folder / "best.yaml"
     if path.resolve() == search.config_path.resolve():

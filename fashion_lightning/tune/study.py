@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 import optuna
+import yaml
 from optuna.distributions import BaseDistribution, IntDistribution
 from optuna.trial import FrozenTrial
 
@@ -49,6 +50,7 @@ def open_study(
                 )
         except Exception as err:
             raise _cannot_use(storage_spec, err) from None
+    check_records(study, storage_spec)
     check_same_study(study, storage_spec, started)
     check_trial_folders(study.study_name, study.get_trials(deepcopy=False), storage_spec, folder)
     with STOPS.deferring():
@@ -81,6 +83,57 @@ def _cannot_use(storage_spec: str, err: Exception) -> UserError:
         f"--storage {shown(storage_spec)}: cannot use the study "
         f"({scrubbed(first_line(err), storage_spec)})"
     )
+
+
+# what the search writes into a trial's user attributes (and reads back), and its kinds
+TRIAL_RECORDS: dict[str, tuple[type, ...]] = {
+    "host": (str,),
+    "pid": (int,),
+    "process_start": (str, type(None)),  # /proc's clock ticks, as text
+    "run_dir": (str,),
+    "seconds": (int, float),
+    "config": (str,),
+    "retries": (int,),
+    "retry_of": (int,),
+}
+
+
+def check_records(study: optuna.Study, storage_spec: str) -> None:
+    """A study someone hands over is data: each record the search reads back has the kind
+    it writes, and each trial's config (one of them becomes best.yaml) is a YAML mapping of
+    plain values (safe_load: no tags, no code)."""
+    where = f"study {study.study_name} in {shown(storage_spec)}"
+    started = study.user_attrs.get("started_with")
+    if started is not None and not (
+        isinstance(started, dict) and all(isinstance(v, (dict, str)) for v in started.values())
+    ):
+        raise SearchError(f"{where}: its started_with is not what the search writes; {ALTERED}")
+    for trial in study.get_trials(deepcopy=False):
+        for key, kinds in TRIAL_RECORDS.items():
+            value = trial.user_attrs.get(key)
+            if key in trial.user_attrs and (
+                isinstance(value, bool) or not isinstance(value, kinds)
+            ):
+                raise SearchError(
+                    f"{where}: trial {trial.number}'s {key} is {value!r}, not what the search "
+                    f"writes; {ALTERED}"
+                )
+        config = trial.user_attrs.get("config")
+        if config is not None and not _is_mapping(config):
+            raise SearchError(
+                f"{where}: trial {trial.number}'s config is not a YAML mapping of settings; "
+                f"{ALTERED}"
+            )
+
+
+ALTERED = "the study was altered; start another with --study NAME"
+
+
+def _is_mapping(text: str) -> bool:
+    try:
+        return isinstance(yaml.safe_load(text), dict)
+    except yaml.YAMLError:
+        return False
 
 
 def check_same_study(study: optuna.Study, storage_spec: str, started: dict[str, Any]) -> None:
