@@ -21,6 +21,7 @@ from fashion_lightning.fashion_mnist import (
     NUM_CLASSES,
     PIXEL_MEAN,
     PIXEL_STD,
+    to_float_images,
 )
 from fashion_lightning.steps import LOOP_KEY, optimizer_step_done
 
@@ -94,8 +95,9 @@ class ImageClassifier(L.LightningModule):
             standardize: Standardize the input pixels with FashionMNIST's mean and standard
                 deviation before the network (the tutorial: no, pixels in [0, 1]). A fixed
                 step of the model, so checkpoints and ``predict`` carry it.
-            flip_tta: At validation, test and predict, average the logits of each image and
-                of its left-right mirror (the tutorial: no).
+            flip_tta: At validation, test and predict (the model's output, exports too),
+                average the logits of each image and of its left-right mirror (the tutorial:
+                no).
             steps_per_call: Optimizer steps in one call of ``training_step``: the data comes in
                 groups of this many consecutive batches of the same order, and each batch is one
                 optimizer step, as with 1. The same batches, steps, weights and logged values;
@@ -116,6 +118,11 @@ class ImageClassifier(L.LightningModule):
         # several optimizer steps in one training_step: Lightning's manual optimization
         self.automatic_optimization = steps_per_call == 1
         self.model = MLP(hidden_size, dropout)
+        # attributes, not the module's globals: TorchScript (to_torchscript) reads these
+        self.pixel_mean, self.pixel_std = PIXEL_MEAN, PIXEL_STD
+        # images as the loaders give them, for to_onnx() and torch.export to trace with (two:
+        # an export specializes an axis of size 1, and the batch size stays free)
+        self.example_input_array = torch.zeros(2, 1, IMAGE_SIZE, IMAGE_SIZE, dtype=torch.uint8)
         # one metric object per stage; torchmetrics also syncs them across DDP processes
         self.val_loss, self.test_loss = MeanMetric(), MeanMetric()
         self.train_acc = MulticlassAccuracy(NUM_CLASSES, average="micro")
@@ -150,17 +157,35 @@ class ImageClassifier(L.LightningModule):
             self.model.compile()  # in place: state_dict names stay those of the tutorial
 
     def forward(self, images: Tensor) -> Tensor:
+        """The logits that validation, test and predict use, for a batch of images ``(N, 1,
+        28, 28)`` as the loaders give them (uint8 pixels 0-255) or as floats in [0, 1]
+        (torchvision's ``ToTensor``): the same logits either way. With ``flip_tta``, the
+        average of each image's and its mirror's (a garment mirrored is the same garment).
+        Exports (``to_onnx``, ``torch.export``) take the same images and give the same."""
+        logits = self._network(images)
+        if self.flip_tta:
+            logits = (logits + self._network(images.flip(-1))) / 2
+        return logits
+
+    def _network(self, images: Tensor) -> Tensor:
+        """The MLP's logits (training's, without test-time averaging); the pixels made floats
+        here, in the model, so that a checkpoint or an exported model takes raw images."""
+        if not images.is_floating_point():
+            images = to_float_images(images)
+        # the weights' precision: bf16-true and 64-true runs (a no-op in float32)
+        images = images.to(self.model.linear_relu_stack[0].weight.dtype)
         if self.standardize:
-            images = (images - PIXEL_MEAN) / PIXEL_STD
+            images = (images - self.pixel_mean) / self.pixel_std
         return self.model(images)
 
-    def evaluate(self, images: Tensor) -> Tensor:
-        """The logits that validation, test and predict use: with ``flip_tta``, the average
-        of the image's and its mirror's (a garment mirrored is the same garment)."""
-        logits = self(images)
-        if self.flip_tta:
-            logits = (logits + self(images.flip(-1))) / 2
-        return logits
+    def to_onnx(self, file_path: Any, input_sample: Any = None, **kwargs: Any) -> Any:
+        """Lightning's ``to_onnx`` with the batch size left free (the first axis of the input
+        ``images``, output ``logits``), unless ``kwargs`` say otherwise."""
+        if "dynamic_shapes" not in kwargs and "dynamic_axes" not in kwargs:
+            kwargs["dynamic_axes"] = {"images": {0: "batch"}, "logits": {0: "batch"}}
+        kwargs.setdefault("input_names", ["images"])
+        kwargs.setdefault("output_names", ["logits"])
+        return super().to_onnx(file_path, input_sample, **kwargs)
 
     def training_step(self, batch: Any, batch_idx: int) -> Any:
         """One optimizer step on ``batch`` (Lightning does the step), or, with
@@ -178,7 +203,7 @@ class ImageClassifier(L.LightningModule):
         return {"loss": loss, "images": len(labels)}
 
     def _loss(self, images: Tensor, labels: Tensor, batch_idx: int) -> tuple[Tensor, Tensor]:
-        logits = self(images)
+        logits = self._network(images)
         loss = F.cross_entropy(logits, labels, label_smoothing=self.label_smoothing)
         if not torch.isfinite(loss):  # before the step: no NaN reaches the weights
             self._stop_on_non_finite(loss, batch_idx)
@@ -321,7 +346,7 @@ class ImageClassifier(L.LightningModule):
     def _evaluate(self, batch: tuple[Tensor, Tensor], stage: str) -> Tensor:
         """Update the stage's metrics (logged once per epoch); the logits go to callbacks."""
         images, labels = batch
-        logits = self.evaluate(images)
+        logits = self(images)
         getattr(self, f"{stage}_loss").update(F.cross_entropy(logits, labels), weight=len(labels))
         getattr(self, f"{stage}_acc").update(logits, labels)
         getattr(self, f"{stage}_acc_class").update(logits, labels)
@@ -358,7 +383,7 @@ class ImageClassifier(L.LightningModule):
         """Predicted class index and its softmax probability for each image, with the true
         label (-1 where unknown)."""
         images, labels = batch
-        probability, label = self.evaluate(images).softmax(dim=-1).max(dim=-1)
+        probability, label = self(images).softmax(dim=-1).max(dim=-1)
         return {"label": label, "probability": probability, "target": labels}
 
     def configure_optimizers(self) -> Any:

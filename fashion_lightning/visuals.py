@@ -295,7 +295,9 @@ def render_predictions(
     draw, font = ImageDraw.Draw(canvas), _font(12)
     if title:
         draw.text((4, 4), title, fill=(235, 235, 235), font=font)
-    pixels = (images.detach().float().cpu().clamp(0, 1) * 255).to(torch.uint8)
+    pixels = images.detach().cpu()  # uint8 as the loaders give them, or floats in [0, 1]
+    if pixels.is_floating_point():
+        pixels = (pixels.float().clamp(0, 1) * 255).to(torch.uint8)
     for i, (image, guess, truth, p) in enumerate(
         zip(pixels, predicted.tolist(), target.tolist(), probability.tolist(), strict=True)
     ):
