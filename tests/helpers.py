@@ -78,6 +78,9 @@ class SendSignalAt(Callback):
     """Sends a real signal to this process once, when training reaches optimizer step ``step``
     (at the start of the batch that makes that step; deterministic timing)."""
 
+    # it follows optimizer steps (global_step), so several steps a call suit it
+    steps_per_call_safe = True
+
     def __init__(self, signum: int, step: int) -> None:
         self.signum = signum
         self.step = step
@@ -156,6 +159,7 @@ class RecordLastCheckpoint(Callback):
     ``RecordLastCheckpoint.seen`` (None: no last.ckpt yet)."""
 
     seen: list[int | None] = []  # noqa: RUF012 - read by the test that runs it in this process
+    steps_per_call_safe = True  # it follows optimizer steps (global_step)
 
     def __init__(self, at_step: int) -> None:
         self.at_step = at_step
@@ -189,3 +193,29 @@ class SendSignalInEvaluation(Callback):
 
     def on_predict_batch_start(self, trainer, pl_module, batch, batch_idx, dataloader_idx=0):
         os.kill(os.getpid(), self.signum)
+
+
+def exports(model, folder: Path) -> dict:
+    """The model exported to ONNX (run by onnxruntime), by ``torch.export`` and to TorchScript,
+    each as a function of a batch of uint8 images to its logits."""
+    import contextlib
+    import io
+    import warnings
+
+    import onnxruntime
+
+    with contextlib.redirect_stdout(io.StringIO()):  # the ONNX exporter reports its passes
+        model.to_onnx(folder / "model.onnx")
+    session = onnxruntime.InferenceSession(str(folder / "model.onnx"))
+    exported = torch.export.export(
+        model, (model.example_input_array,), dynamic_shapes=({0: torch.export.Dim.DYNAMIC},)
+    ).module()
+    with warnings.catch_warnings():  # TorchScript works, and is deprecated in torch
+        warnings.simplefilter("ignore", FutureWarning)
+        warnings.filterwarnings("ignore", message=".*to_torchscript. has been deprecated")
+        scripted = model.to_torchscript()
+    return {
+        "onnx": lambda x: torch.from_numpy(session.run(None, {"images": x.numpy()})[0]),
+        "torch.export": exported,
+        "torchscript": scripted,
+    }
