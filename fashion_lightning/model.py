@@ -245,8 +245,12 @@ class ImageClassifier(L.LightningModule):
             images_done += len(labels)
             losses.append(loss.detach())
             optimizer_step_done(trainer, self, len(labels))
-        # the step losses, for callbacks that follow the training loss (on the device: no wait)
-        return {"images": images_done, "losses": torch.stack(losses) if losses else None}
+        if not losses:  # max_steps came before the group's first step
+            return {"images": 0, "losses": None}
+        # for callbacks, on the device (no wait): Lightning's "loss", the mean of the call's
+        # step losses (with one step a call, that step's loss), and each step's in "losses"
+        stacked = torch.stack(losses)
+        return {"loss": stacked.mean(), "images": images_done, "losses": stacked}
 
     def on_train_epoch_end(self) -> None:
         if not self.automatic_optimization and self.scheduler_interval == "epoch":

@@ -182,6 +182,25 @@ class RecordProgressBar(Callback):
         RecordProgressBar.seen.append((bar.total_train_batches, bar.train_progress_bar.n))
 
 
+class RecordBatches(Callback):
+    """A user's per-batch callback: keeps what Lightning hands it after each training batch in
+    ``RecordBatches.seen``, and logs ``outputs["loss"]`` as ``probe/loss``."""
+
+    seen: list[dict] = []  # noqa: RUF012 - read by the test that runs it in this process
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        one_batch = isinstance(batch, (tuple, list)) and isinstance(batch[0], torch.Tensor)
+        RecordBatches.seen.append(
+            {
+                "batch_idx": batch_idx,
+                "step": trainer.global_step,
+                "one_batch": one_batch,
+                "images": len(batch[1]) if one_batch else None,
+            }
+        )
+        pl_module.log("probe/loss", outputs["loss"])
+
+
 class SendSignalInEvaluation(Callback):
     """Sends a real signal to this process at the first test or prediction batch."""
 
