@@ -28,6 +28,7 @@ from fashion_lightning.checkpoints import Checkpoint, check_fits, read_checkpoin
 from fashion_lightning.checks import (
     check_accelerator,
     check_callbacks,
+    check_monitors,
     check_optimizer,
     check_run_folders,
 )
@@ -240,6 +241,7 @@ class FashionCLI(LightningCLI):
         fitting = self.subcommand == "fit"
         if fitting:
             check_optimizer(self.model)
+            check_monitors(self.trainer, self.model)
         configured = isinstance(self._section(self.config).trainer.logger, Namespace)
         check_run_folders(self.trainer, fitting, configured)
         if self.subcommand in ("validate", "test") and self.checkpoint is None:

@@ -25,9 +25,12 @@ from fashion_lightning.errors import ConfigError
 
 TRUSTED_IMPORTS_ENV = "FASHION_LIGHTNING_TRUSTED_IMPORTS"
 # what a config may name: optimizers and schedulers, Lightning's callbacks, loggers, profilers,
-# strategies and plugins, and the project's own logger
+# strategies and plugins, and the project's own logger (an entry allows what is under it)
 ALLOWED_IMPORTS = (
     "torch.optim",
+    # the plateau scheduler that LightningCLI lists, with its monitor: this class alone, not
+    # the rest of lightning.pytorch.cli (LightningCLI itself, SaveConfigCallback...)
+    "lightning.pytorch.cli.ReduceLROnPlateau",
     "lightning.pytorch.accelerators",
     "lightning.pytorch.callbacks",
     "lightning.pytorch.loggers",
@@ -71,8 +74,9 @@ def refused_import(message: str) -> str | None:
     where = f'Parser key "{key.group(1)}": ' if key else ""
     return (
         f"{where}{found.group(1)!r} may not be named in a config: a config names optimizers "
-        "and schedulers of torch.optim, Lightning's callbacks, loggers, profilers, strategies "
-        f"and plugins; to use your own module, list it in {TRUSTED_IMPORTS_ENV}"
+        "and schedulers of torch.optim (and lightning.pytorch.cli.ReduceLROnPlateau), "
+        "Lightning's callbacks, loggers, profilers, strategies and plugins; to use your own "
+        f"module, list it in {TRUSTED_IMPORTS_ENV}"
     )
 
 

@@ -14,7 +14,7 @@ from torchmetrics import MeanMetric
 from torchmetrics.classification import MulticlassAccuracy
 
 from fashion_lightning.checkpoints import CROSS_ENTROPY_KEY
-from fashion_lightning.errors import NonFiniteLossError, UserError
+from fashion_lightning.errors import NonFiniteLossError
 from fashion_lightning.fashion_mnist import (
     CLASS_TAGS,
     IMAGE_SIZE,
@@ -22,6 +22,12 @@ from fashion_lightning.fashion_mnist import (
     PIXEL_MEAN,
     PIXEL_STD,
     to_float_images,
+)
+from fashion_lightning.schedules import (
+    check_schedule_length,
+    configure_optimizers,
+    plateau_monitor,
+    step_at_epoch_end,
 )
 from fashion_lightning.steps import LOOP_KEY, optimizer_step_done
 
@@ -69,6 +75,7 @@ class ImageClassifier(L.LightningModule):
         optimizer: OptimizerCallable = torch.optim.SGD,
         lr_scheduler: LRSchedulerCallable | None = None,
         scheduler_interval: Literal["step", "epoch"] = "epoch",
+        scheduler_monitor: str = "val/loss",
         dropout: DropoutProbability = 0.0,
         label_smoothing: ClosedUnitInterval = 0.0,
         compile: bool = False,
@@ -86,6 +93,12 @@ class ImageClassifier(L.LightningModule):
                 ``OneCycleLR`` without ``total_steps`` spans the whole run.
             scheduler_interval: Step the scheduler after every optimizer ``step`` or every
                 ``epoch``.
+            scheduler_monitor: The metric a plateau scheduler (``ReduceLROnPlateau``) follows:
+                it steps at the end of each epoch that measured it (``val/loss``,
+                ``val/acc``... after a validation; ``train/cross_entropy``, ``train/acc`` every
+                epoch). Set the scheduler's ``mode`` to ``max`` for an accuracy. Lightning's
+                ``lightning.pytorch.cli.ReduceLROnPlateau`` names its own ``monitor``, which
+                is used instead.
             dropout: Dropout probability after each hidden ReLU, from 0 (the tutorial: none)
                 up to, not including, 1.
             label_smoothing: Label smoothing of the training loss, 0 to 1 (validation and test
@@ -110,6 +123,8 @@ class ImageClassifier(L.LightningModule):
         self.optimizer = optimizer
         self.lr_scheduler = lr_scheduler
         self.scheduler_interval = scheduler_interval
+        self.scheduler_monitor = scheduler_monitor
+        self.validated_this_epoch = False  # a plateau scheduler on val/* waits for a validation
         self.label_smoothing = label_smoothing
         self.compile = compile
         self.standardize = standardize
@@ -253,10 +268,6 @@ class ImageClassifier(L.LightningModule):
         return {"loss": stacked.mean(), "images": images_done, "losses": stacked}
 
     def on_train_epoch_end(self) -> None:
-        if not self.automatic_optimization and self.scheduler_interval == "epoch":
-            scheduler = self.lr_schedulers()
-            if scheduler is not None:
-                scheduler.step()  # Lightning steps schedulers itself only without manual steps
         self.log("train/acc", self.train_acc)
         if self.train_images:  # the mean of each process's mean under DDP (equal shares)
             mean = self.train_cross_entropy_sum / self.train_images
@@ -265,30 +276,23 @@ class ImageClassifier(L.LightningModule):
         # still ends the epoch (these hooks, its logs), which has no epoch to be drawn at
         whole = self.trainer.is_last_batch and not self.epoch_cut_short
         self._log_at_optimizer_step(with_epoch=whole)
+        if not self.automatic_optimization and self.scheduler_interval == "epoch":
+            # Lightning steps schedulers itself only without manual steps; before the epoch's
+            # checkpoint, which the monitoring callbacks write after this hook
+            step_at_epoch_end(self, self.lr_schedulers())
+
+    def plateau_monitor(self) -> str | None:
+        """The metric the learning-rate scheduler follows if it is a plateau scheduler."""
+        return plateau_monitor(self.lr_scheduler, self.scheduler_monitor)
 
     def on_train_start(self) -> None:
-        self._check_schedule_length()
+        check_schedule_length(self, self.trainer)
         # a sum a checkpoint gave back (on the CPU) goes where the steps add to it
         self.train_cross_entropy_sum = self.train_cross_entropy_sum.to(self.device)
 
-    def _check_schedule_length(self) -> None:
-        """A schedule with a fixed length (OneCycleLR's ``total_steps``) cannot run past its
-        end: a run resumed with more epochs than it began with would fail at that step with
-        a traceback. Say so before training instead."""
-        for config in self.trainer.lr_scheduler_configs:
-            total = getattr(config.scheduler, "total_steps", None)
-            trainer = self.trainer
-            planned = self.planned_steps() if config.interval == "step" else trainer.max_epochs
-            if total is not None and total < planned:
-                raise UserError(
-                    f"the learning-rate schedule ({type(config.scheduler).__name__}) spans "
-                    f"{total} {config.interval}s but this run trains {planned}: a resumed run "
-                    "cannot go past the schedule it began with; resume with the "
-                    "--trainer.max_epochs it began with, or start a new run"
-                )
-
     def on_train_epoch_start(self) -> None:
         # not called when resuming mid-epoch: the counts carry on
+        self.validated_this_epoch = False
         self.train_acc.reset()
         self.train_cross_entropy_sum = torch.zeros((), device=self.device)
         self.train_images = 0
@@ -325,17 +329,6 @@ class ImageClassifier(L.LightningModule):
         # Lightning's rule: it writes a step's values when (its step count + 1) is a multiple
         return every > 0 and (step + 1) % every == 0
 
-    def planned_steps(self) -> int:
-        """The optimizer steps this run makes: Lightning's estimate, which counts calls of
-        ``training_step``, multiplied out when a call makes several steps."""
-        trainer = self.trainer
-        if self.automatic_optimization:
-            return trainer.estimated_stepping_batches
-        planned = trainer.datamodule.training_batches() * max(trainer.max_epochs or 0, 0)
-        if trainer.max_steps >= 0:
-            planned = min(planned, trainer.max_steps) if planned else trainer.max_steps
-        return planned
-
     def _stop_on_non_finite(self, loss: Tensor, batch_idx: int) -> None:
         """Stop before a NaN/inf loss is back-propagated into the weights."""
         checkpoint = self.trainer.checkpoint_callback
@@ -362,7 +355,16 @@ class ImageClassifier(L.LightningModule):
         self._log_per_class(stage)
         # a validation within an epoch (val_check_interval < 1) has no epoch to be drawn at
         ends_epoch = stage == "val" and self.trainer.is_last_batch
+        if ends_epoch and not self.trainer.sanity_checking:
+            self.validated_this_epoch = True
         self._log_at_optimizer_step(with_epoch=ends_epoch)
+
+    @staticmethod
+    def monitorable_metrics() -> list[str]:
+        """The names this model reports to callbacks (``trainer.callback_metrics``) in ``fit``:
+        what ``EarlyStopping``, ``ModelCheckpoint`` and a plateau scheduler may monitor."""
+        per_class = [f"val/acc_class/{tag}" for tag in CLASS_TAGS]
+        return ["val/acc", "val/loss", *per_class, "train/loss", "train/acc", "train/cross_entropy"]
 
     def _log_per_class(self, stage: str) -> None:
         """``val/acc_class/Sandal`` and so on: a class the model never predicts shows as 0."""
@@ -391,15 +393,4 @@ class ImageClassifier(L.LightningModule):
         return {"label": label, "probability": probability, "target": labels}
 
     def configure_optimizers(self) -> Any:
-        optimizer = self.optimizer(self.parameters())
-        if self.lr_scheduler is None:
-            return optimizer
-        extra = {}
-        given = getattr(self.lr_scheduler, "keywords", {})  # jsonargparse gives a partial
-        if "total_steps" in given and given["total_steps"] is None and given.get("epochs") is None:
-            extra["total_steps"] = self.planned_steps()  # OneCycleLR
-        scheduler = self.lr_scheduler(optimizer, **extra)
-        return {
-            "optimizer": optimizer,
-            "lr_scheduler": {"scheduler": scheduler, "interval": self.scheduler_interval},
-        }
+        return configure_optimizers(self)
