@@ -49,6 +49,8 @@ ACCEPTED_CLASSES: dict[str, tuple[type, ...]] = {
     ),
 }
 CONFIG_GROUPS = ("trainer", "model", "data", "checkpoint", "images")
+# the configs the package ships (the repository's configs/ links here)
+PACKAGED_CONFIGS = Path(__file__).parent / "configs"
 
 
 def trusted_imports() -> list[str]:
@@ -121,6 +123,32 @@ def check_model_classes(model: Namespace | dict) -> None:
         problem = class_problem(key, model.get(key))
         if problem:
             raise ConfigError(f"--model.{key}: {problem}")
+
+
+def packaged_config(name: str) -> str:
+    """``name`` as given, or, when no such file exists, the config of that name the package
+    ships: a short name (``sgd``, ``search/mlp``) or the path the README shows
+    (``configs/sgd.yaml``), so that an installed package runs them from any folder."""
+    if Path(name).exists():
+        return name
+    short = name.removeprefix("./").removeprefix("configs/")
+    shipped = PACKAGED_CONFIGS / (short if short.endswith((".yaml", ".yml")) else f"{short}.yaml")
+    inside = shipped.resolve().is_relative_to(PACKAGED_CONFIGS.resolve())
+    return str(shipped) if inside and shipped.is_file() else name
+
+
+def with_packaged_configs(
+    args: list[str], options: tuple[str, ...] = ("--config", "-c")
+) -> list[str]:
+    """``args`` with the values of ``options`` made :func:`packaged_config` names."""
+    given = list(args)
+    for i, arg in enumerate(given):
+        if arg in options and i + 1 < len(given):
+            given[i + 1] = packaged_config(given[i + 1])
+        elif arg.startswith(tuple(f"{option}=" for option in options)):
+            option, value = arg.split("=", 1)
+            given[i] = f"{option}={packaged_config(value)}"
+    return given
 
 
 def config_files(args: list[str]) -> list[Path]:
