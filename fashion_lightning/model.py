@@ -133,6 +133,9 @@ class ImageClassifier(L.LightningModule):
         # several optimizer steps in one training_step: Lightning's manual optimization
         self.automatic_optimization = steps_per_call == 1
         self.model = MLP(hidden_size, dropout)
+        if compile:  # in place (state_dict names stay the tutorial's), when first called; not
+            # in configure_model, whose override WeightAveraging warns about (sharding)
+            self.model.compile()
         # attributes, not the module's globals: TorchScript (to_torchscript) reads these
         self.pixel_mean, self.pixel_std = PIXEL_MEAN, PIXEL_STD
         # images as the loaders give them, for to_onnx() and torch.export to trace with (two:
@@ -166,10 +169,6 @@ class ImageClassifier(L.LightningModule):
         sums = checkpoint.get(CROSS_ENTROPY_KEY) or {"sum": 0.0, "images": 0}
         self.train_cross_entropy_sum = torch.tensor(float(sums["sum"]))
         self.train_images = int(sums["images"])
-
-    def configure_model(self) -> None:
-        if self.compile:
-            self.model.compile()  # in place: state_dict names stay those of the tutorial
 
     def forward(self, images: Tensor) -> Tensor:
         """The logits that validation, test and predict use, for a batch of images ``(N, 1,
