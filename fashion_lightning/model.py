@@ -306,12 +306,24 @@ class ImageClassifier(L.LightningModule):
         Lightning adds the epoch (``epoch``, counted from 0) to the values it writes only when
         it picks the step itself: it is logged here too with the values of an epoch's end
         (training's, and the validation that ends it), for the loggers (the CSV log's column,
-        the TensorBoard charts against epochs)."""
+        the TensorBoard charts against epochs).
+
+        Lightning hands every logged value to callbacks too (``trainer.callback_metrics``), and
+        offers no value for loggers alone: these two are there while their epoch's end is
+        handled, and :meth:`teardown` takes them out when the command's stage ends. A monitor
+        (EarlyStopping's, a checkpoint's) is checked against :meth:`monitorable_metrics`
+        before training, so a typo's error lists the metrics, not these."""
         # the same on every process: the sync (one tiny collective; the max keeps the number
         # exact) only meets Lightning's advice for epoch values under DDP, printed otherwise
         self.log("step", float(self.global_step), sync_dist=True, reduce_fx="max")
         if with_epoch:
             self.log("epoch", float(self.current_epoch), sync_dist=True, reduce_fx="max")
+
+    def teardown(self, stage: str) -> None:
+        # the pseudo-metrics of _log_at_optimizer_step, for the loggers, leave what a notebook
+        # or script reads after fit, validate or test (the stage's values are final here)
+        for name in ("step", "epoch"):
+            self.trainer.callback_metrics.pop(name, None)
 
     def _step_is_logged(self, step: int | None = None) -> bool:
         """Whether Lightning writes this step's metrics (every ``log_every_n_steps`` steps).
