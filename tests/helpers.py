@@ -201,6 +201,16 @@ class RecordBatches(Callback):
         pl_module.log("probe/loss", outputs["loss"])
 
 
+class NeedsAMissingPackage(Callback):
+    """Fails when the run sets up, as a callback whose package is not installed does
+    (Lightning's DeviceStatsMonitor without psutil)."""
+
+    def setup(self, trainer, pl_module, stage) -> None:
+        raise ModuleNotFoundError(
+            "`NeedsAMissingPackage` needs `nothing_installed`: pip install it"
+        )
+
+
 class SendSignalInEvaluation(Callback):
     """Sends a real signal to this process at the first test or prediction batch."""
 
