@@ -110,7 +110,8 @@ def run_tutorial(epochs: int, device: str) -> dict:
 
 def run_floor(epochs: int, device: str) -> dict:
     """Same math over in-memory tensors: the least any framework can take."""
-    from fashion_lightning.data import FashionMNISTDataModule, to_float_images
+    from fashion_lightning.data import FashionMNISTDataModule
+    from fashion_lightning.fashion_mnist import to_float_images
 
     torch.manual_seed(SEED)
     data = FashionMNISTDataModule(data_dir=str(DATA_DIR), seed=SEED)

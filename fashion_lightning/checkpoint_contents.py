@@ -29,6 +29,8 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.strategies import Strategy
 from packaging.version import InvalidVersion, Version
 
+from fashion_lightning.schedules import make_scheduler
+
 CHECKPOINT_SUFFIX = ModelCheckpoint.FILE_EXTENSION  # what every ModelCheckpoint file ends with
 # the keys of a checkpoint callback's state that name files it may later delete or read
 PATH_KEYS = ("best_model_path", "kth_best_model_path", "last_model_path")
@@ -264,8 +266,8 @@ def _check_scheduler_states(states: list, model: Any) -> None:
             f"holds {len(states)} schedulers; the model has "
             f"{'one' if model.lr_scheduler is not None else 'none'}",
         )
-    fresh = model.make_scheduler(model.optimizer(list(model.parameters())), total_steps=1)
-    fresh = fresh.state_dict()
+    optimizer = model.optimizer(list(model.parameters()))
+    fresh = make_scheduler(model, optimizer, total_steps=1).state_dict()
     like(states[0], fresh, "lr_schedulers.0", texts=True)
 
 

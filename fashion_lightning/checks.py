@@ -13,7 +13,12 @@ import torch
 from lightning.pytorch.callbacks import Callback, StochasticWeightAveraging
 
 from fashion_lightning.errors import ConfigError, UserError
+from fashion_lightning.fashion_mnist import CLASS_TAGS
 from fashion_lightning.files import ensure_writable_dir
+from fashion_lightning.resume import RunCheckpoint
+
+# callbacks that report no metric of their own: Lightning's, the project's, Optuna's pruning
+REPORT_NO_METRICS = ("lightning.", "fashion_lightning.", "optuna_integration.")
 
 
 def check_optimizer(model: Any) -> None:
@@ -113,3 +118,40 @@ def check_logger_folders(loggers: Any) -> None:
                     f"--trainer.logger.init_args.{key} {value}: a folder inside the logger's "
                     "save_dir, without '..' or a leading '/'; choose where logs go with save_dir"
                 )
+
+
+def check_monitors(trainer: L.Trainer, model: Any) -> None:
+    """What a run monitors (a checkpoint's or EarlyStopping's ``monitor``, a plateau scheduler's)
+    must be a metric the model reports: a typo (``val/los``) is one line before training, where
+    Lightning would stop after the first epoch with a traceback. A callback of your own may
+    report metrics of its own: with one in the run, Lightning checks them itself."""
+    plateau = model.plateau_monitor()
+    if plateau is not None and model.scheduler_interval == "step":
+        raise ConfigError(
+            "--model.scheduler_interval step: ReduceLROnPlateau follows a metric measured once "
+            "an epoch; use --model.scheduler_interval epoch"
+        )
+    if not all(type(c).__module__.startswith(REPORT_NO_METRICS) for c in trainer.callbacks):
+        return
+    wanted = [
+        (
+            "--checkpoint.monitor"
+            if isinstance(c, RunCheckpoint)
+            else f"{type(c).__name__}'s monitor",
+            c.monitor,
+        )
+        for c in trainer.callbacks
+        if isinstance(getattr(c, "monitor", None), str)
+    ]
+    if plateau is not None:
+        own = "monitor" in getattr(model.lr_scheduler, "keywords", {})  # Lightning's class
+        wanted.append((f"--model.{'lr_scheduler.' if own else 'scheduler_'}monitor", plateau))
+    known = model.monitorable_metrics()
+    for option, monitor in wanted:
+        if monitor not in known:
+            shown = [name for name in known if not name.startswith("val/acc_class/")]
+            shown.insert(2, f"val/acc_class/{{{','.join(CLASS_TAGS)}}}")
+            raise ConfigError(
+                f"{option} {monitor}: the run reports no metric of that name; it reports "
+                f"{', '.join(shown)}"
+            )

@@ -14,7 +14,8 @@ import warnings
 from pathlib import Path
 from typing import Any, Literal
 
-from jsonargparse import Namespace
+import lightning
+from jsonargparse import ActionConfigFile, Namespace
 from lightning.fabric.plugins import CheckpointIO
 from lightning.fabric.utilities.exceptions import MisconfigurationException
 from lightning.pytorch import Trainer
@@ -36,6 +37,7 @@ from fashion_lightning.checks import (
     check_callbacks,
     check_checkpoint_names,
     check_logger_folders,
+    check_monitors,
     check_optimizer,
     check_run_folders,
     check_validation_interval,
@@ -50,6 +52,7 @@ from fashion_lightning.configs import (
     refused_weights_only,
     restrict_imports,
     seed_problem,
+    with_packaged_configs,
 )
 from fashion_lightning.data import FashionMNISTDataModule
 from fashion_lightning.errors import (
@@ -65,6 +68,7 @@ from fashion_lightning.errors import (
     parse_error,
     write_failure,
 )
+from fashion_lightning.help import CONFIG_HELP, DESCRIPTION, HelpFormatter
 from fashion_lightning.model import ImageClassifier
 from fashion_lightning.predict import PredictionWriter
 from fashion_lightning.progress import StepProgressBar
@@ -79,6 +83,10 @@ from fashion_lightning.run_records import run_name
 from fashion_lightning.steps import choose_training_loop
 from fashion_lightning.visuals import ClassificationImages, HParamsSummary
 
+# what `fit` runs without a config: configs/sgd.yaml's values beyond the arguments' defaults
+TUTORIAL_TRAINER = {"max_epochs": 10}
+TUTORIAL_SEED = 42
+TUTORIAL_STEPS_PER_CALL = 16  # as the configs: the same run as 1, faster (docs/speed.md)
 PLAIN_TENSORBOARD = (
     "lightning.pytorch.loggers.TensorBoardLogger",
     "lightning.pytorch.loggers.tensorboard.TensorBoardLogger",
@@ -90,7 +98,12 @@ warnings.filterwarnings("ignore", message="You're resuming from a checkpoint tha
 
 class OneLineErrorParser(LightningArgumentParser):
     """jsonargparse's parser, with its errors as one line: jsonargparse breaks some messages in
-    two and prints the whole usage first, about 80 lines for this CLI."""
+    two and prints the whole usage first, about 80 lines for this CLI; and the project's help
+    (:mod:`.help`)."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        kwargs.setdefault("formatter_class", HelpFormatter)
+        super().__init__(*args, **kwargs)
 
     def error(self, message: str, ex: Exception | None = None):
         if not self.exit_on_error or os.environ.get("JSONARGPARSE_DEBUG"):
@@ -127,10 +140,14 @@ class FashionCLI(LightningCLI):
         self.resumable = ResumableTraining()
         self.checkpoint_io: ResumableCheckpointIO | None = None
         restrict_imports()
+        # with no config, `fit` runs the tutorial as configs/sgd.yaml does (the model's and
+        # data's own defaults are the tutorial's already)
+        kwargs["trainer_defaults"] = {**TUTORIAL_TRAINER, **kwargs.get("trainer_defaults", {})}
+        kwargs.setdefault("seed_everything_default", TUTORIAL_SEED)
         super().__init__(
             *args,
             parser_class=OneLineErrorParser,
-            parser_kwargs={"version": __version__},
+            parser_kwargs={"version": __version__, "description": DESCRIPTION},
             # the optimizer is set in one place, model.optimizer; LightningCLI would also offer
             # --optimizer, which replaces it in training but not in hparams.yaml or TensorBoard
             auto_configure_optimizers=False,
@@ -141,6 +158,13 @@ class FashionCLI(LightningCLI):
     def subcommands() -> dict[str, set[str]]:
         # the Trainer's weights_only is this CLI's own argument (add_arguments_to_parser)
         return {name: {*skip, "weights_only"} for name, skip in LightningCLI.subcommands().items()}
+
+    def init_parser(self, **kwargs: Any) -> LightningArgumentParser:
+        """LightningCLI's parser, with ``--config``'s help naming the configs the package ships."""
+        kwargs.setdefault("dump_header", [f"lightning.pytorch=={lightning.__version__}"])
+        parser = self.parser_class(**kwargs)
+        parser.add_argument("-c", "--config", action=ActionConfigFile, help=CONFIG_HELP)
+        return parser
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         parser.add_argument(
@@ -154,6 +178,7 @@ class FashionCLI(LightningCLI):
         parser.add_lightning_class_args(RunCheckpoint, "checkpoint")
         parser.set_defaults(
             {
+                "model.steps_per_call": TUTORIAL_STEPS_PER_CALL,
                 "checkpoint.monitor": "val/acc",
                 "checkpoint.mode": "max",
                 "checkpoint.save_last": True,
@@ -278,6 +303,7 @@ class FashionCLI(LightningCLI):
         if fitting:
             check_optimizer(self.model)
             check_validation_interval(self.trainer, self.datamodule)
+            check_monitors(self.trainer, self.model)
         if self.checkpoint is not None:
             check_fits(self.checkpoint, self.model)
             check_restores_into(self.checkpoint, self.trainer, self.model, fitting)
@@ -417,6 +443,8 @@ def run(
     as the hyperparameter search: the run logs into ``run_dir``, with ``callbacks`` added to
     the trainer's (not to its config.yaml), and errors are raised, not printed."""
     threading.excepthook = _quiet_write_errors_in_threads
+    if isinstance(args, list):
+        args = with_packaged_configs(args)  # `--config sgd`, or configs/sgd.yaml anywhere
     return FashionCLI(
         ImageClassifier,
         FashionMNISTDataModule,
@@ -435,6 +463,8 @@ def main(args: list[str] | None = None) -> None:
     Errors a user can fix print one line and exit non-zero; set FASHION_LIGHTNING_DEBUG=1 for
     the traceback.
     """
+    if args is None:  # LightningCLI reads sys.argv itself (a list would be taken as a test's)
+        sys.argv[1:] = with_packaged_configs(sys.argv[1:])
     try:
         run(args)
     except UserError as err:

@@ -25,9 +25,12 @@ from fashion_lightning.errors import ConfigError
 
 TRUSTED_IMPORTS_ENV = "FASHION_LIGHTNING_TRUSTED_IMPORTS"
 # what a config may name: optimizers and schedulers, Lightning's callbacks, loggers, profilers,
-# strategies and plugins, and the project's own logger
+# strategies and plugins, and the project's own logger (an entry allows what is under it)
 ALLOWED_IMPORTS = (
     "torch.optim",
+    # the plateau scheduler that LightningCLI lists, with its monitor: this class alone, not
+    # the rest of lightning.pytorch.cli (LightningCLI itself, SaveConfigCallback...)
+    "lightning.pytorch.cli.ReduceLROnPlateau",
     "lightning.pytorch.accelerators",
     "lightning.pytorch.callbacks",
     "lightning.pytorch.loggers",
@@ -46,6 +49,8 @@ ACCEPTED_CLASSES: dict[str, tuple[type, ...]] = {
     ),
 }
 CONFIG_GROUPS = ("trainer", "model", "data", "checkpoint", "images")
+# the configs the package ships (the repository's configs/ links here)
+PACKAGED_CONFIGS = Path(__file__).parent / "configs"
 
 
 def trusted_imports() -> list[str]:
@@ -71,8 +76,9 @@ def refused_import(message: str) -> str | None:
     where = f'Parser key "{key.group(1)}": ' if key else ""
     return (
         f"{where}{found.group(1)!r} may not be named in a config: a config names optimizers "
-        "and schedulers of torch.optim, Lightning's callbacks, loggers, profilers, strategies "
-        f"and plugins; to use your own module, list it in {TRUSTED_IMPORTS_ENV}"
+        "and schedulers of torch.optim (and lightning.pytorch.cli.ReduceLROnPlateau), "
+        "Lightning's callbacks, loggers, profilers, strategies and plugins; to use your own "
+        f"module, list it in {TRUSTED_IMPORTS_ENV}"
     )
 
 
@@ -152,6 +158,32 @@ def check_model_classes(model: Namespace | dict) -> None:
         problem = class_problem(key, model.get(key))
         if problem:
             raise ConfigError(f"--model.{key}: {problem}")
+
+
+def packaged_config(name: str) -> str:
+    """``name`` as given, or, when no such file exists, the config of that name the package
+    ships: a short name (``sgd``, ``search/mlp``) or the path the README shows
+    (``configs/sgd.yaml``), so that an installed package runs them from any folder."""
+    if Path(name).exists():
+        return name
+    short = name.removeprefix("./").removeprefix("configs/")
+    shipped = PACKAGED_CONFIGS / (short if short.endswith((".yaml", ".yml")) else f"{short}.yaml")
+    inside = shipped.resolve().is_relative_to(PACKAGED_CONFIGS.resolve())
+    return str(shipped) if inside and shipped.is_file() else name
+
+
+def with_packaged_configs(
+    args: list[str], options: tuple[str, ...] = ("--config", "-c")
+) -> list[str]:
+    """``args`` with the values of ``options`` made :func:`packaged_config` names."""
+    given = list(args)
+    for i, arg in enumerate(given):
+        if arg in options and i + 1 < len(given):
+            given[i + 1] = packaged_config(given[i + 1])
+        elif arg.startswith(tuple(f"{option}=" for option in options)):
+            option, value = arg.split("=", 1)
+            given[i] = f"{option}={packaged_config(value)}"
+    return given
 
 
 def config_files(args: list[str]) -> list[Path]:

@@ -15,7 +15,7 @@ from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
 from torchvision.datasets import FashionMNIST
 
-from fashion_lightning.fashion_mnist import TRAINING_IMAGES
+from fashion_lightning.fashion_mnist import TRAINING_IMAGES, to_float_images
 from fashion_lightning.pictures import check_picture_folder, load_pictures
 from fashion_lightning.raw_files import DEBIAN_SOURCE_DIR, ensure_raw_files
 
@@ -152,11 +152,6 @@ def shift_images(images: Tensor, shifts: Tensor, max_shift: int) -> Tensor:
     index = rows[:, :, None] * (width + 2 * max_shift) + cols[:, None, :]
     index = index.view(count, 1, height * width).expand(count, channels, height * width)
     return padded.flatten(2).gather(2, index).view(count, channels, height, width)
-
-
-def to_float_images(images: Tensor) -> Tensor:
-    """uint8 -> float32 in [0, 1]: exactly what torchvision's ``ToTensor()`` gives."""
-    return images.float().div_(255)
 
 
 class FashionMNISTDataModule(L.LightningDataModule):
@@ -336,12 +331,14 @@ class FashionMNISTDataModule(L.LightningDataModule):
         return self._loader(self.predict_set)
 
     def on_after_batch_transfer(self, batch, dataloader_idx: int):
+        """Batches stay as the data set holds them, uint8 (the model makes them floats, so
+        that a checkpoint or an exported model takes images as the loaders give them), except
+        where training augments them; with several steps a call, a group of batches is split
+        into one batch a step."""
+        if not isinstance(batch, (tuple, list)):
+            return batch  # the model's example_input_array (Lightning's model summary)
         images, labels = batch
-        images = to_float_images(images)
         trainer = self.trainer
-        module = trainer.lightning_module if trainer is not None else None
-        if module is not None and module.dtype != images.dtype:  # bf16-true, 64-true
-            images = images.to(module.dtype)
         training = trainer is not None and trainer.training
         if not training or (self._steps_per_call() == 1):
             return self._augmented(images, 0), labels
@@ -359,6 +356,7 @@ class FashionMNISTDataModule(L.LightningDataModule):
         trainer = self.trainer
         if trainer is None or not trainer.training or not (self.augment_flip or self.augment_shift):
             return images
+        images = to_float_images(images)  # augmentation moves and mirrors float pixels
         generator = torch.Generator(device=images.device)
         # a function of (seed, process, step): a resumed run draws the same
         step = trainer.global_step + steps_ahead

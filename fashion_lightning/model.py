@@ -14,13 +14,20 @@ from torchmetrics import MeanMetric
 from torchmetrics.classification import MulticlassAccuracy
 
 from fashion_lightning.checkpoints import CROSS_ENTROPY_KEY
-from fashion_lightning.errors import NonFiniteLossError, UserError
+from fashion_lightning.errors import NonFiniteLossError
 from fashion_lightning.fashion_mnist import (
     CLASS_TAGS,
     IMAGE_SIZE,
     NUM_CLASSES,
     PIXEL_MEAN,
     PIXEL_STD,
+    to_float_images,
+)
+from fashion_lightning.schedules import (
+    check_schedule_length,
+    configure_optimizers,
+    plateau_monitor,
+    step_at_epoch_end,
 )
 from fashion_lightning.steps import LOOP_KEY, optimizer_step_done
 
@@ -72,6 +79,7 @@ class ImageClassifier(L.LightningModule):
         optimizer: OptimizerCallable = torch.optim.SGD,
         lr_scheduler: LRSchedulerCallable | None = None,
         scheduler_interval: Literal["step", "epoch"] = "epoch",
+        scheduler_monitor: str = "val/loss",
         dropout: DropoutProbability = 0.0,
         label_smoothing: ClosedUnitInterval = 0.0,
         compile: bool = False,
@@ -89,6 +97,12 @@ class ImageClassifier(L.LightningModule):
                 ``OneCycleLR`` without ``total_steps`` spans the whole run.
             scheduler_interval: Step the scheduler after every optimizer ``step`` or every
                 ``epoch``.
+            scheduler_monitor: The metric a plateau scheduler (``ReduceLROnPlateau``) follows:
+                it steps at the end of each epoch that measured it (``val/loss``,
+                ``val/acc``... after a validation; ``train/cross_entropy``, ``train/acc`` every
+                epoch). Set the scheduler's ``mode`` to ``max`` for an accuracy. Lightning's
+                ``lightning.pytorch.cli.ReduceLROnPlateau`` names its own ``monitor``, which
+                is used instead.
             dropout: Dropout probability after each hidden ReLU, from 0 (the tutorial: none)
                 up to, not including, 1.
             label_smoothing: Label smoothing of the training loss, 0 to 1 (validation and test
@@ -98,8 +112,9 @@ class ImageClassifier(L.LightningModule):
             standardize: Standardize the input pixels with FashionMNIST's mean and standard
                 deviation before the network (the tutorial: no, pixels in [0, 1]). A fixed
                 step of the model, so checkpoints and ``predict`` carry it.
-            flip_tta: At validation, test and predict, average the logits of each image and
-                of its left-right mirror (the tutorial: no).
+            flip_tta: At validation, test and predict (the model's output, exports too),
+                average the logits of each image and of its left-right mirror (the tutorial:
+                no).
             steps_per_call: Optimizer steps in one call of ``training_step``: the data comes in
                 groups of this many consecutive batches of the same order, and each batch is one
                 optimizer step, as with 1. The same batches, steps, weights and logged values;
@@ -112,6 +127,8 @@ class ImageClassifier(L.LightningModule):
         self.optimizer = optimizer
         self.lr_scheduler = lr_scheduler
         self.scheduler_interval = scheduler_interval
+        self.scheduler_monitor = scheduler_monitor
+        self.validated_this_epoch = False  # a plateau scheduler on val/* waits for a validation
         self.label_smoothing = label_smoothing
         self.compile = compile
         self.standardize = standardize
@@ -120,6 +137,14 @@ class ImageClassifier(L.LightningModule):
         # several optimizer steps in one training_step: Lightning's manual optimization
         self.automatic_optimization = steps_per_call == 1
         self.model = MLP(hidden_size, dropout)
+        if compile:  # in place (state_dict names stay the tutorial's), when first called; not
+            # in configure_model, whose override WeightAveraging warns about (sharding)
+            self.model.compile()
+        # attributes, not the module's globals: TorchScript (to_torchscript) reads these
+        self.pixel_mean, self.pixel_std = PIXEL_MEAN, PIXEL_STD
+        # images as the loaders give them, for to_onnx() and torch.export to trace with (two:
+        # an export specializes an axis of size 1, and the batch size stays free)
+        self.example_input_array = torch.zeros(2, 1, IMAGE_SIZE, IMAGE_SIZE, dtype=torch.uint8)
         # one metric object per stage; torchmetrics also syncs them across DDP processes
         self.val_loss, self.test_loss = MeanMetric(), MeanMetric()
         self.train_acc = MulticlassAccuracy(NUM_CLASSES, average="micro")
@@ -149,22 +174,36 @@ class ImageClassifier(L.LightningModule):
         self.train_cross_entropy_sum = torch.tensor(float(sums["sum"]))
         self.train_images = int(sums["images"])
 
-    def configure_model(self) -> None:
-        if self.compile:
-            self.model.compile()  # in place: state_dict names stay those of the tutorial
-
     def forward(self, images: Tensor) -> Tensor:
+        """The logits that validation, test and predict use, for a batch of images ``(N, 1,
+        28, 28)`` as the loaders give them (uint8 pixels 0-255) or as floats in [0, 1]
+        (torchvision's ``ToTensor``): the same logits either way. With ``flip_tta``, the
+        average of each image's and its mirror's (a garment mirrored is the same garment).
+        Exports (``to_onnx``, ``torch.export``) take the same images and give the same."""
+        logits = self._network(images)
+        if self.flip_tta:
+            logits = (logits + self._network(images.flip(-1))) / 2
+        return logits
+
+    def _network(self, images: Tensor) -> Tensor:
+        """The MLP's logits (training's, without test-time averaging); the pixels made floats
+        here, in the model, so that a checkpoint or an exported model takes raw images."""
+        if not images.is_floating_point():
+            images = to_float_images(images)
+        # the weights' precision: bf16-true and 64-true runs (a no-op in float32)
+        images = images.to(self.model.linear_relu_stack[0].weight.dtype)
         if self.standardize:
-            images = (images - PIXEL_MEAN) / PIXEL_STD
+            images = (images - self.pixel_mean) / self.pixel_std
         return self.model(images)
 
-    def evaluate(self, images: Tensor) -> Tensor:
-        """The logits that validation, test and predict use: with ``flip_tta``, the average
-        of the image's and its mirror's (a garment mirrored is the same garment)."""
-        logits = self(images)
-        if self.flip_tta:
-            logits = (logits + self(images.flip(-1))) / 2
-        return logits
+    def to_onnx(self, file_path: Any, input_sample: Any = None, **kwargs: Any) -> Any:
+        """Lightning's ``to_onnx`` with the batch size left free (the first axis of the input
+        ``images``, output ``logits``), unless ``kwargs`` say otherwise."""
+        if "dynamic_shapes" not in kwargs and "dynamic_axes" not in kwargs:
+            kwargs["dynamic_axes"] = {"images": {0: "batch"}, "logits": {0: "batch"}}
+        kwargs.setdefault("input_names", ["images"])
+        kwargs.setdefault("output_names", ["logits"])
+        return super().to_onnx(file_path, input_sample, **kwargs)
 
     def training_step(self, batch: Any, batch_idx: int) -> Any:
         """One optimizer step on ``batch`` (Lightning does the step), or, with
@@ -182,7 +221,7 @@ class ImageClassifier(L.LightningModule):
         return {"loss": loss, "images": len(labels)}
 
     def _loss(self, images: Tensor, labels: Tensor, batch_idx: int) -> tuple[Tensor, Tensor]:
-        logits = self(images)
+        logits = self._network(images)
         loss = F.cross_entropy(logits, labels, label_smoothing=self.label_smoothing)
         if not torch.isfinite(loss):  # before the step: no NaN reaches the weights
             self._stop_on_non_finite(loss, batch_idx)
@@ -224,14 +263,14 @@ class ImageClassifier(L.LightningModule):
             images_done += len(labels)
             losses.append(loss.detach())
             optimizer_step_done(trainer, self, len(labels))
-        # the step losses, for callbacks that follow the training loss (on the device: no wait)
-        return {"images": images_done, "losses": torch.stack(losses) if losses else None}
+        if not losses:  # max_steps came before the group's first step
+            return {"images": 0, "losses": None}
+        # for callbacks, on the device (no wait): Lightning's "loss", the mean of the call's
+        # step losses (with one step a call, that step's loss), and each step's in "losses"
+        stacked = torch.stack(losses)
+        return {"loss": stacked.mean(), "images": images_done, "losses": stacked}
 
     def on_train_epoch_end(self) -> None:
-        if not self.automatic_optimization and self.scheduler_interval == "epoch":
-            scheduler = self.lr_schedulers()
-            if scheduler is not None:
-                scheduler.step()  # Lightning steps schedulers itself only without manual steps
         self.log("train/acc", self.train_acc)
         if self.train_images:  # the mean of each process's mean under DDP (equal shares)
             mean = self.train_cross_entropy_sum / self.train_images
@@ -240,30 +279,23 @@ class ImageClassifier(L.LightningModule):
         # still ends the epoch (these hooks, its logs), which has no epoch to be drawn at
         whole = self.trainer.is_last_batch and not self.epoch_cut_short
         self._log_at_optimizer_step(with_epoch=whole)
+        if not self.automatic_optimization and self.scheduler_interval == "epoch":
+            # Lightning steps schedulers itself only without manual steps; before the epoch's
+            # checkpoint, which the monitoring callbacks write after this hook
+            step_at_epoch_end(self, self.lr_schedulers())
+
+    def plateau_monitor(self) -> str | None:
+        """The metric the learning-rate scheduler follows if it is a plateau scheduler."""
+        return plateau_monitor(self.lr_scheduler, self.scheduler_monitor)
 
     def on_train_start(self) -> None:
-        self._check_schedule_length()
+        check_schedule_length(self, self.trainer)
         # a sum a checkpoint gave back (on the CPU) goes where the steps add to it
         self.train_cross_entropy_sum = self.train_cross_entropy_sum.to(self.device)
 
-    def _check_schedule_length(self) -> None:
-        """A schedule with a fixed length (OneCycleLR's ``total_steps``) cannot run past its
-        end: a run resumed with more epochs than it began with would fail at that step with
-        a traceback. Say so before training instead."""
-        for config in self.trainer.lr_scheduler_configs:
-            total = getattr(config.scheduler, "total_steps", None)
-            trainer = self.trainer
-            planned = self.planned_steps() if config.interval == "step" else trainer.max_epochs
-            if total is not None and total < planned:
-                raise UserError(
-                    f"the learning-rate schedule ({type(config.scheduler).__name__}) spans "
-                    f"{total} {config.interval}s but this run trains {planned}: a resumed run "
-                    "cannot go past the schedule it began with; resume with the "
-                    "--trainer.max_epochs it began with, or start a new run"
-                )
-
     def on_train_epoch_start(self) -> None:
         # not called when resuming mid-epoch: the counts carry on
+        self.validated_this_epoch = False
         self.train_acc.reset()
         self.train_cross_entropy_sum = torch.zeros((), device=self.device)
         self.train_images = 0
@@ -278,12 +310,24 @@ class ImageClassifier(L.LightningModule):
         Lightning adds the epoch (``epoch``, counted from 0) to the values it writes only when
         it picks the step itself: it is logged here too with the values of an epoch's end
         (training's, and the validation that ends it), for the loggers (the CSV log's column,
-        the TensorBoard charts against epochs)."""
+        the TensorBoard charts against epochs).
+
+        Lightning hands every logged value to callbacks too (``trainer.callback_metrics``), and
+        offers no value for loggers alone: these two are there while their epoch's end is
+        handled, and :meth:`teardown` takes them out when the command's stage ends. A monitor
+        (EarlyStopping's, a checkpoint's) is checked against :meth:`monitorable_metrics`
+        before training, so a typo's error lists the metrics, not these."""
         # the same on every process: the sync (one tiny collective; the max keeps the number
         # exact) only meets Lightning's advice for epoch values under DDP, printed otherwise
         self.log("step", float(self.global_step), sync_dist=True, reduce_fx="max")
         if with_epoch:
             self.log("epoch", float(self.current_epoch), sync_dist=True, reduce_fx="max")
+
+    def teardown(self, stage: str) -> None:
+        # the pseudo-metrics of _log_at_optimizer_step, for the loggers, leave what a notebook
+        # or script reads after fit, validate or test (the stage's values are final here)
+        for name in ("step", "epoch"):
+            self.trainer.callback_metrics.pop(name, None)
 
     def _step_is_logged(self, step: int | None = None) -> bool:
         """Whether Lightning writes this step's metrics (every ``log_every_n_steps`` steps).
@@ -300,17 +344,6 @@ class ImageClassifier(L.LightningModule):
         # Lightning's rule: it writes a step's values when (its step count + 1) is a multiple
         return every > 0 and (step + 1) % every == 0
 
-    def planned_steps(self) -> int:
-        """The optimizer steps this run makes: Lightning's estimate, which counts calls of
-        ``training_step``, multiplied out when a call makes several steps."""
-        trainer = self.trainer
-        if self.automatic_optimization:
-            return trainer.estimated_stepping_batches
-        planned = trainer.datamodule.training_batches() * max(trainer.max_epochs or 0, 0)
-        if trainer.max_steps >= 0:
-            planned = min(planned, trainer.max_steps) if planned else trainer.max_steps
-        return planned
-
     def _stop_on_non_finite(self, loss: Tensor, batch_idx: int) -> None:
         """Stop before a NaN/inf loss is back-propagated into the weights."""
         checkpoint = self.trainer.checkpoint_callback
@@ -325,7 +358,7 @@ class ImageClassifier(L.LightningModule):
     def _evaluate(self, batch: tuple[Tensor, Tensor], stage: str) -> Tensor:
         """Update the stage's metrics (logged once per epoch); the logits go to callbacks."""
         images, labels = batch
-        logits = self.evaluate(images)
+        logits = self(images)
         getattr(self, f"{stage}_loss").update(F.cross_entropy(logits, labels), weight=len(labels))
         getattr(self, f"{stage}_acc").update(logits, labels)
         getattr(self, f"{stage}_acc_class").update(logits, labels)
@@ -337,7 +370,16 @@ class ImageClassifier(L.LightningModule):
         self._log_per_class(stage)
         # a validation within an epoch (val_check_interval < 1) has no epoch to be drawn at
         ends_epoch = stage == "val" and self.trainer.is_last_batch
+        if ends_epoch and not self.trainer.sanity_checking:
+            self.validated_this_epoch = True
         self._log_at_optimizer_step(with_epoch=ends_epoch)
+
+    @staticmethod
+    def monitorable_metrics() -> list[str]:
+        """The names this model reports to callbacks (``trainer.callback_metrics``) in ``fit``:
+        what ``EarlyStopping``, ``ModelCheckpoint`` and a plateau scheduler may monitor."""
+        per_class = [f"val/acc_class/{tag}" for tag in CLASS_TAGS]
+        return ["val/acc", "val/loss", *per_class, "train/loss", "train/acc", "train/cross_entropy"]
 
     def _log_per_class(self, stage: str) -> None:
         """``val/acc_class/Sandal`` and so on: a class the model never predicts shows as 0."""
@@ -362,24 +404,8 @@ class ImageClassifier(L.LightningModule):
         """Predicted class index and its softmax probability for each image, with the true
         label (-1 where unknown)."""
         images, labels = batch
-        probability, label = self.evaluate(images).softmax(dim=-1).max(dim=-1)
+        probability, label = self(images).softmax(dim=-1).max(dim=-1)
         return {"label": label, "probability": probability, "target": labels}
 
     def configure_optimizers(self) -> Any:
-        optimizer = self.optimizer(self.parameters())
-        if self.lr_scheduler is None:
-            return optimizer
-        scheduler = self.make_scheduler(optimizer)
-        return {
-            "optimizer": optimizer,
-            "lr_scheduler": {"scheduler": scheduler, "interval": self.scheduler_interval},
-        }
-
-    def make_scheduler(self, optimizer: torch.optim.Optimizer, total_steps: int | None = None):
-        """``lr_scheduler`` for ``optimizer``; a schedule of fixed length given none
-        (OneCycleLR without ``total_steps``) spans ``total_steps``, by default the whole run."""
-        extra = {}
-        given = getattr(self.lr_scheduler, "keywords", {})  # jsonargparse gives a partial
-        if "total_steps" in given and given["total_steps"] is None and given.get("epochs") is None:
-            extra["total_steps"] = total_steps or self.planned_steps()  # OneCycleLR
-        return self.lr_scheduler(optimizer, **extra)
+        return configure_optimizers(self)

@@ -23,7 +23,7 @@ from lightning.pytorch.loggers import CSVLogger, Logger, TensorBoardLogger
 from lightning.pytorch.utilities.rank_zero import rank_zero_only
 
 from fashion_lightning.files import atomic_write, claim_file
-from fashion_lightning.run_records import last_steps
+from fashion_lightning.run_records import CONFIG_FILE, EVENTS_PREFIX, event_records, last_steps
 from fashion_lightning.visuals import EPOCH_CURVES
 
 PROCESS_STARTED = time.time()  # files of this process's pid from before are another's
@@ -105,10 +105,17 @@ class RunFolderLogger(TensorBoardLogger):
             super().log_metrics(curves, done)
 
     def release_unused_folder(self) -> None:
-        """Remove the claimed folder if nothing was written into it: a command that fails
-        before writing anything gives its folder back."""
+        """Remove the folder this run claimed if the run logged nothing into it: a command that
+        fails before its first value (a refused value, a callback's missing package at setup)
+        gives its folder back. What such a run leaves is an events file that holds only its
+        header (TensorBoard opens one when a run sets up) and its own config.yaml."""
         claimed = self.claimed
-        if claimed is not None and claimed.is_dir() and not any(claimed.iterdir()):
+        if claimed is None or not claimed.is_dir():
+            return
+        files = list(claimed.iterdir())
+        if all(_holds_no_values(path) for path in files):
+            for path in files:
+                path.unlink()
             claimed.rmdir()
 
     def forget_this_command(self, config_file: Path | None) -> None:
@@ -124,6 +131,16 @@ class RunFolderLogger(TensorBoardLogger):
         for events in folder.glob(f"events.out.tfevents.*.{os.getpid()}.*"):
             if events.stat().st_mtime >= PROCESS_STARTED:
                 events.unlink()
+
+
+def _holds_no_values(path: Path) -> bool:
+    """A file of a failed run that was given nothing to keep: its config, or an events file
+    without a value."""
+    if path.is_file() and CONFIG_FILE.match(path.name):
+        return True
+    if not (path.is_file() and path.name.startswith(EVENTS_PREFIX)):
+        return False
+    return not any(event.HasField("summary") for event in event_records(path))
 
 
 def default_logger(save_dir: str | os.PathLike, name: str | None = None) -> RunFolderLogger:

@@ -1,5 +1,5 @@
 """What a run folder says about its run, read from the files every run already writes: the
-TensorBoard events, ``config.yaml`` and the checkpoints. Nothing is imported from the run and
+TensorBoard events (or a CSVLogger's ``metrics.csv``), ``config.yaml`` and the checkpoints. Nothing is imported from the run and
 nothing is written; a folder that cannot be read is a record with a ``problem``, not an error.
 
 No torch, no Lightning: a hundred runs read in about a second (see :func:`event_records`).
@@ -7,6 +7,7 @@ No torch, no Lightning: a hundred runs read in about a second (see :func:`event_
 
 from __future__ import annotations
 
+import csv
 import itertools
 import math
 import os
@@ -26,6 +27,7 @@ from fashion_lightning.errors import first_line
 from fashion_lightning.files import process_running, process_started_at
 
 EVENTS_PREFIX = "events.out.tfevents."
+CSV_METRICS = "metrics.csv"  # what Lightning's CSVLogger writes
 EVENTS_GLOB = f"{EVENTS_PREFIX}*"
 CONFIG_FILE = re.compile(r"^config(-(\d+))?\.yaml$")
 # a run folder named after its config: sgd_0, best_3 (version_N: runs made before names)
@@ -136,12 +138,17 @@ def read_run(folder: Path, root: Path) -> RunRecord:
     except Exception as err:  # a damaged record (protobuf's DecodeError), an unreadable file
         scalars, spans, live = {}, [], False
         problems.append(f"events: {type(err).__name__}: {first_line(err)}")
+    if not scalars and (folder / CSV_METRICS).is_file():  # a run of Lightning's CSVLogger
+        try:
+            scalars, spans = _read_csv_metrics(folder)
+        except (OSError, ValueError, csv.Error) as err:
+            problems.append(f"{CSV_METRICS}: {first_line(err)}")
     _summarize(record, scalars)
     record.wall_seconds = sum(spans)
     record.state = _state(record, folder, live, scalars)
     if record.state == "evaluated":  # it trained no epochs: its values are of its checkpoint
         record.epochs_done, record.best_epoch = 0, None
-    if not scalars and not any(p.startswith("events") for p in problems):
+    if not scalars and not any(p.startswith(("events", CSV_METRICS)) for p in problems):
         problems.append("events: none readable")
     record.problem = "; ".join(problems)
     return record
@@ -218,6 +225,29 @@ def _read_events(folder: Path) -> tuple[dict[str, dict[int, float]], list[float]
                 times.setdefault(writer, []).append(event.wall_time)
     spans = [max(t) - min(t) for t in times.values()]
     return scalars, spans, live
+
+
+def _read_csv_metrics(folder: Path) -> tuple[dict[str, dict[int, float]], list[float]]:
+    """The scalars of a CSVLogger run's ``metrics.csv`` as :func:`_read_events` gives them
+    (tag -> step -> value), with the epochs done at each epoch's end (``epoch/acc_train``,
+    as the project's TensorBoard logger writes them), and the seconds from the run's first
+    config file to the last write of the file (a CSV log keeps no times)."""
+    path = folder / CSV_METRICS
+    scalars: dict[str, dict[int, float]] = {}
+    with path.open(newline="") as f:
+        for row in csv.DictReader(f):
+            if not row.get("step"):
+                continue
+            step = int(float(row["step"]))
+            for tag in (*CURVES, "train/acc"):
+                if row.get(tag):
+                    scalars.setdefault(tag, {})[step] = float(row[tag])
+            if row.get("train/acc") and row.get("epoch"):
+                done = int(float(row["epoch"])) + 1
+                scalars.setdefault("epoch/acc_train", {})[done] = float(row["train/acc"])
+    configs = [p.stat().st_mtime for p in folder.iterdir() if CONFIG_FILE.match(p.name)]
+    start = min(configs, default=path.stat().st_mtime)
+    return scalars, [path.stat().st_mtime - start]
 
 
 def last_steps(folder: Path, prefix: str) -> dict[str, int]:

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import csv
 import json
+import os
 import sys
 from collections import Counter
 from pathlib import Path
@@ -38,7 +39,10 @@ COLUMNS = (
 
 
 def parse_args(argv: list[str]):
-    parser = OneLineErrorParser(prog=PROG, description=__doc__.split("\n\n")[0])
+    # the installed command says its own name (fashion-lightning runs)
+    installed = os.path.basename(sys.argv[0]) == "fashion-lightning"
+    prog = "fashion-lightning runs" if installed else PROG
+    parser = OneLineErrorParser(prog=prog, description=__doc__.split("\n\n")[0])
     parser.add_argument(
         "--root",
         type=Path,

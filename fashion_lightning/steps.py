@@ -8,14 +8,40 @@ import sys
 from typing import Any
 
 import lightning as L
-from lightning.pytorch.callbacks import WeightAveraging
+from lightning.pytorch.callbacks import Callback, ModelCheckpoint, Timer, WeightAveraging
 
 from fashion_lightning.checkpoints import Checkpoint
 from fashion_lightning.errors import CheckpointError
-from fashion_lightning.resume import ResumableTraining
+from fashion_lightning.progress import StepProgressBar
+from fashion_lightning.resume import ResumableTraining, RunCheckpoint
 
 # the checkpoint key that says whose loop of optimizer steps trained the run
 LOOP_KEY = "optimizer_steps_loop"
+# The hooks Lightning calls for every batch, or for every step of a call: a callback that
+# has one expects one batch a call of training_step, and what it logs goes to Lightning's
+# count of calls (LearningRateMonitor, DeviceStatsMonitor), which several steps a call leave
+# behind the optimizer steps that the project's values are logged at.
+PER_BATCH_HOOKS = (
+    "on_train_batch_start",
+    "on_train_batch_end",
+    "on_before_backward",
+    "on_after_backward",
+    "on_before_optimizer_step",
+    "on_before_zero_grad",
+)
+# What a callback class of your own sets to True when its per-batch hooks follow optimizer
+# steps (trainer.global_step), not batches, so that groups of batches suit it.
+STEPS_PER_CALL_SAFE = "steps_per_call_safe"
+# callbacks with per-batch hooks that groups of batches suit: the project's own (they count
+# optimizer steps), the weight average (updated after each step, see optimizer_step_done),
+# Lightning's Timer (max_time: a stop at the end of a call is a clean state)
+FOLLOW_OPTIMIZER_STEPS = (
+    ResumableTraining,
+    RunCheckpoint,
+    StepProgressBar,
+    WeightAveraging,
+    Timer,
+)
 
 
 def choose_training_loop(model: Any, trainer: L.Trainer, checkpoint: Checkpoint | None) -> None:
@@ -41,6 +67,10 @@ def choose_training_loop(model: Any, trainer: L.Trainer, checkpoint: Checkpoint 
         steps, why = 1, "a validation within an epoch comes after a batch, not a call"
     elif isinstance(trainer.limit_train_batches, float) and trainer.limit_train_batches < 1:
         steps, why = 1, "--trainer.limit_train_batches is a fraction of the calls"
+    elif per_batch := per_batch_callbacks(trainer.callbacks):
+        _check_stopped_epoch_takes_one_batch_a_call(checkpoint, per_batch)
+        verb = "expects" if len(per_batch) == 1 else "expect"
+        steps, why = 1, f"{', '.join(per_batch)} {verb} one batch a call"
     elif checkpoint is not None:
         stopped_with = _stopped_mid_epoch_with(checkpoint)
         if stopped_with is not None and stopped_with != asked:
@@ -53,6 +83,48 @@ def choose_training_loop(model: Any, trainer: L.Trainer, checkpoint: Checkpoint 
         )
     model.steps_per_call = steps
     model.automatic_optimization = lightning
+
+
+def per_batch_callbacks(callbacks: list[Callback]) -> list[str]:
+    """The names of the callbacks that need one batch a call of ``training_step``: those with a
+    per-batch hook (:data:`PER_BATCH_HOOKS`), except the ones that follow optimizer steps."""
+    return [
+        type(callback).__name__
+        for callback in callbacks
+        if not _follows_optimizer_steps(callback)
+        and any(
+            getattr(type(callback), hook) is not getattr(Callback, hook) for hook in PER_BATCH_HOOKS
+        )
+    ]
+
+
+def _follows_optimizer_steps(callback: Callback) -> bool:
+    if isinstance(callback, FOLLOW_OPTIMIZER_STEPS) or getattr(
+        callback, STEPS_PER_CALL_SAFE, False
+    ):
+        return True
+    if isinstance(callback, ModelCheckpoint):
+        # saves at epoch ends and by time suit groups; every N steps would miss the multiples
+        # that fall inside a call (global_step % N == 0). Lightning keeps N private: read with
+        # a default that counts as "every N steps" (docs/development.md)
+        return not getattr(callback, "_every_n_train_steps", 1)
+    return False
+
+
+def _check_stopped_epoch_takes_one_batch_a_call(
+    checkpoint: Checkpoint | None, per_batch: list[str]
+) -> None:
+    """A run stopped in the middle of an epoch of several steps a call finishes that epoch so
+    (Lightning counts the resumed epoch in calls): callbacks that need one batch a call
+    cannot join it there."""
+    stopped_with = None if checkpoint is None else _stopped_mid_epoch_with(checkpoint)
+    if stopped_with is not None and stopped_with > 1:
+        raise CheckpointError(
+            f"--ckpt_path {checkpoint.path}: the run stopped in the middle of an epoch of "
+            f"{stopped_with} optimizer steps a call, which it finishes that way, and "
+            f"{', '.join(per_batch)} need one batch a call: continue it without them, and add "
+            "them when it has stopped at an epoch's end"
+        )
 
 
 def _validates_at_epoch_ends_only(trainer: L.Trainer) -> bool:

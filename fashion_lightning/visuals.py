@@ -76,8 +76,8 @@ FIRST_COLUMNS = ("optimizer", "lr", "batch_size", "epochs", "scheduler")
 
 
 def _tensorboard(trainer: L.Trainer) -> TensorBoardLogger | None:
-    logger = trainer.logger
-    return logger if isinstance(logger, TensorBoardLogger) else None
+    """The run's TensorBoard logger, wherever it is in the list of loggers."""
+    return next((x for x in trainer.loggers if isinstance(x, TensorBoardLogger)), None)
 
 
 def metrics_step(trainer: L.Trainer) -> int:
@@ -221,6 +221,8 @@ class HParamsSummary(Callback):
 
     Lightning's own HParams entry holds only the model's and data's arguments and sets
     ``hp_metric`` to -1; TensorBoard keeps the first entry of a run, so this is the only one.
+    Every other logger gets the same arguments (CSVLogger's ``hparams.yaml``, MLflow's params)
+    and the ``hp_metric`` values.
     """
 
     def __init__(self, searched: dict[str, Any] | None = None) -> None:
@@ -231,18 +233,23 @@ class HParamsSummary(Callback):
         self.best_epoch = 0
 
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        logger = _tensorboard(trainer)
-        if logger is None or not trainer.is_global_zero:
+        if not trainer.is_global_zero:
             return
-        # hparams.yaml keeps every argument (metrics={}: no -1 placeholder in TensorBoard)
-        logger.log_hyperparams(_all_arguments(trainer, pl_module), metrics={})
-        searched = {key: _column_value(value) for key, value in self.searched.items()}
-        params = {**searched, **run_hparams(trainer, pl_module)}
-        experiment = logger.experiment
-        writer = experiment.file_writer  # SummaryWriter has no call for these summaries
-        for summary in hparams_summaries(params, first=(*searched, *FIRST_COLUMNS)):
-            writer.add_summary(summary)
-        experiment.add_custom_scalars(LAYOUT)
+        arguments = _all_arguments(trainer, pl_module)
+        for logger in trainer.loggers:
+            if not isinstance(logger, TensorBoardLogger):
+                # every logger gets the arguments: CSVLogger's hparams.yaml, MLflow's params
+                logger.log_hyperparams(arguments)
+                continue
+            # hparams.yaml keeps every argument (metrics={}: no -1 placeholder in TensorBoard)
+            logger.log_hyperparams(arguments, metrics={})
+            searched = {key: _column_value(value) for key, value in self.searched.items()}
+            params = {**searched, **run_hparams(trainer, pl_module)}
+            experiment = logger.experiment
+            writer = experiment.file_writer  # SummaryWriter has no call for these summaries
+            for summary in hparams_summaries(params, first=(*searched, *FIRST_COLUMNS)):
+                writer.add_summary(summary)
+            experiment.add_custom_scalars(LAYOUT)
 
     def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         accuracy = trainer.callback_metrics.get("val/acc")
@@ -251,9 +258,9 @@ class HParamsSummary(Callback):
         accuracy = float(accuracy)
         if not accuracy <= self.best:  # also replaces the initial NaN
             self.best, self.best_epoch = accuracy, trainer.current_epoch + 1
-        if trainer.logger is not None:
-            values = {HP_METRIC: self.best, "val/best_epoch": self.best_epoch}
-            trainer.logger.log_metrics(values, step=metrics_step(trainer))
+        values = {HP_METRIC: self.best, "val/best_epoch": self.best_epoch}
+        for logger in trainer.loggers:
+            logger.log_metrics(values, step=metrics_step(trainer))
 
     def state_dict(self) -> dict[str, float]:
         return {"best": self.best, "best_epoch": self.best_epoch}
@@ -295,7 +302,9 @@ def render_predictions(
     draw, font = ImageDraw.Draw(canvas), _font(12)
     if title:
         draw.text((4, 4), title, fill=(235, 235, 235), font=font)
-    pixels = (images.detach().float().cpu().clamp(0, 1) * 255).to(torch.uint8)
+    pixels = images.detach().cpu()  # uint8 as the loaders give them, or floats in [0, 1]
+    if pixels.is_floating_point():
+        pixels = (pixels.float().clamp(0, 1) * 255).to(torch.uint8)
     for i, (image, guess, truth, p) in enumerate(
         zip(pixels, predicted.tolist(), target.tolist(), probability.tolist(), strict=True)
     ):

@@ -95,6 +95,9 @@ class SendSignalAt(Callback):
     """Sends a real signal to this process once, when training reaches optimizer step ``step``
     (at the start of the batch that makes that step; deterministic timing)."""
 
+    # it follows optimizer steps (global_step), so several steps a call suit it
+    steps_per_call_safe = True
+
     def __init__(self, signum: int, step: int) -> None:
         self.signum = signum
         self.step = step
@@ -173,6 +176,7 @@ class RecordLastCheckpoint(Callback):
     ``RecordLastCheckpoint.seen`` (None: no last.ckpt yet)."""
 
     seen: list[int | None] = []  # noqa: RUF012 - read by the test that runs it in this process
+    steps_per_call_safe = True  # it follows optimizer steps (global_step)
 
     def __init__(self, at_step: int) -> None:
         self.at_step = at_step
@@ -195,6 +199,35 @@ class RecordProgressBar(Callback):
         RecordProgressBar.seen.append((bar.total_train_batches, bar.train_progress_bar.n))
 
 
+class RecordBatches(Callback):
+    """A user's per-batch callback: keeps what Lightning hands it after each training batch in
+    ``RecordBatches.seen``, and logs ``outputs["loss"]`` as ``probe/loss``."""
+
+    seen: list[dict] = []  # noqa: RUF012 - read by the test that runs it in this process
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        one_batch = isinstance(batch, (tuple, list)) and isinstance(batch[0], torch.Tensor)
+        RecordBatches.seen.append(
+            {
+                "batch_idx": batch_idx,
+                "step": trainer.global_step,
+                "one_batch": one_batch,
+                "images": len(batch[1]) if one_batch else None,
+            }
+        )
+        pl_module.log("probe/loss", outputs["loss"])
+
+
+class NeedsAMissingPackage(Callback):
+    """Fails when the run sets up, as a callback whose package is not installed does
+    (Lightning's DeviceStatsMonitor without psutil)."""
+
+    def setup(self, trainer, pl_module, stage) -> None:
+        raise ModuleNotFoundError(
+            "`NeedsAMissingPackage` needs `nothing_installed`: pip install it"
+        )
+
+
 class SendSignalInEvaluation(Callback):
     """Sends a real signal to this process at the first test or prediction batch."""
 
@@ -213,6 +246,8 @@ class StopTrainingAt(Callback):
     ``training_step``) after which ``step`` optimizer steps are done, or of the ``batch``-th
     batch of this process (from 1): what Lightning's Timer (``max_time``) or an early stop does
     within an epoch."""
+
+    steps_per_call_safe = True  # it follows optimizer steps, whatever a call makes
 
     def __init__(self, step: int | None = None, batch: int | None = None) -> None:
         self.step = step
@@ -246,3 +281,29 @@ class ReadingCheckpointIO(TorchCheckpointIO):
     def load_checkpoint(self, *args, **kwargs):
         Path(self.marker).touch()
         return super().load_checkpoint(*args, **kwargs)
+
+
+def exports(model, folder: Path) -> dict:
+    """The model exported to ONNX (run by onnxruntime), by ``torch.export`` and to TorchScript,
+    each as a function of a batch of uint8 images to its logits."""
+    import contextlib
+    import io
+    import warnings
+
+    import onnxruntime
+
+    with contextlib.redirect_stdout(io.StringIO()):  # the ONNX exporter reports its passes
+        model.to_onnx(folder / "model.onnx")
+    session = onnxruntime.InferenceSession(str(folder / "model.onnx"))
+    exported = torch.export.export(
+        model, (model.example_input_array,), dynamic_shapes=({0: torch.export.Dim.DYNAMIC},)
+    ).module()
+    with warnings.catch_warnings():  # TorchScript works, and is deprecated in torch
+        warnings.simplefilter("ignore", FutureWarning)
+        warnings.filterwarnings("ignore", message=".*to_torchscript. has been deprecated")
+        scripted = model.to_torchscript()
+    return {
+        "onnx": lambda x: torch.from_numpy(session.run(None, {"images": x.numpy()})[0]),
+        "torch.export": exported,
+        "torchscript": scripted,
+    }

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import torch
+from PIL import Image
 from torch import nn
+from torchvision.transforms.functional import to_tensor
 
 from fashion_lightning.model import MLP, ImageClassifier
 
@@ -66,9 +68,17 @@ def test_standardize_and_flip_tta_change_what_the_network_sees_and_nothing_else(
     tuned.load_state_dict(plain.state_dict())  # no new weights: the same checkpoints load
     images = torch.rand(4, 1, 28, 28)
     standardized = (images - 0.2860) / 0.3530
-    assert torch.allclose(tuned(images), plain(standardized))
+    assert torch.allclose(tuned._network(images), plain(standardized))  # what training sees
     both = (plain(standardized) + plain(standardized.flip(-1))) / 2
-    assert torch.allclose(tuned.evaluate(images), both)
+    assert torch.allclose(tuned(images), both)  # what evaluation and predictions see
     out = tuned.predict_step((images, torch.zeros(4, dtype=torch.long)), 0)
     assert torch.equal(out["label"], both.argmax(-1))
-    assert torch.equal(plain.evaluate(images), plain(images))  # off by default: the tutorial
+    assert torch.equal(plain._network(images), plain(images))  # off by default: the tutorial
+
+
+def test_the_model_takes_images_as_the_loaders_give_them_or_as_totensor_floats():
+    torch.manual_seed(0)
+    pixels = torch.randint(0, 256, (6, 1, 28, 28), dtype=torch.uint8)
+    as_totensor = torch.stack([to_tensor(Image.fromarray(p[0].numpy())) for p in pixels])
+    for model in (ImageClassifier(), ImageClassifier(standardize=True, flip_tta=True)):
+        assert torch.equal(model(pixels), model(as_totensor))  # bit for bit

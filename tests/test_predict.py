@@ -16,8 +16,10 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 from torchvision.datasets import FashionMNIST
 
 from fashion_lightning.cli import main
+from fashion_lightning.data import FashionMNISTDataModule
+from fashion_lightning.model import ImageClassifier
 from fashion_lightning.pictures import to_fashion_mnist
-from tests.helpers import fit_args
+from tests.helpers import exports, fit_args
 
 pytestmark = pytest.mark.slow
 
@@ -194,3 +196,26 @@ def test_16_bit_and_float_pictures_are_scaled_not_clipped(mode, data_dir):
     )
     assert picture.mode == ("I;16" if mode == "I;16" else mode)
     assert torch.equal(to_fashion_mnist(picture)[0], torch.from_numpy(np.array(original)))
+
+
+def test_a_checkpoint_in_a_notebook_and_its_exports_give_its_predictions(
+    test_split_rows, trained_run, data_dir, tmp_path
+):
+    model = ImageClassifier.load_from_checkpoint(trained_run / "checkpoints" / "last.ckpt")
+    model.eval()
+    data = FashionMNISTDataModule(data_dir=str(data_dir))
+    data.setup("test")
+    images = torch.cat([images for images, _ in data.test_dataloader()])
+    assert images.dtype == torch.uint8  # as the loaders give them
+    # what `predict --ckpt_path` wrote for the same checkpoint
+    labels = np.array([int(row["predicted_label"]) for row in test_split_rows])
+    probability = np.array([float(row["probability"]) for row in test_split_rows])
+    with torch.no_grad():
+        logits = model(images)
+        assert torch.equal(model(images.float() / 255), logits)  # floats as ToTensor gives
+        assert (logits.argmax(-1).numpy() == labels).all()
+        for name, export in exports(model, tmp_path).items():
+            exported = export(images)
+            assert (exported.argmax(-1).numpy() == labels).all(), name
+            top = exported.softmax(-1).max(-1).values.numpy()
+            np.testing.assert_allclose(top, probability, rtol=0, atol=2e-6, err_msg=name)

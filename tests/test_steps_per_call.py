@@ -8,10 +8,31 @@ from pathlib import Path
 
 import pytest
 import torch
+from lightning.pytorch.callbacks import (
+    DeviceStatsMonitor,
+    EarlyStopping,
+    EMAWeightAveraging,
+    LearningRateMonitor,
+    ModelCheckpoint,
+    ModelSummary,
+    RichProgressBar,
+    Timer,
+    TQDMProgressBar,
+)
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from fashion_lightning.cli import main
-from tests.helpers import SHORT, RecordLastCheckpoint, fit_args, run_cli
+from fashion_lightning.progress import StepProgressBar
+from fashion_lightning.resume import ResumableTraining, RunCheckpoint
+from fashion_lightning.steps import per_batch_callbacks
+from tests.helpers import (
+    SHORT,
+    RecordBatches,
+    RecordLastCheckpoint,
+    SendSignalAt,
+    fit_args,
+    run_cli,
+)
 
 pytestmark = pytest.mark.slow
 
@@ -113,6 +134,75 @@ def test_the_progress_bar_counts_optimizer_steps(data_dir, tmp_path):
     assert RecordProgressBar.seen == [(30, 30), (30, 30)]  # total and position, in steps
 
 
+def test_callbacks_that_follow_batches_get_one_a_call_and_the_others_keep_several():
+    need_one = per_batch_callbacks(
+        [
+            LearningRateMonitor(),
+            DeviceStatsMonitor(),
+            RichProgressBar.__new__(RichProgressBar),  # its hooks decide (rich: not installed)
+            TQDMProgressBar(),
+            ModelCheckpoint(every_n_train_steps=5),  # a multiple of 5 can fall inside a call
+            RecordBatches(),  # a user's callback with on_train_batch_end
+        ]
+    )
+    assert need_one == [
+        "LearningRateMonitor",
+        "DeviceStatsMonitor",
+        "RichProgressBar",
+        "TQDMProgressBar",
+        "ModelCheckpoint",
+        "RecordBatches",
+    ]
+    keep_several = [
+        EarlyStopping(monitor="val/loss"),
+        EMAWeightAveraging(),
+        ModelCheckpoint(monitor="val/loss"),
+        RunCheckpoint(every_n_train_steps=5),  # the project's: counts optimizer steps
+        StepProgressBar(),
+        ResumableTraining(),
+        Timer(duration="00:01:00:00"),
+        ModelSummary(),
+        SendSignalAt(2, 10),  # a user's callback that says it follows optimizer steps
+    ]
+    assert per_batch_callbacks(keep_several) == []
+
+
+def test_a_per_batch_callback_and_learning_rate_monitor_see_one_batch_at_the_projects_steps(
+    data_dir, tmp_path, capsys
+):
+    RecordBatches.seen.clear()
+    main(
+        fit_args(  # configs/sgd.yaml: 16 optimizer steps a call
+            data_dir,
+            tmp_path,
+            "--trainer.max_epochs=1",
+            "--trainer.limit_train_batches=20",
+            "--trainer.limit_val_batches=2",
+            "--trainer.limit_test_batches=1",
+            "--trainer.log_every_n_steps=5",
+            "--trainer.callbacks+=LearningRateMonitor",
+            "--trainer.callbacks.logging_interval=step",
+            "--trainer.callbacks+=tests.helpers.RecordBatches",
+        )
+    )
+    notes = [line for line in capsys.readouterr().err.splitlines() if line.startswith("note:")]
+    assert notes == [
+        "note: --model.steps_per_call 16: this run makes 1 optimizer step a call "
+        "(LearningRateMonitor, RecordBatches expect one batch a call); the result is the same"
+    ]
+    seen = RecordBatches.seen
+    assert [s["batch_idx"] for s in seen] == list(range(20))  # batches, not groups of 16
+    assert all(s["one_batch"] and s["images"] == 64 for s in seen)
+    assert [s["step"] for s in seen] == list(range(1, 21))  # one optimizer step each
+    scalars = _scalars(tmp_path)
+    # outputs["loss"] is the batch's loss: what the callback logs lands at the steps of the
+    # project's train/loss, with its values; the learning rate where train/lr is
+    assert [step for step, _ in scalars["train/loss"]] == [4, 9, 14, 19]
+    assert scalars["probe/loss"] == scalars["train/loss"]
+    assert scalars["lr-SGD"] == scalars["train/lr"]
+    assert [step for step, _ in scalars["val/acc"]] == [20]  # the same axis: optimizer steps
+
+
 def _stop(data_dir, root, steps: int, step: int) -> int:
     """Stop a run by SIGINT from optimizer step ``step`` on; the step it stopped at."""
     stopped = run_cli(
@@ -158,6 +248,15 @@ def test_a_stop_in_the_middle_of_an_epoch_continues_it_as_it_began(
     one_step_a_call, data_dir, tmp_path
 ):
     _stop(data_dir, tmp_path, 4, 35)
+    # a callback that needs one batch a call cannot join the stopped epoch: one line, nothing lost
+    refused = run_cli(
+        *fit_args(data_dir, tmp_path, *RUN, "--model.steps_per_call=7"),
+        "--ckpt_path=last",
+        "--trainer.callbacks+=LearningRateMonitor",
+    )
+    assert refused.returncode == 1
+    assert refused.stderr.strip().splitlines()[-1].startswith("error: --ckpt_path ")
+    assert "LearningRateMonitor need one batch a call" in refused.stderr
     resumed = _resume(data_dir, tmp_path, 7)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert (

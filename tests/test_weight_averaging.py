@@ -5,6 +5,7 @@ resume with it: tests/test_steps_per_call.py.)"""
 from __future__ import annotations
 
 import csv
+import warnings
 
 import pytest
 import torch
@@ -34,11 +35,22 @@ def _test_acc(run_dir) -> float:
     return events.Scalars("test/acc")[-1].value
 
 
+WARNED: list[str] = []  # what the fit of ema_run warned
+
+
 @pytest.fixture(scope="module")
 def ema_run(data_dir, tmp_path_factory):
     root = tmp_path_factory.mktemp("ema")
-    main(fit_args(data_dir, root, *EMA))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        main(fit_args(data_dir, root, *EMA, "--model.compile=false"))
+    WARNED.extend(str(warning.message) for warning in caught)
     return root / "lightning_logs" / "sgd_0"
+
+
+def test_weight_averaging_does_not_warn_of_sharding(ema_run):
+    # Lightning warns when the model overrides configure_model; this one does not need to
+    assert [message for message in WARNED if "configure_model" in message] == []
 
 
 def test_after_fit_test_measures_the_averaged_weights_a_separate_test_does(

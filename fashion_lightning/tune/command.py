@@ -43,7 +43,15 @@ FIT_ARGUMENTS = (
 
 def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
     """The search's own flags, checked, and the fit command line's arguments that follow."""
-    parser = OneLineErrorParser(prog=PROG, description=__doc__.split("\n\n")[0])
+    installed = os.path.basename(sys.argv[0]) == "fashion-lightning-tune"
+    parser = OneLineErrorParser(
+        prog="fashion-lightning-tune" if installed else PROG,
+        description=__doc__.split("\n\n")[0],
+        epilog="Beyond these flags, the fit command line's --trainer.*, --model.*, --data.*, "
+        "--checkpoint.*, --images.* and --seed_everything go to every trial, over --config "
+        "and under the sampled values (e.g. --trainer.max_epochs 20 --data.num_workers 0); "
+        "see docs/search.md.",
+    )
     parser.add_argument("--config", required=True, help="the fit config the trials start from")
     parser.add_argument("--search", required=True, help="YAML: dotted config key -> distribution")
     parser.add_argument(

@@ -22,7 +22,7 @@ from optuna.trial import FrozenTrial, TrialState
 from optuna_integration import PyTorchLightningPruningCallback
 
 from fashion_lightning import cli
-from fashion_lightning.configs import flat
+from fashion_lightning.configs import flat, packaged_config
 from fashion_lightning.errors import (
     NonFiniteLossError,
     SearchError,
@@ -97,10 +97,10 @@ class Search:
     fit, its stop, its retry and the wait for other processes' trials share the study.)"""
 
     def __init__(self, args: argparse.Namespace, fit_overrides: list[str]) -> None:
-        self.config_path = Path(args.config)
+        self.config_path = Path(packaged_config(args.config))  # `best`, configs/best.yaml...
         if not self.config_path.is_file():
             raise SearchError(f"--config {self.config_path}: no such file")
-        search_path = Path(args.search)
+        search_path = Path(packaged_config(args.search))
         self.space = load_search_space(search_path)
         config = check_space(
             self.space, self.config_path, fit_overrides, search_path, probe=not args.worker_of
