@@ -13,11 +13,9 @@ from tensorboard.plugins.custom_scalar import layout_pb2
 from tensorboard.plugins.hparams import plugin_data_pb2
 
 from fashion_lightning.cli import main
-from fashion_lightning.fashion_mnist import CLASS_NAMES
-from fashion_lightning.visuals import (
+from fashion_lightning.drawings import (
     CELL_H,
     CELL_W,
-    EPOCH_CURVES,
     LEFT,
     RIGHT,
     TOP,
@@ -26,6 +24,8 @@ from fashion_lightning.visuals import (
     render_predictions,
     share_colour,
 )
+from fashion_lightning.fashion_mnist import CLASS_NAMES
+from fashion_lightning.visuals import EPOCH_CURVES
 from tests.helpers import ROOT, RecordCrossEntropy, fit_args
 
 
