@@ -78,6 +78,8 @@ class RunCheckpoint(ModelCheckpoint):
     - The folder is made absolute, so that a resume that spells it differently (``.``) is the
       same run and keeps writing the same ``last.ckpt`` (Lightning compares it as a string).
     - A ``fast_dev_run`` writes no checkpoint.
+    - ``{epoch}`` in a file name counts from 1, as the runs table and TensorBoard do
+      (``epoch04-...`` is written in the fourth epoch; Lightning counts from 0).
 
     Only ModelCheckpoint's public hooks and ``Trainer.save_checkpoint`` are used.
     """
@@ -107,6 +109,17 @@ class RunCheckpoint(ModelCheckpoint):
         super().setup(trainer, pl_module, stage)
         if self.dirpath and "://" not in str(self.dirpath):
             self.dirpath = os.path.realpath(self.dirpath)
+
+    def format_checkpoint_name(
+        self,
+        metrics: dict[str, Any],
+        filename: str | None = None,
+        ver: int | None = None,
+        prefix: str | None = None,
+    ) -> str:
+        if "epoch" in metrics:
+            metrics = {**metrics, "epoch": metrics["epoch"] + 1}
+        return super().format_checkpoint_name(metrics, filename, ver, prefix)
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         folder = state_dict.get("dirpath")
