@@ -15,12 +15,13 @@ from __future__ import annotations
 
 import csv
 import json
+import os
 import sys
 from collections import Counter
 from pathlib import Path
 
 from fashion_lightning.errors import OneLineErrorParser, UserError, exit_with
-from fashion_lightning.run_records import RunRecord, find_run_folders, read_run
+from fashion_lightning.run_records import RunRecord, find_run_folders, is_run_folder, read_run
 
 PROG = "python -m fashion_lightning runs"
 # the settings that set a run apart come last: they are as long as they are many
@@ -56,11 +57,19 @@ def parse_args(argv: list[str]):
 
 def collect(root: Path) -> list[RunRecord]:
     """Every run under ``root``, best ``val/acc`` first (runs without one last, by name)."""
+    if root.exists() and not root.is_dir():
+        raise UserError(
+            f"--root {root}: a file, not a folder; give the folder the runs are in "
+            "(lightning_logs) or a run's own folder"
+        )
     if not root.is_dir():
         raise UserError(
             f"--root {root}: no such folder; runs are kept in lightning_logs/ of the folder you train from"
         )
     records = [read_run(folder, root) for folder in find_run_folders(root)]
+    if is_run_folder(root):  # a run's own folder (lightning_logs/sgd_0): that run too
+        whole = Path(os.path.abspath(root))  # sgd_0/. is named sgd_0
+        records.append(read_run(whole, whole.parent))
     return sorted(records, key=lambda r: (r.best_val_acc is None, -(r.best_val_acc or 0), r.name))
 
 
@@ -190,6 +199,8 @@ def plot(records: list[RunRecord], path: Path) -> None:
             "--plot needs matplotlib: pip install matplotlib (make installs it)"
         ) from None
     drawn = [r for r in records if r.curves.get("val/acc")]
+    if not drawn:
+        raise UserError(f"--plot {path}: no run here has a val/acc to draw; nothing was written")
     figure, (accuracy, loss) = plt.subplots(1, 2, figsize=(13, 5), layout="constrained")
     # one colour a run: ten distinct ones, twenty beyond (paired shades)
     colours = plt.get_cmap("tab10" if len(drawn) <= 10 else "tab20").colors
