@@ -10,7 +10,6 @@ from __future__ import annotations
 import os
 import sys
 import threading
-import warnings
 from pathlib import Path
 from typing import Any
 
@@ -18,7 +17,7 @@ from jsonargparse import Namespace
 from lightning.fabric.plugins import CheckpointIO
 from lightning.fabric.utilities.exceptions import MisconfigurationException
 from lightning.pytorch import Trainer
-from lightning.pytorch.callbacks import Callback, ProgressBar
+from lightning.pytorch.callbacks import Callback, ModelSummary, ProgressBar
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.loggers import Logger
 from lightning.pytorch.utilities.exceptions import SIGTERMException
@@ -60,15 +59,18 @@ from fashion_lightning.run_folders import (
 )
 from fashion_lightning.run_records import run_name
 from fashion_lightning.steps import choose_training_loop
+from fashion_lightning.terminal import (
+    RunSummary,
+    WarningsThatApply,
+    quiet_what_does_not_apply,
+    results_table,
+)
 from fashion_lightning.visuals import ClassificationImages, HParamsSummary
 
 PLAIN_TENSORBOARD = (
     "lightning.pytorch.loggers.TensorBoardLogger",
     "lightning.pytorch.loggers.tensorboard.TensorBoardLogger",
 )
-
-# The project's ResumableTraining makes a mid-epoch resume exact; Lightning cannot see that.
-warnings.filterwarnings("ignore", message="You're resuming from a checkpoint that ended before")
 
 
 class OneLineErrorParser(LightningArgumentParser):
@@ -180,7 +182,8 @@ class FashionCLI(LightningCLI):
             kwargs["logger"] = logger
         callbacks = _as_list(config.get("callbacks"))
         check_callbacks(callbacks)
-        extra: list[Callback] = [self.resumable]
+        checkpoint = self.checkpoint.path if self.checkpoint is not None else None
+        extra: list[Callback] = [self.resumable, WarningsThatApply(checkpoint)]
         has_logger = (logger or config.get("logger")) not in (None, False) and not config.get(
             "barebones"
         )
@@ -192,6 +195,11 @@ class FashionCLI(LightningCLI):
             isinstance(c, ProgressBar) for c in callbacks
         ):
             extra.append(StepProgressBar())
+        if config.get("enable_model_summary") is not False and not any(
+            isinstance(c, ModelSummary) for c in callbacks
+        ):
+            extra.append(RunSummary())
+            kwargs["enable_model_summary"] = False  # Lightning's table: instead of it
         kwargs["callbacks"] = [*callbacks, *extra]
         plugins = _as_list(config.get("plugins"))
         if not any(isinstance(p, CheckpointIO) for p in plugins):
@@ -268,23 +276,26 @@ class FashionCLI(LightningCLI):
         self._run(self.trainer.fit, **kwargs)
 
     def validate(self, **kwargs) -> None:
-        self._run(self.trainer.validate, **kwargs)
+        self._evaluate("validate", self.trainer.validate, **kwargs)
 
     def test(self, **kwargs) -> None:
-        self._run(self.trainer.test, **kwargs)
+        self._evaluate("test", self.trainer.test, **kwargs)
 
     def predict(self, **kwargs) -> None:
         self._run(self.trainer.predict, **kwargs)
 
-    def _run(self, method, **kwargs) -> None:
+    def _evaluate(self, stage: str, method, verbose: bool = True, **kwargs) -> None:
+        """Validate or test, and print the results as Lightning does, without ``step``."""
+        results = self._run(method, verbose=False, **kwargs)
+        if verbose and self.trainer.is_global_zero and results:
+            print(results_table(results, stage))
+
+    def _run(self, method, **kwargs) -> Any:
         """Run a Trainer method with the project's signal handling; a failed write (a full
         disk) becomes one line that names the file, the cause and what is kept."""
         self.resumable.listen()
         try:
-            with warnings.catch_warnings():
-                if self.subcommand != "fit":  # evaluation restores no checkpoint bookkeeping
-                    warnings.filterwarnings("ignore", message="The dirpath has changed from")
-                method(**kwargs)
+            return method(**kwargs)
         except Exception as err:
             failure = write_failure(
                 err, f"the run outputs in {self.trainer.log_dir}", self._what_is_kept()
@@ -352,16 +363,17 @@ def run(
     as the hyperparameter search: the run logs into ``run_dir``, with ``callbacks`` added to
     the trainer's (not to its config.yaml), and errors are raised, not printed."""
     threading.excepthook = _quiet_write_errors_in_threads
-    return FashionCLI(
-        ImageClassifier,
-        FashionMNISTDataModule,
-        args=args,
-        save_config_callback=SaveRunConfig,
-        trainer_defaults={"callbacks": callbacks or []},
-        run_dir=run_dir,
-        test_after_fit=test_after_fit,
-        searched=searched,
-    )
+    with quiet_what_does_not_apply():
+        return FashionCLI(
+            ImageClassifier,
+            FashionMNISTDataModule,
+            args=args,
+            save_config_callback=SaveRunConfig,
+            trainer_defaults={"callbacks": callbacks or []},
+            run_dir=run_dir,
+            test_after_fit=test_after_fit,
+            searched=searched,
+        )
 
 
 def main(args: list[str] | None = None) -> None:
