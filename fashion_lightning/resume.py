@@ -110,16 +110,10 @@ class RunCheckpoint(ModelCheckpoint):
         if self.dirpath and "://" not in str(self.dirpath):
             self.dirpath = os.path.realpath(self.dirpath)
 
-    def format_checkpoint_name(
-        self,
-        metrics: dict[str, Any],
-        filename: str | None = None,
-        ver: int | None = None,
-        prefix: str | None = None,
-    ) -> str:
-        if "epoch" in metrics:
+    def format_checkpoint_name(self, metrics: dict[str, Any], *args: Any, **kwargs: Any) -> str:
+        if "epoch" in metrics:  # counted from 1
             metrics = {**metrics, "epoch": metrics["epoch"] + 1}
-        return super().format_checkpoint_name(metrics, filename, ver, prefix)
+        return super().format_checkpoint_name(metrics, *args, **kwargs)
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         folder = state_dict.get("dirpath")

@@ -46,9 +46,13 @@ NOT_SETTINGS = (
     "checkpoint.",
     "images.",
 )
-CURVES = ("val/acc", "val/loss", "train/cross_entropy", "train/loss", "test/acc")
-# written at each training epoch's end, at the same write: the optimizer steps done, and the
-# epochs done (runs from before epoch/* have train/acc alone)
+# train_eval/*: the training images evaluated at each validation, with the weights validated
+TRAIN_EVAL = ("train_eval/acc", "train_eval/loss", "train_eval/acc_gap", "train_eval/loss_gap")
+CURVES = ("val/acc", "val/loss", "train/cross_entropy", "train/loss", "test/acc", *TRAIN_EVAL)
+# the epochs done, at each whole training epoch's end, at the optimizer steps done
+EPOCHS_DONE = "train/epochs_done"
+# runs from before train/epochs_done: train/acc at each epoch's end and, since the curves
+# against epochs, the epochs done with it (epoch/acc_train, the same value)
 EPOCH_ENDS = ("train/acc", "epoch/acc_train")
 
 
@@ -65,6 +69,9 @@ class RunRecord:
     best_val_acc: float | None = None
     best_epoch: int | None = None
     test_acc: float | None = None
+    train_acc: float | None = None  # the training images at the last validation (train_eval)
+    gap: float | None = None  # train_acc minus val/acc at the last validation
+    started: float = 0.0  # the time its first event was written (TensorBoard orders runs so)
     wall_seconds: float = 0.0
     state: str = "unreadable"  # finished, stopped, running, failed, evaluated, unreadable
     problem: str = ""  # why the folder could not be read (whole or in part)
@@ -150,7 +157,7 @@ def read_run(folder: Path, root: Path) -> RunRecord:
         problems.append(f"config: {first_line(err)}")
     events = 0
     try:
-        scalars, spans, live, events = _read_events(folder)
+        scalars, spans, live, events, record.started = _read_events(folder)
     except Exception as err:  # a damaged record (protobuf's DecodeError), an unreadable file
         scalars, spans, live = {}, [], False
         problems.append(f"events: {type(err).__name__}: {first_line(err)}")
@@ -213,10 +220,13 @@ def _short(key: str) -> str:
     return key
 
 
-def _read_events(folder: Path) -> tuple[dict[str, dict[int, float]], list[float], bool, int]:
+def _read_events(
+    folder: Path,
+) -> tuple[dict[str, dict[int, float]], list[float], bool, int, float]:
     """The scalars of every events file in order (tag -> step -> value, what a resumed run
     purged dropped, as TensorBoard does), the seconds each process wrote for, whether a
-    process that writes them still runs on this machine, and how many events were read."""
+    process that writes them still runs on this machine, how many events were read, and the
+    time of the first."""
     scalars: dict[str, dict[int, float]] = {}
     times: dict[str, list[float]] = {}
     live = False
@@ -234,12 +244,12 @@ def _read_events(folder: Path) -> tuple[dict[str, dict[int, float]], list[float]
                     for step in [s for s in values if s >= event.step]:
                         del values[step]
             for value in event.summary.value:
-                if value.tag in CURVES or value.tag in EPOCH_ENDS:
+                if value.tag in CURVES or value.tag in EPOCH_ENDS or value.tag == EPOCHS_DONE:
                     scalars.setdefault(value.tag, {})[event.step] = _number(value)
             if event.wall_time:
                 times.setdefault(writer, []).append(event.wall_time)
     spans = [max(t) - min(t) for t in times.values()]
-    return scalars, spans, live, read
+    return scalars, spans, live, read, min((min(t) for t in times.values()), default=0.0)
 
 
 def last_steps(folder: Path, prefix: str) -> dict[str, int]:
@@ -314,6 +324,9 @@ def _summarize(record: RunRecord, scalars: dict[str, dict[int, float]]) -> None:
         record.best_epoch = math.ceil(_epoch_at(validations[best][0], ends))
     if scalars.get("test/acc"):
         record.test_acc = sorted(scalars["test/acc"].items())[-1][1]
+    if scalars.get("train_eval/acc") and scalars.get("train_eval/acc_gap"):
+        record.train_acc = sorted(scalars["train_eval/acc"].items())[-1][1]
+        record.gap = sorted(scalars["train_eval/acc_gap"].items())[-1][1]
 
 
 def _epoch_ends(
@@ -321,11 +334,14 @@ def _epoch_ends(
 ) -> list[tuple[int, float]]:
     """(optimizer steps, epochs done) at the end of each training epoch.
 
-    A run writes train/acc at each epoch's end and, since the curves against epochs, the
-    epochs done with it (epoch/acc_train), the same value: each of those is paired with the
-    next train/acc of its value (an epoch max_steps cut short has a train/acc alone). Older
-    runs, and validate or test commands, have validations only: the k-th ends epoch k times
+    A run writes them as train/epochs_done. Runs from before it wrote train/acc at each
+    epoch's end and, since the curves against epochs, the epochs done with it
+    (epoch/acc_train), the same value: each of those is paired with the next train/acc of its
+    value (an epoch max_steps cut short has a train/acc alone). Older runs, and validate or
+    test commands, have validations only: the k-th ends epoch k times
     ``check_val_every_n_epoch``."""
+    if scalars.get(EPOCHS_DONE):
+        return [(step, float(done)) for step, done in sorted(scalars[EPOCHS_DONE].items())]
     steps, epochs = (sorted(scalars.get(tag, {}).items()) for tag in EPOCH_ENDS)
     unpaired = iter(steps)  # each search goes on after the previous pair
     ends = []

@@ -23,38 +23,52 @@ HP_METRIC = "hp_metric"  # Lightning's name for the run's headline metric: the b
 
 # The learning curves again, against epochs done (step 1: after the first epoch), so that
 # runs of any batch size line up. TensorBoard's Time Series sorts its groups by name and opens
-# the first two: "epoch" comes before "hp_metric", "test", "train" and "val".
+# the first two: "epoch" comes before "hp_metric", "test", "train" and "val"; within it, the
+# gap comes first. Train is the training images evaluated as validation evaluates its own,
+# with the same weights (train_eval/*, see ImageClassifier.on_validation_epoch_start).
 EPOCH_CURVES = {
-    "train/acc": "epoch/acc_train",
-    "train/cross_entropy": "epoch/loss_train",
+    "train_eval/acc_gap": "epoch/acc_gap",
+    "train_eval/acc": "epoch/acc_train",
     "val/acc": "epoch/acc_val",
+    "train_eval/loss_gap": "epoch/loss_gap",
+    "train_eval/loss": "epoch/loss_train",
     "val/loss": "epoch/loss_val",
 }
 # TensorBoard's charts hide the lowest and highest 5% of a chart's values until its
 # "Ignore outliers" setting is unticked: a one-cycle schedule's warm-up and tail among them
 OUTLIERS = "untick Ignore outliers in chart scaling, on the left, to see all of it"
-# TensorBoard's Custom Scalars tab: the charts that answer "is it learning, is it over-fitting"
+SAME_WEIGHTS = "train: training images evaluated as validation's, with the same weights"
+
+
+def _chart(tag: str) -> list:
+    """A chart of one tag: one line a run, told apart by the run's colour in the run list
+    (TensorBoard tells the tags of a chart apart by marker shapes it hands out per run)."""
+    return ["Multiline", [f"^{tag}$"]]
+
+
+# TensorBoard's Custom Scalars tab, in this order: does it overfit, train next to val, and
+# what training did at each step. Two charts fit side by side at 1280 px.
 LAYOUT = {
-    "Learning, against epochs (untick Ignore outliers in chart scaling, on the left, to see "
-    "every point)": {
-        # the same loss for both lines; the weights differ where validation averages them
-        # (configs/best.yaml's EMA) or mirrors the images (flip_tta): the titles say so
-        "loss: cross-entropy of the training batches during the epoch (training weights) "
-        "and of validation (weights validated)": [
-            "Multiline",
-            [r"^epoch/loss_train$", r"^epoch/loss_val$"],
-        ],
-        "accuracy: train (training weights, during the epoch) and val (weights validated)": [
-            "Multiline",
-            [r"^epoch/acc_train$", r"^epoch/acc_val$"],
-        ],
+    "Does it overfit? Train against val, epoch by epoch (to see every point: untick Ignore "
+    "outliers)": {
+        "accuracy gap: train minus val (flat near 0: it generalises; climbing: it overfits)": (
+            _chart("epoch/acc_gap")
+        ),
+        "loss gap: val minus train cross-entropy (climbing: it overfits)": _chart("epoch/loss_gap"),
     },
-    "Learning, against steps": {
-        "train/loss: the loss optimized (label-smoothed where the config says so)": [
-            "Multiline",
-            [r"^train/loss$"],
-        ],
-        f"learning rate ({OUTLIERS})": ["Multiline", [r"^train/lr$"]],
+    f"Accuracy against epochs ({SAME_WEIGHTS})": {
+        "val accuracy": _chart("epoch/acc_val"),
+        "train accuracy": _chart("epoch/acc_train"),
+    },
+    f"Loss against epochs: cross-entropy ({SAME_WEIGHTS})": {
+        "val loss": _chart("epoch/loss_val"),
+        "train loss": _chart("epoch/loss_train"),
+    },
+    "Training, against steps": {
+        "train/loss: the loss optimized (label-smoothed where the config says so)": _chart(
+            "train/loss"
+        ),
+        f"learning rate ({OUTLIERS})": _chart("train/lr"),
     },
     "Accuracy per class": {
         "val": ["Multiline", [r"^val/acc_class/"]],
@@ -68,6 +82,7 @@ METRIC_COLUMNS = (
     ("test/acc", "test/acc (best ckpt)"),
     ("val/acc", "val/acc (last)"),
     ("val/loss", "val/loss (last)"),
+    ("train_eval/acc_gap", "train - val acc (last)"),
 )
 # TensorBoard shows five hparam columns until you tick more; these five come first.
 FIRST_COLUMNS = ("optimizer", "lr", "batch_size", "epochs", "scheduler")

@@ -6,12 +6,14 @@ import csv
 import io
 import json
 import os
+import re
 import shutil
 import signal
 import socket
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 from PIL import Image
@@ -19,7 +21,8 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 
 from fashion_lightning.cli import main
 from fashion_lightning.run_folders import RunFolderLogger
-from fashion_lightning.run_records import read_run
+from fashion_lightning.run_records import RunRecord, read_run
+from fashion_lightning.runs_plot import TENSORBOARD_COLOURS, run_styles
 from tests.helpers import ROOT, SHORT, TINY, fit_args, last_line, run_cli
 
 pytestmark = pytest.mark.slow
@@ -113,10 +116,12 @@ def test_the_table_ranks_runs_and_says_what_each_is(runs_root):
     assert rows["adam_0"].split()[1] == "adam" and rows["version_0"].split()[1] == "-"
     assert rows["tune/mlp/trial_3"].split()[1] == "-"  # found two levels down, not a config
     assert " 2/2 " in rows["sgd_0"] and " finished " in rows["sgd_0"]
+    last_train, gap = rows["sgd_0"].split()[5:7]  # the training images, the gap in points
+    assert re.fullmatch(r"\d+\.\d\d%", last_train) and re.fullmatch(r"[+-]\d+\.\d\d", gap)
     assert " 1/3 " in rows["sgd_1"] and " stopped " in rows["sgd_1"]
     # killed in its first epoch: its events hold no epoch yet, and nothing continues it
     cells = rows["sgd_2"].split()
-    assert cells[2:6] == ["0/2", "-", "-", "-"] and cells[7] == "failed", cells
+    assert cells[2:8] == ["0/2", "-", "-", "-", "-", "-"] and cells[9] == "failed", cells
     assert " running " in rows["live_0"]
     assert "failed (config: no config.yaml)" in rows["torn_0"]
     assert "%" in rows["torn_0"]  # what was written whole is read
@@ -137,6 +142,10 @@ def test_json_gives_the_numbers_the_events_hold(runs_root):
     assert sgd["best_epoch"] == val_acc.index(max(val_acc)) + 1
     assert sgd["test_acc"] == pytest.approx(_scalars(runs_root / "sgd_0", "test/acc")[-1])
     assert sgd["epochs_done"] == sgd["epochs_planned"] == 2 and sgd["state"] == "finished"
+    # the training images at the last validation, and their gap to val/acc there
+    train = _scalars(runs_root / "sgd_0", "train_eval/acc")
+    assert sgd["last_train_acc"] == pytest.approx(train[-1])
+    assert sgd["last_gap"] == pytest.approx(train[-1] - val_acc[-1], abs=1e-6)
     assert 0 < sgd["wall_seconds"] < 600
     assert sgd["differs"]["optimizer"] == "SGD" and runs["adam_0"]["differs"]["optimizer"] == "Adam"
     assert runs["version_0"]["best_val_acc"] == sgd["best_val_acc"]
@@ -156,7 +165,7 @@ def test_the_plot_draws_the_runs_against_epochs(runs_root, tmp_path):
     result = _runs("--root", str(runs_root), "--plot", str(picture))
     assert result.returncode == 0, result.stderr
     with Image.open(picture) as image:
-        assert image.size == (1300, 500)
+        assert image.size == (1500, 800)
         assert len(image.getcolors(1 << 20) or []) > 50  # lines drawn, not an empty frame
 
 
@@ -265,3 +274,14 @@ def test_a_plot_with_no_runs_is_an_error_and_writes_nothing(tmp_path):
         f"error: --plot {picture}: no run here has a val/acc to draw; nothing was written"
     )
     assert not picture.exists()
+
+
+def test_each_config_keeps_one_colour_in_the_order_tensorboard_gives_them():
+    started = {"sgd_0": 1.0, "adam_0": 2.0, "sgd_1": 3.0, "best_0": 4.0, "tune/mlp/trial_3": 5.0}
+    records = [RunRecord(name, Path(name), started=time) for name, time in started.items()]
+    styles = run_styles(records)
+    assert styles["sgd_0"] == (TENSORBOARD_COLOURS[0], "-")
+    assert styles["sgd_1"] == (TENSORBOARD_COLOURS[0], "--")  # the config's second run
+    assert styles["adam_0"][0] == TENSORBOARD_COLOURS[1]
+    assert styles["best_0"][0] == TENSORBOARD_COLOURS[2]
+    assert styles["tune/mlp/trial_3"][0] == TENSORBOARD_COLOURS[3]
