@@ -113,6 +113,8 @@ class WarningsThatApply(Callback):
         several = getattr(pl_module, "steps_per_call", 1) > 1
         if several and steps is not None and steps() >= trainer.log_every_n_steps:
             warnings.filterwarnings("ignore", LOGGING_INTERVAL)
+        if not trainer.is_global_zero:  # Lightning warns on process 0 only
+            return
         folder = _checkpoint_folder(trainer)
         if folder and self.checkpoint and _same(self.checkpoint.parent, Path(folder)):
             message = f"Checkpoint directory {folder} exists and is not empty."
@@ -142,6 +144,7 @@ class RunSummary(Callback):
     ``--trainer.enable_model_summary false`` prints neither."""
 
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        folder = trainer.log_dir or trainer.default_root_dir  # a collective call under DDP
         if not trainer.is_global_zero:
             return
         parameters = sum(p.numel() for p in pl_module.parameters())
@@ -150,7 +153,7 @@ class RunSummary(Callback):
         megabytes = sum(p.numel() * p.element_size() for p in pl_module.parameters()) / 1e6
         rank_zero_info(
             f"{network_text(pl_module)}: {parameters:,} parameters{frozen} ({megabytes:.1f} MB)\n"
-            f"run folder: {_shown_path(trainer.log_dir or trainer.default_root_dir)}"
+            f"run folder: {_shown_path(folder)}"
         )
 
 
