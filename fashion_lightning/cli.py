@@ -110,15 +110,17 @@ class FashionCLI(LightningCLI):
         self.searched = searched
         self.resumable = ResumableTraining()
         restrict_imports()
-        super().__init__(
-            *args,
-            parser_class=OneLineErrorParser,
-            parser_kwargs={"version": __version__},
-            # the optimizer is set in one place, model.optimizer; LightningCLI would also offer
-            # --optimizer, which replaces it in training but not in hparams.yaml or TensorBoard
-            auto_configure_optimizers=False,
-            **kwargs,
-        )
+        with quiet_what_does_not_apply():  # LightningCLI parses, builds and runs in __init__
+            super().__init__(
+                *args,
+                parser_class=OneLineErrorParser,
+                parser_kwargs={"version": __version__},
+                # the optimizer is set in one place, model.optimizer; LightningCLI would also
+                # offer --optimizer, which replaces it in training but not in hparams.yaml or
+                # TensorBoard
+                auto_configure_optimizers=False,
+                **kwargs,
+            )
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         parser.add_lightning_class_args(ClassificationImages, "images")
@@ -363,17 +365,16 @@ def run(
     as the hyperparameter search: the run logs into ``run_dir``, with ``callbacks`` added to
     the trainer's (not to its config.yaml), and errors are raised, not printed."""
     threading.excepthook = _quiet_write_errors_in_threads
-    with quiet_what_does_not_apply():
-        return FashionCLI(
-            ImageClassifier,
-            FashionMNISTDataModule,
-            args=args,
-            save_config_callback=SaveRunConfig,
-            trainer_defaults={"callbacks": callbacks or []},
-            run_dir=run_dir,
-            test_after_fit=test_after_fit,
-            searched=searched,
-        )
+    return FashionCLI(
+        ImageClassifier,
+        FashionMNISTDataModule,
+        args=args,
+        save_config_callback=SaveRunConfig,
+        trainer_defaults={"callbacks": callbacks or []},
+        run_dir=run_dir,
+        test_after_fit=test_after_fit,
+        searched=searched,
+    )
 
 
 def main(args: list[str] | None = None) -> None:
