@@ -42,7 +42,9 @@ def main(argv: list[str] | None = None) -> None:
     from tensorboard import program
 
     parser = argparse.ArgumentParser(
-        prog="python -m fashion_lightning.board", description=__doc__.split("\n\n")[0]
+        prog="python -m fashion_lightning.board",
+        description=__doc__.split("\n\n")[0],
+        epilog="Any other flag goes to tensorboard: --port 6007, --bind_all, --host ...",
     )
     parser.add_argument("--logdir", default="lightning_logs", help="the runs (lightning_logs)")
     args, tensorboard_flags = parser.parse_known_args(sys.argv[1:] if argv is None else argv)

@@ -49,7 +49,7 @@ def parse_args(argv: list[str]):
         "--root",
         type=Path,
         default=Path("lightning_logs"),
-        help="where the runs are (lightning_logs)",
+        help="where the runs are (lightning_logs), or one run's own folder",
     )
     output = parser.add_mutually_exclusive_group()
     output.add_argument("--csv", action="store_true", help="print CSV instead of a table")
