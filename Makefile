@@ -12,10 +12,9 @@ train: $(VENV)/.installed data
 test: $(VENV)/.installed data postgresql lint
 	$(PY) -m pytest
 
-# The runs' curves: open http://localhost:6006/#custom_scalars (train and val on one chart).
+# The runs' curves: TensorBoard, with the links to the project's views printed last.
 tensorboard: $(VENV)/.installed
-	@echo "TensorBoard: http://localhost:6006/#custom_scalars&_smoothingWeight=0 (train and val against epochs; Time Series: http://localhost:6006/?smoothing=0#timeseries)"
-	$(VENV)/bin/tensorboard --logdir lightning_logs
+	$(PY) -m fashion_lightning.board --logdir lightning_logs
 
 # Epoch time of the tutorial's loop, the bare-PyTorch floor and this project (minutes).
 bench: $(VENV)/.installed data

@@ -1,12 +1,14 @@
 """What TensorBoard's extras cost, in a real fit: the pictures, the per-class accuracies, the
-HParams bookkeeping, the training cross-entropy of each step and the scalar writes.
+HParams bookkeeping, the training cross-entropy of each step, the training images evaluated
+at each validation and the scalar writes.
 
     python benchmarks/image_cost.py --epochs 3
 
 Times every hook of ClassificationImages (updating the confusion matrix, drawing, PNG encoding
 and writing) and of HParamsSummary, the per-class accuracy metrics of the model (their
-updates and their 20 tags a validation and test), the sum of each step's cross-entropy (for
-the learning curves against epochs) and every scalar write of the project's logger (those
+updates and their 20 tags a validation and test), the sum of each step's cross-entropy, the
+evaluation of 5,000 training images at each validation (``train_eval/*``, the gap) and every
+scalar write of the project's logger (those
 curves included), during a real ``fit`` of the tutorial's setup, and prints each against the
 run's time.
 """
@@ -62,6 +64,11 @@ class TimedClassifier(ImageClassifier):
 
     _log_per_class = timed("per-class accuracy", ImageClassifier._log_per_class)
     _add_cross_entropy = timed("train cross-entropy", ImageClassifier._add_cross_entropy)
+    # the training images evaluated at each validation, for train_eval/* and the gap
+    on_validation_epoch_start = timed(
+        "training images evaluated", ImageClassifier.on_validation_epoch_start
+    )
+    _log_training_images = timed("training images evaluated", ImageClassifier._log_training_images)
 
 
 def main() -> None:

@@ -10,7 +10,6 @@ from __future__ import annotations
 import os
 import sys
 import threading
-import warnings
 from pathlib import Path
 from typing import Any, Literal
 
@@ -19,7 +18,7 @@ from jsonargparse import ActionConfigFile, Namespace
 from lightning.fabric.plugins import CheckpointIO
 from lightning.fabric.utilities.exceptions import MisconfigurationException
 from lightning.pytorch import Trainer
-from lightning.pytorch.callbacks import Callback, ProgressBar
+from lightning.pytorch.callbacks import Callback, ModelSummary, ProgressBar
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.loggers import Logger
 from lightning.pytorch.utilities.exceptions import SIGTERMException
@@ -81,6 +80,12 @@ from fashion_lightning.run_folders import (
 )
 from fashion_lightning.run_records import run_name
 from fashion_lightning.steps import choose_training_loop
+from fashion_lightning.terminal import (
+    RunSummary,
+    WarningsThatApply,
+    quiet_what_does_not_apply,
+    results_table,
+)
 from fashion_lightning.visuals import ClassificationImages, HParamsSummary
 
 # what `fit` runs without a config: configs/sgd.yaml's values beyond the arguments' defaults
@@ -91,9 +96,6 @@ PLAIN_TENSORBOARD = (
     "lightning.pytorch.loggers.TensorBoardLogger",
     "lightning.pytorch.loggers.tensorboard.TensorBoardLogger",
 )
-
-# The project's ResumableTraining makes a mid-epoch resume exact; Lightning cannot see that.
-warnings.filterwarnings("ignore", message="You're resuming from a checkpoint that ended before")
 
 
 class OneLineErrorParser(LightningArgumentParser):
@@ -144,15 +146,17 @@ class FashionCLI(LightningCLI):
         # data's own defaults are the tutorial's already)
         kwargs["trainer_defaults"] = {**TUTORIAL_TRAINER, **kwargs.get("trainer_defaults", {})}
         kwargs.setdefault("seed_everything_default", TUTORIAL_SEED)
-        super().__init__(
-            *args,
-            parser_class=OneLineErrorParser,
-            parser_kwargs={"version": __version__, "description": DESCRIPTION},
-            # the optimizer is set in one place, model.optimizer; LightningCLI would also offer
-            # --optimizer, which replaces it in training but not in hparams.yaml or TensorBoard
-            auto_configure_optimizers=False,
-            **kwargs,
-        )
+        with quiet_what_does_not_apply():  # LightningCLI parses, builds and runs in __init__
+            super().__init__(
+                *args,
+                parser_class=OneLineErrorParser,
+                parser_kwargs={"version": __version__, "description": DESCRIPTION},
+                # the optimizer is set in one place, model.optimizer; LightningCLI would also
+                # offer --optimizer, which replaces it in training but not in hparams.yaml or
+                # TensorBoard
+                auto_configure_optimizers=False,
+                **kwargs,
+            )
 
     @staticmethod
     def subcommands() -> dict[str, set[str]]:
@@ -241,7 +245,8 @@ class FashionCLI(LightningCLI):
             kwargs["logger"] = logger
         callbacks = _as_list(config.get("callbacks"))
         check_callbacks(callbacks)
-        extra: list[Callback] = [self.resumable]
+        checkpoint = self.checkpoint.path if self.checkpoint is not None else None
+        extra: list[Callback] = [self.resumable, WarningsThatApply(checkpoint)]
         has_logger = (logger or config.get("logger")) not in (None, False) and not config.get(
             "barebones"
         )
@@ -253,6 +258,11 @@ class FashionCLI(LightningCLI):
             isinstance(c, ProgressBar) for c in callbacks
         ):
             extra.append(StepProgressBar())
+        if config.get("enable_model_summary") is not False and not any(
+            isinstance(c, ModelSummary) for c in callbacks
+        ):
+            extra.append(RunSummary())
+            kwargs["enable_model_summary"] = False  # Lightning's table: instead of it
         kwargs["callbacks"] = [*callbacks, *extra]
         plugins = _as_list(config.get("plugins"))
         writers = [p for p in plugins if isinstance(p, CheckpointIO)]
@@ -336,23 +346,26 @@ class FashionCLI(LightningCLI):
         self._run(self.trainer.fit, **kwargs)
 
     def validate(self, **kwargs) -> None:
-        self._run(self.trainer.validate, **kwargs)
+        self._evaluate("validate", self.trainer.validate, **kwargs)
 
     def test(self, **kwargs) -> None:
-        self._run(self.trainer.test, **kwargs)
+        self._evaluate("test", self.trainer.test, **kwargs)
 
     def predict(self, **kwargs) -> None:
         self._run(self.trainer.predict, **kwargs)
 
-    def _run(self, method, **kwargs) -> None:
+    def _evaluate(self, stage: str, method, verbose: bool = True, **kwargs) -> None:
+        """Validate or test, and print the results as Lightning does, without ``step``."""
+        results = self._run(method, verbose=False, **kwargs)
+        if verbose and self.trainer.is_global_zero and results:
+            print(results_table(results, stage))
+
+    def _run(self, method, **kwargs) -> Any:
         """Run a Trainer method with the project's signal handling; a failed write (a full
         disk) becomes one line that names the file, the cause and what is kept."""
         self.resumable.listen()
         try:
-            with warnings.catch_warnings():
-                if self.subcommand != "fit":  # evaluation restores no checkpoint bookkeeping
-                    warnings.filterwarnings("ignore", message="The dirpath has changed from")
-                method(**kwargs)
+            return method(**kwargs)
         except Exception as err:
             failure = write_failure(
                 err, f"the run outputs in {self.trainer.log_dir}", self._what_is_kept()

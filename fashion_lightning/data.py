@@ -6,6 +6,7 @@ your own pictures are :mod:`fashion_lightning.pictures`.
 from __future__ import annotations
 
 import sys
+from collections.abc import Iterator
 
 import lightning as L
 import torch
@@ -329,6 +330,29 @@ class FashionMNISTDataModule(L.LightningDataModule):
 
     def predict_dataloader(self) -> DataLoader:
         return self._loader(self.predict_set)
+
+    def training_images_to_evaluate(self) -> Iterator[tuple[Tensor, Tensor]]:
+        """Batches of training images to evaluate as validation evaluates its own: as many as
+        validation evaluates (its size, ``limit_val_batches`` applied), the first of the
+        training split (a fixed sample: the split is shuffled), this process's share under
+        DDP, on the device, as the model gets validation batches (no augmentation).
+
+        A plain loop, not a second validation loader: Lightning would hand these batches to
+        every callback as validation batches (the confusion matrix, a user's callback)."""
+        trainer = self.trainer
+        count = len(self.val_set)
+        share = torch.arange(trainer.global_rank, count, trainer.world_size)
+        batches = trainer.num_val_batches[0] if trainer.num_val_batches else 0
+        if batches != float("inf"):
+            share = share[: int(batches) * self.eval_batch_size]
+        device = trainer.strategy.root_device
+        for index in share.split(self.eval_batch_size):
+            index = index.to(self.train_set.labels.device)
+            batch = (
+                self.train_set.images[index].to(device),
+                self.train_set.labels[index].to(device),
+            )
+            yield self.on_after_batch_transfer(batch, 0)
 
     def on_after_batch_transfer(self, batch, dataloader_idx: int):
         """Batches stay as the data set holds them, uint8 (the model makes them floats, so

@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 from jsonargparse.typing import ClosedUnitInterval, PositiveInt, restricted_number_type
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
+from lightning.pytorch.trainer.states import TrainerFn
 from torch import Tensor, nn
 from torchmetrics import MeanMetric
 from torchmetrics.classification import MulticlassAccuracy
@@ -161,6 +162,11 @@ class ImageClassifier(L.LightningModule):
         # accuracy within each true class (its recall): 0 for a class the model never predicts
         self.val_acc_class = MulticlassAccuracy(NUM_CLASSES, average=None)
         self.test_acc_class = MulticlassAccuracy(NUM_CLASSES, average=None)
+        # training images measured as validation measures its own, with the same weights, at
+        # each validation of fit: a train accuracy and loss that compare with val's
+        self.train_eval_loss = MeanMetric()
+        self.train_eval_acc = MulticlassAccuracy(NUM_CLASSES, average="micro")
+        self.train_evaluated = False
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         checkpoint[LOOP_KEY] = "lightning" if self.automatic_optimization else "project"
@@ -361,15 +367,19 @@ class ImageClassifier(L.LightningModule):
         logits = self(images)
         getattr(self, f"{stage}_loss").update(F.cross_entropy(logits, labels), weight=len(labels))
         getattr(self, f"{stage}_acc").update(logits, labels)
-        getattr(self, f"{stage}_acc_class").update(logits, labels)
+        if stage != "train_eval":
+            getattr(self, f"{stage}_acc_class").update(logits, labels)
         return logits
 
     def _log_epoch(self, stage: str) -> None:
         self.log(f"{stage}/loss", getattr(self, f"{stage}_loss"))
         self.log(f"{stage}/acc", getattr(self, f"{stage}_acc"), prog_bar=True)
         self._log_per_class(stage)
-        # a validation within an epoch (val_check_interval < 1) has no epoch to be drawn at
-        ends_epoch = stage == "val" and self.trainer.is_last_batch
+        if stage == "val" and self.train_evaluated:
+            self._log_training_images()
+        # a validation within an epoch (val_check_interval < 1), or after one that max_steps
+        # cut short, has no epoch to be drawn at
+        ends_epoch = stage == "val" and self.trainer.is_last_batch and not self.epoch_cut_short
         if ends_epoch and not self.trainer.sanity_checking:
             self.validated_this_epoch = True
         self._log_at_optimizer_step(with_epoch=ends_epoch)
@@ -387,6 +397,31 @@ class ImageClassifier(L.LightningModule):
         for tag, value in zip(CLASS_TAGS, per_class.compute(), strict=True):  # synced under DDP
             self.log(f"{stage}/acc_class/{tag}", value)
         per_class.reset()
+
+    def on_validation_epoch_start(self) -> None:
+        """In fit, evaluate training images (as many as validation has) as validation evaluates
+        its own. Lightning runs the callbacks' hook first: a weight average (EMAWeightAveraging)
+        is in place here as it is in ``validation_step``, so both use the same weights."""
+        trainer = self.trainer
+        batches = getattr(trainer.datamodule, "training_images_to_evaluate", None)
+        fitting = trainer.state.fn == TrainerFn.FITTING and not trainer.sanity_checking
+        self.train_evaluated = fitting and batches is not None
+        if not self.train_evaluated:
+            return
+        with torch.no_grad():
+            for batch in batches():
+                self._evaluate(batch, "train_eval")
+
+    def _log_training_images(self) -> None:
+        """``train_eval/acc`` and ``/loss``, and how much better the training images come out
+        than the validation images (accuracy: train - val; loss: val - train): about 0 while
+        the model generalises, growing as it overfits."""
+        accuracy, loss = self.train_eval_acc.compute(), self.train_eval_loss.compute()  # synced
+        self.log("train_eval/acc", self.train_eval_acc)
+        self.log("train_eval/loss", self.train_eval_loss)
+        # the same on every process (synced metrics): sync_dist's mean keeps them exact
+        self.log("train_eval/acc_gap", accuracy - self.val_acc.compute(), sync_dist=True)
+        self.log("train_eval/loss_gap", self.val_loss.compute() - loss, sync_dist=True)
 
     def validation_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
         return self._evaluate(batch, "val")

@@ -106,6 +106,8 @@ class RunCheckpoint(ModelCheckpoint):
     - The folder is made absolute, so that a resume that spells it differently (``.``) is the
       same run and keeps writing the same ``last.ckpt`` (Lightning compares it as a string).
     - A ``fast_dev_run`` writes no checkpoint.
+    - ``{epoch}`` in a file name counts from 1, as the runs table and TensorBoard do
+      (``epoch04-...`` is written in the fourth epoch; Lightning counts from 0).
 
     Only ModelCheckpoint's public hooks and ``Trainer.save_checkpoint`` are used.
     """
@@ -137,6 +139,11 @@ class RunCheckpoint(ModelCheckpoint):
         super().setup(trainer, pl_module, stage)
         if self.dirpath and "://" not in str(self.dirpath):
             self.dirpath = os.path.realpath(self.dirpath)
+
+    def format_checkpoint_name(self, metrics: dict[str, Any], *args: Any, **kwargs: Any) -> str:
+        if "epoch" in metrics:  # counted from 1
+            metrics = {**metrics, "epoch": metrics["epoch"] + 1}
+        return super().format_checkpoint_name(metrics, *args, **kwargs)
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         folder = state_dict.get("dirpath")

@@ -23,7 +23,13 @@ from lightning.pytorch.loggers import CSVLogger, Logger, TensorBoardLogger
 from lightning.pytorch.utilities.rank_zero import rank_zero_only
 
 from fashion_lightning.files import atomic_write, claim_file
-from fashion_lightning.run_records import CONFIG_FILE, EVENTS_PREFIX, event_records, last_steps
+from fashion_lightning.run_records import (
+    CONFIG_FILE,
+    EPOCHS_DONE,
+    EVENTS_PREFIX,
+    event_records,
+    last_steps,
+)
 from fashion_lightning.visuals import EPOCH_CURVES
 
 PROCESS_STARTED = time.time()  # files of this process's pid from before are another's
@@ -49,8 +55,9 @@ def claim_version(folder: Path, prefix: str = "version_") -> str:
 class RunFolderLogger(TensorBoardLogger):
     """Lightning's TensorBoardLogger, except that a new run claims its folder atomically, the
     folder is named after the run's config (``sgd_0``, ``sgd_1``, ``best_0``; ``version_N``
-    without one), the ``epoch`` counter is not written, and the learning curves are written
-    a second time against epochs done (``epoch/acc_val``..., see ``visuals.EPOCH_CURVES``).
+    without one), the ``epoch`` counter is not written (``train/epochs_done`` marks each whole
+    epoch's end instead), and the learning curves are written a second time against epochs
+    done (``epoch/acc_val``..., see ``visuals.EPOCH_CURVES``).
 
     This is the project's default logger, and a ``TensorBoardLogger`` named in a config is
     swapped for it; its arguments are TensorBoardLogger's. The folder is claimed when the run
@@ -96,6 +103,8 @@ class RunFolderLogger(TensorBoardLogger):
         if epoch is None:
             return
         done = int(epoch) + 1
+        if "train/acc" in metrics:  # a whole training epoch's end: where runs counts epochs
+            super().log_metrics({EPOCHS_DONE: done}, step)
         curves = {
             EPOCH_CURVES[k]: v
             for k, v in metrics.items()

@@ -48,9 +48,13 @@ NOT_SETTINGS = (
     "checkpoint.",
     "images.",
 )
-CURVES = ("val/acc", "val/loss", "train/cross_entropy", "train/loss", "test/acc")
-# written at each training epoch's end, at the same write: the optimizer steps done, and the
-# epochs done (runs from before epoch/* have train/acc alone)
+# train_eval/*: the training images evaluated at each validation, with the weights validated
+TRAIN_EVAL = ("train_eval/acc", "train_eval/loss", "train_eval/acc_gap", "train_eval/loss_gap")
+CURVES = ("val/acc", "val/loss", "train/cross_entropy", "train/loss", "test/acc", *TRAIN_EVAL)
+# the epochs done, at each whole training epoch's end, at the optimizer steps done
+EPOCHS_DONE = "train/epochs_done"
+# runs from before train/epochs_done: train/acc at each epoch's end and, since the curves
+# against epochs, the epochs done with it (epoch/acc_train, the same value)
 EPOCH_ENDS = ("train/acc", "epoch/acc_train")
 
 
@@ -67,8 +71,11 @@ class RunRecord:
     best_val_acc: float | None = None
     best_epoch: int | None = None
     test_acc: float | None = None
+    train_acc: float | None = None  # the training images at the last validation (train_eval)
+    gap: float | None = None  # train_acc minus val/acc at the last validation
+    started: float = 0.0  # the time its first event was written (TensorBoard orders runs so)
     wall_seconds: float = 0.0
-    state: str = "unknown"  # finished, stopped, running, failed, evaluated, unknown
+    state: str = "unreadable"  # finished, stopped, running, failed, evaluated, unreadable
     problem: str = ""  # why the folder could not be read (whole or in part)
     # tag -> [(epoch, value)]: val/* at each validation, train/cross_entropy at each epoch's
     # end, train/loss at each logged step
@@ -93,18 +100,35 @@ def run_name(config_files: list[str | os.PathLike]) -> str | None:
     return "+".join(n for n in names if n) or None
 
 
-def find_run_folders(root: Path) -> Iterator[Path]:
+def find_run_folders(root: Path) -> list[Path]:
     """Every folder below ``root`` that holds a run's files (events, a config or checkpoints),
-    not looking inside a run (a search's trials are runs two levels down)."""
+    not looking inside a run (a search's trials are runs two levels down).
+
+    A run is listed once, by its own path rather than through a symbolic link to it; a link
+    to a folder outside the root is followed, and a link back up (to the root itself) is not
+    walked again."""
+    found: dict[str, Path] = {}  # the run's real path -> the path it is listed by
+    _walk(root, found, links=False, walked=set())
+    _walk(root, found, links=True, walked=set())  # runs reached only through a link
+    return list(found.values())
+
+
+def _walk(folder: Path, found: dict[str, Path], links: bool, walked: set[str]) -> None:
+    real = os.path.realpath(folder)
+    if real in walked:  # a link to a folder walked already: the root, a parent
+        return
+    walked.add(real)
     try:
-        children = sorted(p for p in root.iterdir() if p.is_dir())
+        children = sorted(p for p in folder.iterdir() if p.is_dir())
     except OSError:
         return
     for child in children:
-        if is_run_folder(child):
-            yield child
+        if child.is_symlink() and not links:
+            continue
+        if not is_run_folder(child):
+            _walk(child, found, links, walked)
         else:
-            yield from find_run_folders(child)
+            found.setdefault(os.path.realpath(child), child)
 
 
 def is_run_folder(folder: Path) -> bool:
@@ -133,23 +157,30 @@ def read_run(folder: Path, root: Path) -> RunRecord:
         record.planned_epochs = epochs if isinstance(epochs, int) else None
     except (OSError, ValueError, yaml.YAMLError, AttributeError) as err:
         problems.append(f"config: {first_line(err)}")
+    events = 0
     try:
-        scalars, spans, live = _read_events(folder)
+        scalars, spans, live, events, record.started = _read_events(folder)
     except Exception as err:  # a damaged record (protobuf's DecodeError), an unreadable file
         scalars, spans, live = {}, [], False
         problems.append(f"events: {type(err).__name__}: {first_line(err)}")
+    csv_read = False
     if not scalars and (folder / CSV_METRICS).is_file():  # a run of Lightning's CSVLogger
         try:
             scalars, spans = _read_csv_metrics(folder)
+            csv_read = True
         except (OSError, ValueError, csv.Error) as err:
             problems.append(f"{CSV_METRICS}: {first_line(err)}")
     _summarize(record, scalars)
     record.wall_seconds = sum(spans)
-    record.state = _state(record, folder, live, scalars)
+    if not (events or csv_read) and not any(
+        p.startswith(("events", CSV_METRICS)) for p in problems
+    ):
+        written = any(folder.glob(EVENTS_GLOB))
+        problems.append("events: none readable" if written else "events: none written")
+    readable = events > 0 or csv_read or not any(p.startswith("config") for p in problems)
+    record.state = _state(record, folder, live, scalars, readable)
     if record.state == "evaluated":  # it trained no epochs: its values are of its checkpoint
         record.epochs_done, record.best_epoch = 0, None
-    if not scalars and not any(p.startswith(("events", CSV_METRICS)) for p in problems):
-        problems.append("events: none readable")
     record.problem = "; ".join(problems)
     return record
 
@@ -200,13 +231,17 @@ def _short(key: str) -> str:
     return key
 
 
-def _read_events(folder: Path) -> tuple[dict[str, dict[int, float]], list[float], bool]:
+def _read_events(
+    folder: Path,
+) -> tuple[dict[str, dict[int, float]], list[float], bool, int, float]:
     """The scalars of every events file in order (tag -> step -> value, what a resumed run
-    purged dropped, as TensorBoard does), the seconds each process wrote for, and whether a
-    process that writes them still runs on this machine."""
+    purged dropped, as TensorBoard does), the seconds each process wrote for, whether a
+    process that writes them still runs on this machine, how many events were read, and the
+    time of the first."""
     scalars: dict[str, dict[int, float]] = {}
     times: dict[str, list[float]] = {}
     live = False
+    read = 0
     for path in sorted(folder.glob(EVENTS_GLOB), key=_events_order):
         created, host, pid, _ = _writer_of(path)
         writer = f"{host}:{pid}"
@@ -214,17 +249,18 @@ def _read_events(folder: Path) -> tuple[dict[str, dict[int, float]], list[float]
             started = process_started_at(pid)
             live = process_running(pid) and (started is None or started <= created + 1)
         for event in event_records(path):
+            read += 1
             if event.HasField("session_log") and event.session_log.status == 1:  # START
                 for values in scalars.values():  # a resume: what followed its checkpoint goes
                     for step in [s for s in values if s >= event.step]:
                         del values[step]
             for value in event.summary.value:
-                if value.tag in CURVES or value.tag in EPOCH_ENDS:
+                if value.tag in CURVES or value.tag in EPOCH_ENDS or value.tag == EPOCHS_DONE:
                     scalars.setdefault(value.tag, {})[event.step] = _number(value)
             if event.wall_time:
                 times.setdefault(writer, []).append(event.wall_time)
     spans = [max(t) - min(t) for t in times.values()]
-    return scalars, spans, live
+    return scalars, spans, live, read, min((min(t) for t in times.values()), default=0.0)
 
 
 def _read_csv_metrics(folder: Path) -> tuple[dict[str, dict[int, float]], list[float]]:
@@ -325,6 +361,9 @@ def _summarize(record: RunRecord, scalars: dict[str, dict[int, float]]) -> None:
         record.best_epoch = math.ceil(_epoch_at(validations[best][0], ends))
     if scalars.get("test/acc"):
         record.test_acc = sorted(scalars["test/acc"].items())[-1][1]
+    if scalars.get("train_eval/acc") and scalars.get("train_eval/acc_gap"):
+        record.train_acc = sorted(scalars["train_eval/acc"].items())[-1][1]
+        record.gap = sorted(scalars["train_eval/acc_gap"].items())[-1][1]
 
 
 def _epoch_ends(
@@ -332,11 +371,14 @@ def _epoch_ends(
 ) -> list[tuple[int, float]]:
     """(optimizer steps, epochs done) at the end of each training epoch.
 
-    A run writes train/acc at each epoch's end and, since the curves against epochs, the
-    epochs done with it (epoch/acc_train), the same value: each of those is paired with the
-    next train/acc of its value (an epoch max_steps cut short has a train/acc alone). Older
-    runs, and validate or test commands, have validations only: the k-th ends epoch k times
+    A run writes them as train/epochs_done. Runs from before it wrote train/acc at each
+    epoch's end and, since the curves against epochs, the epochs done with it
+    (epoch/acc_train), the same value: each of those is paired with the next train/acc of its
+    value (an epoch max_steps cut short has a train/acc alone). Older runs, and validate or
+    test commands, have validations only: the k-th ends epoch k times
     ``check_val_every_n_epoch``."""
+    if scalars.get(EPOCHS_DONE):
+        return [(step, float(done)) for step, done in sorted(scalars[EPOCHS_DONE].items())]
     steps, epochs = (sorted(scalars.get(tag, {}).items()) for tag in EPOCH_ENDS)
     unpaired = iter(steps)  # each search goes on after the previous pair
     ends = []
@@ -361,7 +403,10 @@ def _epoch_at(step: int, ends: list[tuple[int, float]]) -> float:
     return 0.0
 
 
-def _state(record: RunRecord, folder: Path, live: bool, scalars: dict) -> str:
+def _state(record: RunRecord, folder: Path, live: bool, scalars: dict, readable: bool) -> str:
+    """finished, running, stopped (``--ckpt_path last`` continues it), evaluated (a validate or
+    test command), failed (ended before its last epoch with nothing to continue from: an error,
+    a kill in its first epoch), or unreadable (neither its config nor its events)."""
     trained = any(tag.startswith("train/") for tag in scalars)
     if scalars and not trained and not any((folder / "checkpoints").glob("*.ckpt")):
         return "evaluated"  # a validate or test command: its folder has no training
@@ -375,4 +420,4 @@ def _state(record: RunRecord, folder: Path, live: bool, scalars: dict) -> str:
         return "running"
     if any((folder / "checkpoints").glob("last*.ckpt")):
         return "stopped"
-    return "failed" if scalars else "unknown"
+    return "failed" if readable else "unreadable"

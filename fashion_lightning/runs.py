@@ -5,8 +5,10 @@
     python -m fashion_lightning runs --plot runs.png        # val/acc and the losses per epoch
 
 A row: the run's folder, its config, the settings that differ between the runs listed, the
-epochs done and planned, the best ``val/acc`` and its epoch, ``test/acc``, the wall time and
-whether it finished, was stopped (``--ckpt_path last`` continues it), still runs or failed.
+epochs done and planned, the best ``val/acc`` and its epoch, the accuracy on training images
+at the last validation and its gap to ``val/acc`` there (``train_eval/*``), ``test/acc``,
+the wall time and whether it finished, was stopped (``--ckpt_path last`` continues it), still
+runs or failed.
 It reads what every run writes already (runs made before this command included); a folder it
 cannot read is listed with the reason.
 """
@@ -21,7 +23,8 @@ from collections import Counter
 from pathlib import Path
 
 from fashion_lightning.errors import OneLineErrorParser, UserError, exit_with
-from fashion_lightning.run_records import RunRecord, find_run_folders, read_run
+from fashion_lightning.run_records import RunRecord, find_run_folders, is_run_folder, read_run
+from fashion_lightning.runs_plot import plot
 
 PROG = "python -m fashion_lightning runs"
 # the settings that set a run apart come last: they are as long as they are many
@@ -31,6 +34,8 @@ COLUMNS = (
     "epochs",
     "best val/acc",
     "epoch",
+    "last train",
+    "gap (pt)",
     "test/acc",
     "time",
     "state",
@@ -47,24 +52,35 @@ def parse_args(argv: list[str]):
         "--root",
         type=Path,
         default=Path("lightning_logs"),
-        help="where the runs are (lightning_logs)",
+        help="where the runs are (lightning_logs), or one run's own folder",
     )
     output = parser.add_mutually_exclusive_group()
     output.add_argument("--csv", action="store_true", help="print CSV instead of a table")
     output.add_argument("--json", action="store_true", help="print JSON instead of a table")
     parser.add_argument(
-        "--plot", type=Path, metavar="FILE.png", help="also draw val/acc and the losses per epoch"
+        "--plot",
+        type=Path,
+        metavar="FILE.png",
+        help="also draw train and val accuracy and loss, and their gap, per epoch",
     )
     return parser.parse_args(argv)
 
 
 def collect(root: Path) -> list[RunRecord]:
     """Every run under ``root``, best ``val/acc`` first (runs without one last, by name)."""
+    if root.exists() and not root.is_dir():
+        raise UserError(
+            f"--root {root}: a file, not a folder; give the folder the runs are in "
+            "(lightning_logs) or a run's own folder"
+        )
     if not root.is_dir():
         raise UserError(
             f"--root {root}: no such folder; runs are kept in lightning_logs/ of the folder you train from"
         )
     records = [read_run(folder, root) for folder in find_run_folders(root)]
+    if is_run_folder(root):  # a run's own folder (lightning_logs/sgd_0): that run too
+        whole = Path(os.path.abspath(root))  # sgd_0/. is named sgd_0
+        records.append(read_run(whole, whole.parent))
     return sorted(records, key=lambda r: (r.best_val_acc is None, -(r.best_val_acc or 0), r.name))
 
 
@@ -107,6 +123,8 @@ def row(record: RunRecord, differs: list[str]) -> dict[str, str]:
         "epochs": "-" if record.state == "evaluated" else f"{record.epochs_done}/{planned}",
         "best val/acc": _percent(record.best_val_acc),
         "epoch": "-" if record.best_epoch is None else str(record.best_epoch),
+        "last train": _percent(record.train_acc),
+        "gap (pt)": "-" if record.gap is None else f"{100 * record.gap:+.2f}",
         "test/acc": _percent(record.test_acc),
         "time": _duration(record.wall_seconds),
         "state": state,
@@ -125,7 +143,7 @@ def _duration(seconds: float) -> str:
 
 def table(rows: list[dict[str, str]]) -> str:
     """Aligned text columns, numbers right-aligned."""
-    right = {"epochs", "best val/acc", "epoch", "test/acc", "time"}
+    right = {"epochs", "best val/acc", "epoch", "last train", "gap (pt)", "test/acc", "time"}
     widths = {c: max([len(c), *(len(r[c]) for r in rows)]) for c in COLUMNS}
     lines = []
     for cells in [{c: c for c in COLUMNS}, *rows]:
@@ -143,6 +161,8 @@ def _outcome(r: RunRecord) -> dict:
         "epochs_planned": r.planned_epochs,
         "best_val_acc": r.best_val_acc,
         "best_epoch": r.best_epoch,
+        "last_train_acc": r.train_acc,
+        "last_gap": r.gap,
         "test_acc": r.test_acc,
         "wall_seconds": round(r.wall_seconds, 1),
         "state": r.state,
@@ -176,64 +196,6 @@ def write_csv(records: list[RunRecord], keys: list[str]) -> None:
         writer.writerow(
             {"run": r.name, "config": r.config, **settings, **_outcome(r), "problem": r.problem}
         )
-
-
-def _xy(points: list[tuple[float, float]]) -> tuple[list[float], list[float]]:
-    return [x for x, _ in points], [y for _, y in points]
-
-
-def plot(records: list[RunRecord], path: Path) -> None:
-    """val/acc, and train and val loss, against epochs: one colour a run."""
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ModuleNotFoundError:
-        raise UserError(
-            "--plot needs matplotlib: pip install matplotlib (make installs it)"
-        ) from None
-    drawn = [r for r in records if r.curves.get("val/acc")]
-    figure, (accuracy, loss) = plt.subplots(1, 2, figsize=(13, 5), layout="constrained")
-    # one colour a run: ten distinct ones, twenty beyond (paired shades)
-    colours = plt.get_cmap("tab10" if len(drawn) <= 10 else "tab20").colors
-    for index, record in enumerate(drawn):
-        colour = colours[index % len(colours)]
-        # the epoch's plain cross-entropy, which compares with val/loss; a run from before it
-        # has train/loss, and its label says so
-        train = "train/cross_entropy" if record.curves.get("train/cross_entropy") else "train/loss"
-        older = train == "train/loss" and record.curves.get(train)
-        label = f"{record.name} (dotted: train/loss)" if older else record.name
-        accuracy.plot(*_xy(record.curves["val/acc"]), color=colour, marker=".", label=label)
-        if record.curves.get("val/loss"):
-            loss.plot(*_xy(record.curves["val/loss"]), color=colour, marker=".")
-        if record.curves.get(train):
-            loss.plot(
-                *_xy(record.curves[train]),
-                color=colour,
-                linestyle=":",
-                alpha=0.7,
-            )
-    accuracy.set(title="val/acc at each validation", xlabel="epoch", ylabel="accuracy")
-    loss.set(
-        title="val/loss (solid): cross-entropy, weights validated\n"
-        "train/cross_entropy (dotted): of the epoch's training batches\n"
-        "(older runs: train/loss, the loss optimized, as logged)",
-        xlabel="epoch",
-        ylabel="loss",
-    )
-    for axes in (accuracy, loss):
-        axes.grid(alpha=0.3)
-    if drawn:  # the runs once, beside both charts: it stays readable with many runs
-        columns = 1 + len(drawn) // 26
-        figure.legend(loc="outside right upper", fontsize=8, ncols=columns)
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        figure.savefig(path, dpi=100)
-    except (OSError, ValueError) as err:
-        raise UserError(f"--plot {path}: cannot write it ({err})") from None
-    finally:
-        plt.close(figure)
 
 
 def main(argv: list[str] | None = None) -> None:

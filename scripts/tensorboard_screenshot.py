@@ -9,9 +9,9 @@
 
 Starts a real TensorBoard server on 127.0.0.1 over the runs and photographs four of its
 pages with headless Chromium (Debian's ``chromium`` package: ``apt-get install -y chromium``)
-in a 1280x800 window, a usual laptop's: the Custom Scalars layout (train and val loss and
-accuracy on shared charts), Time Series' first view, the HParams table, and best.yaml's
-validation pictures at their normal card size.
+in a 1280x800 window, a usual laptop's: the two views ``make tensorboard`` links to (Custom
+Scalars: the gaps, then train next to val; Time Series, a colour a config), the HParams
+table, and best.yaml's validation pictures at their normal card size.
 """
 
 from __future__ import annotations
@@ -23,13 +23,19 @@ from pathlib import Path
 from headless import free_port, photograph, server
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from fashion_lightning.board import VIEWS  # noqa: E402 - this checkout's, not an installed one
+
+CUSTOM_SCALARS, TIME_SERIES = (view for view, _ in VIEWS)
 # (file name, TensorBoard page, window width,height)
 PAGES = (
-    # the pages `make tensorboard` links to: values as measured (no smoothing)
-    ("scalars", "#custom_scalars&_smoothingWeight=0", "1280,800"),
+    # the pages `make tensorboard` links to: values as measured (no smoothing), a colour a
+    # config in Time Series
+    ("scalars", CUSTOM_SCALARS, "1280,800"),
     # forceSVG: the same charts drawn as SVG, at once; headless Chromium photographs the
     # off-screen canvas TensorBoard draws by default before it is drawn, now and then
-    ("timeseries", "?smoothing=0&forceSVG=true#timeseries", "1280,800"),
+    ("timeseries", TIME_SERIES.replace("?", "?forceSVG=true&", 1), "1280,800"),
     ("hparams", "#hparams", "1280,800"),
     # the Images tab opens on the test group: its own filters show the validation pictures
     ("images", "#images&tagFilter=val%2Fpredictions%7Cval%2Fconfusion&regexInput=best", "1280,800"),

@@ -307,3 +307,14 @@ def exports(model, folder: Path) -> dict:
         "torch.export": exported,
         "torchscript": scripted,
     }
+
+
+class RecordProgressBarMetrics(Callback):
+    """Keeps the names the progress bar shows at each epoch's end in
+    ``RecordProgressBarMetrics.seen``."""
+
+    seen: list[list[str]] = []  # noqa: RUF012 - read by the test that runs it in this process
+
+    def on_train_epoch_end(self, trainer, pl_module) -> None:
+        bar = trainer.progress_bar_callback
+        RecordProgressBarMetrics.seen.append(sorted(bar.get_metrics(trainer, pl_module)))

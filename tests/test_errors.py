@@ -372,7 +372,7 @@ def test_a_full_disk_while_checkpointing_is_one_line_and_keeps_the_last_checkpoi
     assert len(errors) == 1, errors
     folder = copy / "lightning_logs" / "sgd_0" / "checkpoints"
     assert errors[0].startswith(
-        f"error: cannot write {disk}/lightning_logs/sgd_0/checkpoints/epoch01"
+        f"error: cannot write {disk}/lightning_logs/sgd_0/checkpoints/epoch02"
     )
     assert ": No space left on device; the newest complete checkpoint is " in errors[0]
     assert errors[0].endswith("; free space, then continue with --ckpt_path last")

@@ -103,7 +103,7 @@ def test_last_ckpt_is_the_latest_epoch_whatever_the_monitor_says(data_dir, tmp_p
     main(fit_args(data_dir, tmp_path, "--trainer.max_epochs=3", "--checkpoint.mode=min", *TINY))
     folder = tmp_path / "lightning_logs" / "sgd_0" / "checkpoints"
     best = [p for p in folder.iterdir() if p.name != "last.ckpt"]
-    assert [p.name[:7] for p in best] == ["epoch00"]
+    assert [p.name[:7] for p in best] == ["epoch01"]  # epochs count from 1, as in the table
     last = _load(folder / "last.ckpt")
     assert (last["epoch"], last["global_step"]) == (2, 30)
 

@@ -6,12 +6,14 @@ import csv
 import io
 import json
 import os
+import re
 import shutil
 import signal
 import socket
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 from PIL import Image
@@ -19,7 +21,8 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 
 from fashion_lightning.cli import main
 from fashion_lightning.run_folders import RunFolderLogger
-from fashion_lightning.run_records import read_run
+from fashion_lightning.run_records import RunRecord, read_run
+from fashion_lightning.runs_plot import TENSORBOARD_COLOURS, run_styles
 from tests.helpers import ROOT, SHORT, TINY, fit_args, last_line, run_cli
 
 pytestmark = pytest.mark.slow
@@ -59,6 +62,12 @@ def runs_root(data_dir, tmp_path_factory):
         "--trainer.callbacks.step=40",
     )
     assert stopped.returncode == 143, stopped.stderr[-2000:]  # sgd_1, stopped in epoch 1
+    killed = run_cli(
+        *fit_args(data_dir, root, *SHORT),
+        "--trainer.callbacks+=tests.helpers.KillAt",
+        "--trainer.callbacks.step=3",
+    )
+    assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]  # sgd_2, in epoch 1
 
     runs = root / "lightning_logs"
     shutil.copytree(runs / "sgd_0", runs / "version_0")  # a run made before runs had names
@@ -91,6 +100,7 @@ def test_the_table_ranks_runs_and_says_what_each_is(runs_root):
     assert set(rows) == {
         "sgd_0",
         "sgd_1",
+        "sgd_2",
         "adam_0",
         "version_0",
         "torn_0",
@@ -106,11 +116,20 @@ def test_the_table_ranks_runs_and_says_what_each_is(runs_root):
     assert rows["adam_0"].split()[1] == "adam" and rows["version_0"].split()[1] == "-"
     assert rows["tune/mlp/trial_3"].split()[1] == "-"  # found two levels down, not a config
     assert " 2/2 " in rows["sgd_0"] and " finished " in rows["sgd_0"]
+    last_train, gap = rows["sgd_0"].split()[5:7]  # the training images, the gap in points
+    assert re.fullmatch(r"\d+\.\d\d%", last_train) and re.fullmatch(r"[+-]\d+\.\d\d", gap)
     assert " 1/3 " in rows["sgd_1"] and " stopped " in rows["sgd_1"]
+    # killed in its first epoch: its events hold no epoch yet, and nothing continues it
+    cells = rows["sgd_2"].split()
+    assert cells[2:8] == ["0/2", "-", "-", "-", "-", "-"] and cells[9] == "failed", cells
     assert " running " in rows["live_0"]
     assert "failed (config: no config.yaml)" in rows["torn_0"]
     assert "%" in rows["torn_0"]  # what was written whole is read
     assert "config" in rows["notes"] and "events" in rows["notes"]  # listed with the reason
+    assert " unreadable (" in rows["notes"]
+    # a checkpoint's name counts epochs as the table does
+    best = next((runs_root / "sgd_0" / "checkpoints").glob("epoch*.ckpt")).name
+    assert best.startswith(f"epoch{int(rows['sgd_0'].split()[4]):02d}-"), (best, rows["sgd_0"])
 
 
 def test_json_gives_the_numbers_the_events_hold(runs_root):
@@ -123,6 +142,10 @@ def test_json_gives_the_numbers_the_events_hold(runs_root):
     assert sgd["best_epoch"] == val_acc.index(max(val_acc)) + 1
     assert sgd["test_acc"] == pytest.approx(_scalars(runs_root / "sgd_0", "test/acc")[-1])
     assert sgd["epochs_done"] == sgd["epochs_planned"] == 2 and sgd["state"] == "finished"
+    # the training images at the last validation, and their gap to val/acc there
+    train = _scalars(runs_root / "sgd_0", "train_eval/acc")
+    assert sgd["last_train_acc"] == pytest.approx(train[-1])
+    assert sgd["last_gap"] == pytest.approx(train[-1] - val_acc[-1], abs=1e-6)
     assert 0 < sgd["wall_seconds"] < 600
     assert sgd["differs"]["optimizer"] == "SGD" and runs["adam_0"]["differs"]["optimizer"] == "Adam"
     assert runs["version_0"]["best_val_acc"] == sgd["best_val_acc"]
@@ -132,7 +155,7 @@ def test_csv_has_a_column_per_differing_setting(runs_root):
     result = _runs("--root", str(runs_root), "--csv")
     assert result.returncode == 0, result.stderr
     rows = list(csv.DictReader(io.StringIO(result.stdout)))
-    assert len(rows) == 8
+    assert len(rows) == 9
     assert {"run", "config", "optimizer", "best_val_acc", "test_acc", "state"} <= set(rows[0])
     assert "data_dir" not in rows[0] and "default_root_dir" not in rows[0]  # where, not what
 
@@ -142,7 +165,7 @@ def test_the_plot_draws_the_runs_against_epochs(runs_root, tmp_path):
     result = _runs("--root", str(runs_root), "--plot", str(picture))
     assert result.returncode == 0, result.stderr
     with Image.open(picture) as image:
-        assert image.size == (1300, 500)
+        assert image.size == (1500, 800)
         assert len(image.getcolors(1 << 20) or []) > 50  # lines drawn, not an empty frame
 
 
@@ -151,6 +174,9 @@ def test_a_missing_root_or_unknown_flag_is_one_line(tmp_path):
     assert missing.returncode == 1
     assert last_line(missing.stderr).startswith(f"error: --root {tmp_path / 'nowhere'}: no such")
     assert len(missing.stderr.strip().splitlines()) == 1
+    file = _runs("--root", "README.md")
+    assert file.returncode == 1 and len(file.stderr.strip().splitlines()) == 1
+    assert last_line(file.stderr).startswith("error: --root README.md: a file, not a folder;")
     unknown = _runs("--sort", "name")
     assert unknown.returncode == 2 and "--help" in unknown.stderr
     assert len(unknown.stderr.strip().splitlines()) == 1
@@ -213,3 +239,49 @@ def test_a_validate_commands_folder_is_evaluated_not_failed(tmp_path):
     row = result.stdout.splitlines()[1].split()
     assert row[:4] == ["lightning_logs/sgd_0", "sgd", "-", "70.00%"] and "evaluated" in row
     assert read_run(folder, tmp_path / "lightning_logs").state == "evaluated"
+
+
+def test_a_run_folder_as_the_root_lists_that_run(runs_root):
+    result = _runs("--root", str(runs_root / "adam_0"))
+    assert result.returncode == 0, result.stderr
+    _, *lines = result.stdout.splitlines()
+    assert [line.split()[:3] for line in lines] == [["adam_0", "adam", "2/2"]]
+    assert "finished" in lines[0]
+
+
+def test_a_run_is_listed_once_whatever_links_to_it(runs_root, tmp_path):
+    root = tmp_path / "lightning_logs"
+    shutil.copytree(runs_root / "adam_0", root / "adam_0")
+    (root / "aa_adam").symlink_to(root / "adam_0")  # sorts before the run it names
+    (root / "sgd_0").symlink_to(runs_root / "sgd_0")  # a run kept elsewhere: listed
+    (root / "same_sgd").symlink_to(runs_root / "sgd_0")
+    (root / "loop").symlink_to(root)  # a link to the root itself: not walked again
+    (root / "nested").mkdir()
+    (root / "nested" / "up").symlink_to(root)
+    result = _runs("--root", str(root), "--json")
+    assert result.returncode == 0, result.stderr
+    names = sorted(run["run"] for run in json.loads(result.stdout))
+    assert names[0] == "adam_0" and len(names) == 2, names
+    assert names[1] in ("same_sgd", "sgd_0")
+
+
+def test_a_plot_with_no_runs_is_an_error_and_writes_nothing(tmp_path):
+    (tmp_path / "lightning_logs").mkdir()
+    picture = tmp_path / "runs.png"
+    result = _runs("--root", str(tmp_path / "lightning_logs"), "--plot", str(picture))
+    assert result.returncode == 1
+    assert last_line(result.stderr) == (
+        f"error: --plot {picture}: no run here has a val/acc to draw; nothing was written"
+    )
+    assert not picture.exists()
+
+
+def test_each_config_keeps_one_colour_in_the_order_tensorboard_gives_them():
+    started = {"sgd_0": 1.0, "adam_0": 2.0, "sgd_1": 3.0, "best_0": 4.0, "tune/mlp/trial_3": 5.0}
+    records = [RunRecord(name, Path(name), started=time) for name, time in started.items()]
+    styles = run_styles(records)
+    assert styles["sgd_0"] == (TENSORBOARD_COLOURS[0], "-")
+    assert styles["sgd_1"] == (TENSORBOARD_COLOURS[0], "--")  # the config's second run
+    assert styles["adam_0"][0] == TENSORBOARD_COLOURS[1]
+    assert styles["best_0"][0] == TENSORBOARD_COLOURS[2]
+    assert styles["tune/mlp/trial_3"][0] == TENSORBOARD_COLOURS[3]

@@ -3,6 +3,12 @@
 from __future__ import annotations
 
 import io
+import json
+import re
+import socket
+import subprocess
+import sys
+import urllib.request
 
 import pytest
 import torch
@@ -13,11 +19,10 @@ from tensorboard.plugins.custom_scalar import layout_pb2
 from tensorboard.plugins.hparams import plugin_data_pb2
 
 from fashion_lightning.cli import main
-from fashion_lightning.fashion_mnist import CLASS_NAMES
-from fashion_lightning.visuals import (
+from fashion_lightning.data import FashionMNISTDataModule
+from fashion_lightning.drawings import (
     CELL_H,
     CELL_W,
-    EPOCH_CURVES,
     LEFT,
     RIGHT,
     TOP,
@@ -26,6 +31,9 @@ from fashion_lightning.visuals import (
     render_predictions,
     share_colour,
 )
+from fashion_lightning.fashion_mnist import CLASS_NAMES
+from fashion_lightning.model import ImageClassifier
+from fashion_lightning.visuals import EPOCH_CURVES
 from tests.helpers import ROOT, RecordCrossEntropy, fit_args
 
 
@@ -128,6 +136,7 @@ def test_two_runs_with_different_optimizers_compare_at_a_glance(trained_run, ada
         "test/acc",
         "val/acc",
         "val/loss",
+        "train_eval/acc_gap",
     ]
 
     for events in (sgd, adam):
@@ -147,26 +156,51 @@ def test_two_runs_with_different_optimizers_compare_at_a_glance(trained_run, ada
             e.step for e in events.Scalars("test/acc")
         ]
 
-        # Custom Scalars: train and val loss on one chart against epochs, accuracies on another
-        layout = layout_pb2.Layout.FromString(
-            events.Tensors("custom_scalars__config__")[0].tensor_proto.string_val[0]
-        )
-        charts = {
-            chart.title: list(chart.multiline.tag) for cat in layout.category for chart in cat.chart
-        }
-        assert ["^epoch/loss_train$", "^epoch/loss_val$"] in charts.values()
-        assert ["^epoch/acc_train$", "^epoch/acc_val$"] in charts.values()
-        lr_chart = next(title for title, tags in charts.items() if tags == ["^train/lr$"])
-        assert "Ignore outliers" in lr_chart  # TensorBoard cuts a one-cycle's ends by default
+        _check_layout(events)
 
         # Time Series sorts its groups by name and opens the first two: the learning curves
-        # against epochs first, each validation at the epoch it ends, for any batch size
+        # against epochs first, the gap as its first card, each validation at the epoch it
+        # ends, for any batch size
         tags = [*events.Tags()["scalars"], *events.Tags()["images"]]
         assert sorted({tag.split("/")[0] for tag in tags})[:2] == ["epoch", "hp_metric"]
+        assert sorted(tag for tag in tags if tag.startswith("epoch/")) == [
+            "epoch/acc_gap",
+            "epoch/acc_train",
+            "epoch/acc_val",
+            "epoch/loss_gap",
+            "epoch/loss_train",
+            "epoch/loss_val",
+        ]
         for source, curve in EPOCH_CURVES.items():
             assert [(e.step, e.value) for e in events.Scalars(curve)] == [
                 (epoch, e.value) for epoch, e in enumerate(events.Scalars(source), start=1)
             ], curve
+
+
+def _check_layout(events) -> None:
+    """Custom Scalars, as the printed link opens it: does it overfit (the gaps), then train next
+    to val, then the steps; one tag a chart, so that a run's line is told by its colour alone
+    (TensorBoard tells a chart's tags apart by marker shapes it hands out per run); every chart
+    drawn from what the run wrote."""
+    layout = layout_pb2.Layout.FromString(
+        events.Tensors("custom_scalars__config__")[0].tensor_proto.string_val[0]
+    )
+    assert [[list(chart.multiline.tag) for chart in cat.chart] for cat in layout.category] == [
+        [["^epoch/acc_gap$"], ["^epoch/loss_gap$"]],
+        [["^epoch/acc_val$"], ["^epoch/acc_train$"]],
+        [["^epoch/loss_val$"], ["^epoch/loss_train$"]],
+        [["^train/loss$"], ["^train/lr$"]],
+        [["^val/acc_class/"], ["^test/acc_class/"]],
+    ]
+    assert layout.category[0].title.startswith("Does it overfit?")
+    titles = [chart.title for cat in layout.category for chart in cat.chart]
+    assert titles[0].startswith("accuracy gap: train minus val")
+    assert "Ignore outliers" in titles[7]  # TensorBoard cuts a one-cycle's ends by default
+    scalars = events.Tags()["scalars"]
+    for cat in layout.category:
+        for chart in cat.chart:
+            (pattern,) = chart.multiline.tag
+            assert any(re.match(pattern, tag) for tag in scalars), pattern
 
 
 def test_a_validation_within_an_epoch_is_not_drawn_as_the_epochs_end(data_dir, tmp_path):
@@ -209,19 +243,63 @@ def test_a_run_that_max_steps_ends_within_an_epoch_draws_no_partial_epoch(
     assert [e.step for e in events.Scalars("epoch/acc_train")] == [1]
 
 
-def test_the_learning_curves_draw_one_loss_for_train_and_val(adam_run):
-    """Label smoothing changes the loss optimized (train/loss), not the one drawn against val:
-    epoch/loss_train is each epoch's plain cross-entropy of its training batches, as val/loss
-    is of validation's."""
+def test_train_and_val_are_measured_alike_and_their_gaps_drawn(adam_run):
+    """Label smoothing changes the loss optimized (train/loss), not the one compared with val:
+    train_eval/* is the training images evaluated as validation's (plain cross-entropy, no
+    dropout or augmentation, the same weights), drawn against epochs with the gaps. The
+    running values of the epoch's training batches stay as train/acc and train/cross_entropy,
+    each epoch's plain cross-entropy of its batches."""
     events = _events(adam_run)
-    drawn = _values(events, "epoch/loss_train")
+    train, val = _values(events, "train_eval/acc"), _values(events, "val/acc")
+    train_loss, val_loss = _values(events, "train_eval/loss"), _values(events, "val/loss")
+    assert len(train) == len(val) == 2
+    assert _values(events, "train_eval/acc_gap") == pytest.approx(
+        [t - v for t, v in zip(train, val, strict=True)], abs=1e-6
+    )
+    assert _values(events, "train_eval/loss_gap") == pytest.approx(
+        [v - t for t, v in zip(train_loss, val_loss, strict=True)], abs=1e-6
+    )
+    assert _values(events, "epoch/loss_train") == train_loss
+    running = _values(events, "train/cross_entropy")
     optimized = _values(events, "train/loss")  # every step, label-smoothed
-    for epoch, value in enumerate(drawn):
+    for epoch, value in enumerate(running):
         seen = [(loss, n) for at, loss, n in RecordCrossEntropy.seen if at == epoch]
         assert len(seen) == 20
         assert value == pytest.approx(sum(loss * n for loss, n in seen) / 20 / 64, rel=1e-5)
         smoothed = sum(optimized[epoch * 20 : (epoch + 1) * 20]) / 20
         assert smoothed - value > 0.05  # what the chart used to draw against val/loss
+
+
+@pytest.mark.slow
+def test_under_a_weight_average_train_and_val_use_the_same_weights(data_dir, tmp_path):
+    """configs/best.yaml validates the moving average of the weights (EMAWeightAveraging, and
+    the mirrored images): the training images are evaluated with those weights too, not the
+    raw ones being trained, whose running accuracy reads as overfitting."""
+    main(
+        fit_args(
+            data_dir,
+            tmp_path,
+            f"--config={ROOT / 'configs' / 'best.yaml'}",
+            "--trainer.max_epochs=1",
+            "--trainer.limit_train_batches=48",
+            "--trainer.limit_val_batches=2",
+            "--trainer.limit_test_batches=1",
+        )
+    )
+    run = tmp_path / "lightning_logs" / "sgd+best_0"
+    events = _events(run)
+    (logged,) = _values(events, "train_eval/acc")
+    (best,) = (run / "checkpoints").glob("epoch01-*.ckpt")  # the average, as validated
+    model = ImageClassifier(dropout=0.021, flip_tta=True)
+    model.load_state_dict(torch.load(best, weights_only=True)["state_dict"])
+    data = FashionMNISTDataModule(data_dir=str(data_dir), batch_size=128)
+    data.setup("fit")
+    images, labels = data.train_set.images[:2000], data.train_set.labels[:2000]  # val's number
+    with torch.no_grad():
+        predicted = model.eval().evaluate(images.float() / 255).argmax(dim=1)
+    assert logged == pytest.approx((predicted == labels).float().mean().item(), abs=1e-6)
+    (running,) = _values(events, "train/acc")  # the raw weights, during the epoch
+    assert running - logged > 0.1
 
 
 def test_images_can_be_switched_off(data_dir, tmp_path):
@@ -296,3 +374,34 @@ def test_confusion_matrix_numbers_are_legible_at_card_size():
     assert ink.sum() * scale >= 7, ink.sum()  # the digits' height at card size, in pixels
     other = picture[inside, LEFT + CELL_W + 2 : LEFT + 2 * CELL_W - 3]  # "<1", dark on white
     assert (other.max(axis=2) < 80).any(axis=1).sum() * scale >= 7
+
+
+@pytest.mark.slow
+def test_make_tensorboard_prints_the_projects_views_last_and_serves_them(trained_run):
+    """The last lines are the links (TensorBoard's bare address opens Time Series smoothed and
+    a colour a run), and the server they point to serves the runs and the project's layout."""
+    with socket.socket() as free:
+        free.bind(("127.0.0.1", 0))
+        port = free.getsockname()[1]
+    command = [sys.executable, "-m", "fashion_lightning.board", "--logdir", str(trained_run.parent)]
+    board = subprocess.Popen(
+        [*command, "--port", str(port), "--host", "127.0.0.1"],
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        text=True,
+    )
+    try:
+        printed = [board.stdout.readline() for _ in range(5)]
+        url = f"http://127.0.0.1:{port}/"
+        assert printed[0].startswith(f"TensorBoard over {trained_run.parent} at {url}")
+        assert printed[1].strip() == f"{url}#custom_scalars&_smoothingWeight=0"
+        assert printed[3].strip().startswith(f"{url}?smoothing=0&runColorGroup=regex:")
+        with urllib.request.urlopen(f"{url}data/runs", timeout=30) as response:
+            assert json.loads(response.read()) == ["sgd_0"]
+        with urllib.request.urlopen(f"{url}data/plugin/custom_scalars/layout", timeout=30) as r:
+            categories = [c["title"] for c in json.loads(r.read())["category"]]
+        assert categories[0].startswith("Does it overfit?")
+    finally:
+        board.terminate()
+        board.wait(timeout=30)
