@@ -40,7 +40,7 @@ from torch import nn
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from fashion_lightning.model import MLP  # noqa: E402
+from fashion_lightning.network import MLP  # noqa: E402
 from fashion_lightning.raw_files import DEBIAN_SOURCE_DIR, ensure_raw_files  # noqa: E402
 
 DATA_DIR = ROOT / "data"

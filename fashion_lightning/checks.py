@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import math
 import re
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -12,10 +13,11 @@ import lightning as L
 import torch
 from lightning.pytorch.callbacks import Callback, StochasticWeightAveraging
 
+from fashion_lightning.checkpoints import check_fits, check_restores_into
 from fashion_lightning.errors import ConfigError, UserError
 from fashion_lightning.fashion_mnist import CLASS_TAGS
 from fashion_lightning.files import ensure_writable_dir
-from fashion_lightning.resume import RunCheckpoint
+from fashion_lightning.run_checkpoints import RunCheckpoint
 
 # callbacks that report no metric of their own: Lightning's, the project's, Optuna's pruning
 REPORT_NO_METRICS = ("lightning.", "fashion_lightning.", "optuna_integration.")
@@ -155,3 +157,31 @@ def check_monitors(trainer: L.Trainer, model: Any) -> None:
                 f"{option} {monitor}: the run reports no metric of that name; it reports "
                 f"{', '.join(shown)}"
             )
+
+
+def check_command(
+    subcommand: str,
+    trainer: L.Trainer,
+    model: Any,
+    datamodule: Any,
+    checkpoint: Any,
+    logger_configured: bool,
+) -> None:
+    """Everything a command checks once its Trainer is built and before it runs: what would
+    otherwise fail later, after a run folder exists, with a traceback."""
+    fitting = subcommand == "fit"
+    if fitting:
+        check_optimizer(model)
+        check_validation_interval(trainer, datamodule)
+        check_monitors(trainer, model)
+    if checkpoint is not None:
+        check_fits(checkpoint, model)
+        check_restores_into(checkpoint, trainer, model, fitting)
+    check_checkpoint_names(trainer)
+    check_run_folders(trainer, fitting, logger_configured)
+    if subcommand in ("validate", "test") and checkpoint is None:
+        print(
+            f"note: {subcommand} without --ckpt_path measures the untrained model; "
+            "pass --ckpt_path best, last or a checkpoint file to measure a trained one",
+            file=sys.stderr,
+        )

@@ -26,57 +26,48 @@ from lightning.pytorch.utilities.exceptions import SIGTERMException
 from fashion_lightning import __version__
 from fashion_lightning.checkpoints import (
     Checkpoint,
-    check_fits,
-    check_restores_into,
     read_checkpoint,
     take_checkpoint,
 )
 from fashion_lightning.checks import (
     check_accelerator,
     check_callbacks,
-    check_checkpoint_names,
+    check_command,
     check_logger_folders,
-    check_monitors,
-    check_optimizer,
-    check_run_folders,
-    check_validation_interval,
 )
 from fashion_lightning.configs import (
     check_model_classes,
     config_file_problem,
     config_files,
     plain_numbers,
-    refused_class_argument,
-    refused_import,
-    refused_weights_only,
     restrict_imports,
     seed_problem,
     with_packaged_configs,
 )
 from fashion_lightning.data import FashionMNISTDataModule
 from fashion_lightning.errors import (
-    WRITE_ERRNOS,
-    CheckpointError,
-    ConfigError,
     Stopped,
     UserError,
     cause_of,
     exit_with,
-    first_line,
     out_of_memory,
     parse_error,
-    write_failure,
 )
-from fashion_lightning.help import CONFIG_HELP, DESCRIPTION, HelpFormatter
+from fashion_lightning.failures import (
+    command_failure,
+    give_back_run_folder,
+    quiet_write_errors_in_threads,
+)
+from fashion_lightning.help import CONFIG_HELP, DESCRIPTION, OneLineErrorParser
 from fashion_lightning.model import ImageClassifier
 from fashion_lightning.predict import PredictionWriter
 from fashion_lightning.progress import StepProgressBar
-from fashion_lightning.resume import ResumableCheckpointIO, ResumableTraining, RunCheckpoint
+from fashion_lightning.resume import ResumableTraining
+from fashion_lightning.run_checkpoints import ResumableCheckpointIO, RunCheckpoint
 from fashion_lightning.run_folders import (
     RunFolderLogger,
     SaveRunConfig,
-    continued_logger,
-    default_logger,
+    run_logger,
 )
 from fashion_lightning.run_records import run_name
 from fashion_lightning.steps import choose_training_loop
@@ -96,23 +87,6 @@ PLAIN_TENSORBOARD = (
     "lightning.pytorch.loggers.TensorBoardLogger",
     "lightning.pytorch.loggers.tensorboard.TensorBoardLogger",
 )
-
-
-class OneLineErrorParser(LightningArgumentParser):
-    """jsonargparse's parser, with its errors as one line: jsonargparse breaks some messages in
-    two and prints the whole usage first, about 80 lines for this CLI; and the project's help
-    (:mod:`.help`)."""
-
-    def __init__(self, *args, **kwargs) -> None:
-        kwargs.setdefault("formatter_class", HelpFormatter)
-        super().__init__(*args, **kwargs)
-
-    def error(self, message: str, ex: Exception | None = None):
-        if not self.exit_on_error or os.environ.get("JSONARGPARSE_DEBUG"):
-            super().error(message, ex)  # raises, as jsonargparse does inside its own parsing
-        prog = (getattr(ex, "subcommand_parser", None) or self).prog.replace(" [options]", "")
-        refused = refused_import(message) or refused_weights_only(message)
-        parse_error(prog, refused or refused_class_argument(message) or message)
 
 
 class FashionCLI(LightningCLI):
@@ -264,15 +238,10 @@ class FashionCLI(LightningCLI):
             extra.append(RunSummary())
             kwargs["enable_model_summary"] = False  # Lightning's table: instead of it
         kwargs["callbacks"] = [*callbacks, *extra]
-        plugins = _as_list(config.get("plugins"))
-        writers = [p for p in plugins if isinstance(p, CheckpointIO)]
-        if len(writers) > 1:
-            raise ConfigError("--trainer.plugins: name one checkpoint IO at most")
-        # the configured one writes; every checkpoint is read as the bytes that were checked
-        self.checkpoint_io = ResumableCheckpointIO(writer=writers[0] if writers else None)
+        self.checkpoint_io = ResumableCheckpointIO.among(_as_list(config.get("plugins")))
         if self.checkpoint is not None:
             self.checkpoint_io.preload(self.checkpoint.path, self.checkpoint.contents)
-        others = [p for p in plugins if not isinstance(p, CheckpointIO)]
+        others = [p for p in _as_list(config.get("plugins")) if not isinstance(p, CheckpointIO)]
         kwargs["plugins"] = [*others, self.checkpoint_io]
         trainer = super().instantiate_trainer(**kwargs)
         if self.subcommand == "fit":
@@ -280,23 +249,13 @@ class FashionCLI(LightningCLI):
         return trainer
 
     def _logger(self, config: dict[str, Any]) -> Logger | None:
-        """The logger this run writes with, when it is not simply the configured one: the
-        caller's run folder, the resumed run's own folder, or a newly claimed one."""
-        configured = config.get("logger")
-        if self.run_dir is not None:  # given by the caller, not the config: config.yaml reruns
-            return RunFolderLogger(self.run_dir.parent, name="", version=self.run_dir.name)
-        default = configured in (None, True) and not config.get("barebones")
+        """The logger this run writes with, when it is not simply the configured one."""
+        resumed = self.checkpoint if self.subcommand == "fit" and self._resuming_last() else None
         root = config.get("default_root_dir") or os.getcwd()
-        if self.subcommand == "fit" and self.checkpoint is not None and self._resuming_last():
-            run_dir = self.checkpoint.path.parent.parent
-            base = default_logger(root, self._run_name()) if default else configured
-            continued = continued_logger(base, run_dir, self.checkpoint.global_step)
-            if continued is not None:
-                if isinstance(base, RunFolderLogger):
-                    base.release_unused_folder()  # claimed by building it; the resume has its own
-                return continued
-            return base if default else None
-        return default_logger(root, self._run_name()) if default else None
+        default = config.get("logger") in (None, True) and not config.get("barebones")
+        return run_logger(
+            config.get("logger"), default, root, self._run_name(), self.run_dir, resumed
+        )
 
     def _run_name(self) -> str | None:
         """A new run's folder is named after its config files (``sgd`` for configs/sgd.yaml)."""
@@ -309,23 +268,10 @@ class FashionCLI(LightningCLI):
 
     def _check_inputs(self) -> None:
         """Turn the expected failures after parsing into one-line errors, before any work."""
-        fitting = self.subcommand == "fit"
-        if fitting:
-            check_optimizer(self.model)
-            check_validation_interval(self.trainer, self.datamodule)
-            check_monitors(self.trainer, self.model)
-        if self.checkpoint is not None:
-            check_fits(self.checkpoint, self.model)
-            check_restores_into(self.checkpoint, self.trainer, self.model, fitting)
-        check_checkpoint_names(self.trainer)
         configured = isinstance(self._section(self.config).trainer.logger, Namespace)
-        check_run_folders(self.trainer, fitting, configured)
-        if self.subcommand in ("validate", "test") and self.checkpoint is None:
-            print(
-                f"note: {self.subcommand} without --ckpt_path measures the untrained model; "
-                "pass --ckpt_path best, last or a checkpoint file to measure a trained one",
-                file=sys.stderr,
-            )
+        check_command(
+            self.subcommand, self.trainer, self.model, self.datamodule, self.checkpoint, configured
+        )
 
     def before_fit(self) -> None:
         self._check_inputs()
@@ -367,45 +313,19 @@ class FashionCLI(LightningCLI):
         try:
             return method(**kwargs)
         except Exception as err:
-            failure = write_failure(
-                err, f"the run outputs in {self.trainer.log_dir}", self._what_is_kept()
-            ) or self._restore_failure(err)
-            if isinstance(self.trainer.logger, RunFolderLogger):  # after log_dir: it claims one
-                if self.resumable.stage_began or isinstance(err, Stopped):
-                    self.trainer.logger.release_unused_folder()
-                else:  # nothing ran: what this command wrote (its config) records nothing
-                    self.trainer.logger.forget_this_command(_config_file(self.trainer))
+            began = self.resumable.stage_began
+            restored = self.checkpoint if self._restoring() and not began else None
+            failure = command_failure(err, self.trainer, self.subcommand, restored)
+            give_back_run_folder(self.trainer, ran=began or isinstance(err, Stopped))
             if failure is None:
                 raise
             raise failure from err
         finally:
             self.resumable.stop_listening()
 
-    def _restore_failure(self, err: Exception) -> CheckpointError | None:
-        """An error while Lightning restored the checked checkpoint, before anything ran, as
-        one line: an entry no check foresaw that Lightning could not take."""
-        restoring = self.checkpoint_io is not None and self.checkpoint_io.handed_over
-        if isinstance(err, UserError) or not restoring or self.resumable.stage_began:
-            return None
-        return CheckpointError(
-            f"--ckpt_path {self.checkpoint.path}: Lightning could not restore it "
-            f"({type(err).__name__}: {first_line(err)}); it is not a checkpoint this project "
-            "wrote, or it was altered (nothing was run)"
-        )
-
-    def _what_is_kept(self) -> str:
-        """What a user whose disk filled up still has, and what to do next."""
-        if self.subcommand != "fit":
-            return "free space and run again"
-        callback = self.trainer.checkpoint_callback
-        folder = Path(callback.dirpath) if callback is not None and callback.dirpath else None
-        kept = sorted(folder.glob("*.ckpt"), key=lambda p: p.stat().st_mtime_ns) if folder else []
-        if not kept:
-            return "no checkpoint was written yet; free space and run again"
-        return (
-            f"the newest complete checkpoint is {kept[-1]}; free space, then continue with "
-            "--ckpt_path last"
-        )
+    def _restoring(self) -> bool:
+        """Whether the checked checkpoint went to Lightning to be restored."""
+        return self.checkpoint_io is not None and self.checkpoint_io.handed_over
 
     def after_fit(self) -> None:
         """Evaluate the best checkpoint on the official test split, as the tutorial does."""
@@ -423,26 +343,10 @@ class FashionCLI(LightningCLI):
         self.test(model=self.model, datamodule=self.datamodule)
 
 
-def _config_file(trainer: Trainer) -> Path | None:
-    """The config file this command saved into its run folder, if it saved one."""
-    for callback in trainer.callbacks:
-        if isinstance(callback, SaveRunConfig) and callback.already_saved:
-            return Path(trainer.log_dir) / callback.config_filename
-    return None
-
-
 def _as_list(value: Any) -> list:
     if value is None:
         return []
     return list(value) if isinstance(value, (list, tuple)) else [value]
-
-
-def _quiet_write_errors_in_threads(args) -> None:
-    """TensorBoard writes from a thread: its failed write (a full disk) surfaces again in the
-    main thread, which reports it in one line; don't print the thread's traceback too."""
-    if isinstance(args.exc_value, OSError) and args.exc_value.errno in WRITE_ERRNOS:
-        return
-    threading.__excepthook__(args)
 
 
 def run(
@@ -455,7 +359,7 @@ def run(
     """Run a command line in this process and return the CLI with its trainer, for callers such
     as the hyperparameter search: the run logs into ``run_dir``, with ``callbacks`` added to
     the trainer's (not to its config.yaml), and errors are raised, not printed."""
-    threading.excepthook = _quiet_write_errors_in_threads
+    threading.excepthook = quiet_write_errors_in_threads
     if isinstance(args, list):
         args = with_packaged_configs(args)  # `--config sgd`, or configs/sgd.yaml anywhere
     return FashionCLI(

@@ -1,15 +1,24 @@
-"""What ``--help`` says beyond the docstrings of the model's and data's arguments: the command,
-``--config``'s shipped names, ``--ckpt_path`` as this project reads it, and which callbacks a
-config may name."""
+"""The command line's parser as a user meets it: what ``--help`` says beyond the docstrings of
+the model's and data's arguments (the command, ``--config``'s shipped names, ``--ckpt_path``
+as this project reads it, which callbacks a config may name), and its errors, one line each."""
 
 from __future__ import annotations
 
+import os
 import re
 from argparse import Action
 
 from jsonargparse import DefaultHelpFormatter
+from lightning.pytorch.cli import LightningArgumentParser
 
-from fashion_lightning.configs import ALLOWED_IMPORTS, trusted_imports
+from fashion_lightning.configs import (
+    ALLOWED_IMPORTS,
+    refused_class_argument,
+    refused_import,
+    refused_weights_only,
+    trusted_imports,
+)
+from fashion_lightning.errors import parse_error
 
 DESCRIPTION = (
     "Train, test and use the FashionMNIST MLP of PyTorch's 'Optimizing Model Parameters' "
@@ -55,3 +64,20 @@ class HelpFormatter(DefaultHelpFormatter):
                 kept = [p for p in listed.group(1).split(", ") if nameable(p)]
                 text = text[: listed.start(1)] + ", ".join(kept) + ")"
         return text
+
+
+class OneLineErrorParser(LightningArgumentParser):
+    """jsonargparse's parser, with its errors as one line: jsonargparse breaks some messages in
+    two and prints the whole usage first, about 80 lines for this CLI; and the project's help
+    (:mod:`.help`)."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        kwargs.setdefault("formatter_class", HelpFormatter)
+        super().__init__(*args, **kwargs)
+
+    def error(self, message: str, ex: Exception | None = None):
+        if not self.exit_on_error or os.environ.get("JSONARGPARSE_DEBUG"):
+            super().error(message, ex)  # raises, as jsonargparse does inside its own parsing
+        prog = (getattr(ex, "subcommand_parser", None) or self).prog.replace(" [options]", "")
+        refused = refused_import(message) or refused_weights_only(message)
+        parse_error(prog, refused or refused_class_argument(message) or message)

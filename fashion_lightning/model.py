@@ -1,4 +1,4 @@
-"""The tutorial's network and the LightningModule that trains it."""
+"""The LightningModule that trains the tutorial's network (:mod:`.network`)."""
 
 from __future__ import annotations
 
@@ -7,10 +7,10 @@ from typing import Any, Literal
 import lightning as L
 import torch
 import torch.nn.functional as F
-from jsonargparse.typing import ClosedUnitInterval, PositiveInt, restricted_number_type
+from jsonargparse.typing import ClosedUnitInterval, PositiveInt
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from lightning.pytorch.trainer.states import TrainerFn
-from torch import Tensor, nn
+from torch import Tensor
 from torchmetrics import MeanMetric
 from torchmetrics.classification import MulticlassAccuracy
 
@@ -24,6 +24,7 @@ from fashion_lightning.fashion_mnist import (
     PIXEL_STD,
     to_float_images,
 )
+from fashion_lightning.network import MLP, DropoutProbability, HiddenSize
 from fashion_lightning.schedules import (
     check_schedule_length,
     configure_optimizers,
@@ -31,40 +32,6 @@ from fashion_lightning.schedules import (
     step_at_epoch_end,
 )
 from fashion_lightning.steps import LOOP_KEY, optimizer_step_done
-
-# the hidden layers' width: 16384 makes a 1 GB layer, far past what 28x28 images need
-HiddenSize = restricted_number_type(
-    "HiddenSize", int, [(">=", 1), ("<=", 16384)], docstring="an int in [1, 16384]"
-)
-# a dropout probability: 0 (none) up to, not including, 1 (which would drop everything)
-DropoutProbability = restricted_number_type(
-    "DropoutProbability", float, [(">=", 0), ("<", 1)], docstring="a float in [0, 1)"
-)
-
-
-class MLP(nn.Module):
-    """The tutorial's ``NeuralNetwork``: Flatten -> 784-512-512-10 with ReLU, raw logits out.
-
-    Module names match the tutorial, so its ``state_dict`` loads unchanged. ``dropout`` > 0
-    adds a Dropout after each ReLU (and so shifts the layer numbers).
-    """
-
-    def __init__(self, hidden_size: int = 512, dropout: float = 0.0) -> None:
-        super().__init__()
-        self.flatten = nn.Flatten()
-        regularize = [nn.Dropout(dropout)] if dropout > 0 else []
-        self.linear_relu_stack = nn.Sequential(
-            nn.Linear(IMAGE_SIZE * IMAGE_SIZE, hidden_size),
-            nn.ReLU(),
-            *regularize,
-            nn.Linear(hidden_size, hidden_size),
-            nn.ReLU(),
-            *regularize,
-            nn.Linear(hidden_size, NUM_CLASSES),
-        )
-
-    def forward(self, x: Tensor) -> Tensor:
-        return self.linear_relu_stack(self.flatten(x))
 
 
 class ImageClassifier(L.LightningModule):

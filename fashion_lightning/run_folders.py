@@ -23,13 +23,8 @@ from lightning.pytorch.loggers import CSVLogger, Logger, TensorBoardLogger
 from lightning.pytorch.utilities.rank_zero import rank_zero_only
 
 from fashion_lightning.files import atomic_write, claim_file
-from fashion_lightning.run_records import (
-    CONFIG_FILE,
-    EPOCHS_DONE,
-    EVENTS_PREFIX,
-    event_records,
-    last_steps,
-)
+from fashion_lightning.run_logs import EVENTS_PREFIX, event_records, last_steps
+from fashion_lightning.run_records import CONFIG_FILE, EPOCHS_DONE
 from fashion_lightning.visuals import EPOCH_CURVES
 
 PROCESS_STARTED = time.time()  # files of this process's pid from before are another's
@@ -156,6 +151,31 @@ def default_logger(save_dir: str | os.PathLike, name: str | None = None) -> RunF
     """The logger a run gets when the config names none: Lightning's default, claimed
     atomically, its folder named ``name``_N (a SLURM job keeps its job id, as in Lightning)."""
     return RunFolderLogger(save_dir=save_dir, version=SLURMEnvironment.job_id(), run_name=name)
+
+
+def run_logger(
+    configured: Any,
+    default: bool,
+    root: str | os.PathLike,
+    name: str | None,
+    run_dir: Path | None = None,
+    resumed: Any = None,
+) -> Logger | None:
+    """The logger a command writes with, when it is not simply the ``configured`` one: the
+    caller's ``run_dir`` (a search's trial), the run folder of the checkpoint it resumes
+    (``resumed``, ``--ckpt_path last``), or a newly claimed folder ``name``_N under ``root``
+    (``default``: the config names no logger); None: the configured one as it is."""
+    if run_dir is not None:  # given by the caller, not the config: config.yaml reruns
+        return RunFolderLogger(run_dir.parent, name="", version=run_dir.name)
+    if resumed is not None:
+        base = default_logger(root, name) if default else configured
+        continued = continued_logger(base, resumed.path.parent.parent, resumed.global_step)
+        if continued is not None:
+            if isinstance(base, RunFolderLogger):
+                base.release_unused_folder()  # claimed by building it; the resume has its own
+            return continued
+        return base if default else None
+    return default_logger(root, name) if default else None
 
 
 def continued_logger(logger: Logger | None, run_dir: Path, last_step: int) -> Logger | None:

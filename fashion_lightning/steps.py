@@ -13,7 +13,8 @@ from lightning.pytorch.callbacks import Callback, ModelCheckpoint, Timer, Weight
 from fashion_lightning.checkpoints import Checkpoint
 from fashion_lightning.errors import CheckpointError
 from fashion_lightning.progress import StepProgressBar
-from fashion_lightning.resume import ResumableTraining, RunCheckpoint
+from fashion_lightning.resume import ResumableTraining
+from fashion_lightning.run_checkpoints import RunCheckpoint
 
 # the checkpoint key that says whose loop of optimizer steps trained the run
 LOOP_KEY = "optimizer_steps_loop"

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from fashion_lightning.cli import main
-from fashion_lightning.resume import ResumableCheckpointIO
+from fashion_lightning.run_checkpoints import ResumableCheckpointIO
 from tests.helpers import ROOT, TINY, cli_in_process, fit_args, last_line
 
 pytestmark = pytest.mark.slow  # fits for the checkpoints, and processes that could delete

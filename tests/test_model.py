@@ -7,7 +7,8 @@ from PIL import Image
 from torch import nn
 from torchvision.transforms.functional import to_tensor
 
-from fashion_lightning.model import MLP, ImageClassifier
+from fashion_lightning.model import ImageClassifier
+from fashion_lightning.network import MLP
 
 
 class TutorialNeuralNetwork(nn.Module):

@@ -23,7 +23,8 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 
 from fashion_lightning.cli import main
 from fashion_lightning.progress import StepProgressBar
-from fashion_lightning.resume import ResumableTraining, RunCheckpoint
+from fashion_lightning.resume import ResumableTraining
+from fashion_lightning.run_checkpoints import RunCheckpoint
 from fashion_lightning.steps import per_batch_callbacks
 from tests.helpers import (
     SHORT,
