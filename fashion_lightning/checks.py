@@ -150,7 +150,10 @@ def check_monitors(trainer: L.Trainer, model: Any) -> None:
         wanted.append((f"--model.{'lr_scheduler.' if own else 'scheduler_'}monitor", plateau))
     known = model.monitorable_metrics()
     for option, monitor in wanted:
-        if monitor not in known:
+        # a checkpoint may also rank by Lightning's own "epoch" and "step"
+        if monitor not in known and not (
+            option == "--checkpoint.monitor" and monitor in ("epoch", "step")
+        ):
             shown = [name for name in known if not name.startswith("val/acc_class/")]
             shown.insert(2, f"val/acc_class/{{{','.join(CLASS_TAGS)}}}")
             raise ConfigError(

@@ -25,6 +25,7 @@ from fashion_lightning.fashion_mnist import (
     to_float_images,
 )
 from fashion_lightning.network import MLP, DropoutProbability, HiddenSize
+from fashion_lightning.run_records import TRAIN_EVAL
 from fashion_lightning.schedules import (
     check_schedule_length,
     configure_optimizers,
@@ -356,7 +357,8 @@ class ImageClassifier(L.LightningModule):
         """The names this model reports to callbacks (``trainer.callback_metrics``) in ``fit``:
         what ``EarlyStopping``, ``ModelCheckpoint`` and a plateau scheduler may monitor."""
         per_class = [f"val/acc_class/{tag}" for tag in CLASS_TAGS]
-        return ["val/acc", "val/loss", *per_class, "train/loss", "train/acc", "train/cross_entropy"]
+        trained = ["train/loss", "train/acc", "train/cross_entropy"]
+        return ["val/acc", "val/loss", *per_class, *trained, *TRAIN_EVAL]
 
     def _log_per_class(self, stage: str) -> None:
         """``val/acc_class/Sandal`` and so on: a class the model never predicts shows as 0."""

@@ -296,7 +296,7 @@ def test_under_a_weight_average_train_and_val_use_the_same_weights(data_dir, tmp
     data.setup("fit")
     images, labels = data.train_set.images[:2000], data.train_set.labels[:2000]  # val's number
     with torch.no_grad():
-        predicted = model.eval().evaluate(images.float() / 255).argmax(dim=1)
+        predicted = model.eval()(images).argmax(dim=1)  # uint8, as the loaders give them
     assert logged == pytest.approx((predicted == labels).float().mean().item(), abs=1e-6)
     (running,) = _values(events, "train/acc")  # the raw weights, during the epoch
     assert running - logged > 0.1
