@@ -46,7 +46,7 @@ CONFIG_SEED = 42  # the seed the configs set: its row is the plain fit command
 QUICK = ("sgd", "adam", "rmsprop")
 
 
-def run(config: str, seed: int, root: Path) -> dict:
+def run(config: str, seed: int, root: Path, *extra: str) -> dict:
     seeds = [] if seed == CONFIG_SEED else [f"--seed_everything={seed}", f"--data.seed={seed}"]
     command = [
         sys.executable,
@@ -58,6 +58,7 @@ def run(config: str, seed: int, root: Path) -> dict:
         *seeds,
         f"--trainer.default_root_dir={root}",
         "--trainer.enable_progress_bar=false",
+        *extra,
     ]
     start = time.perf_counter()
     result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True)
@@ -68,11 +69,18 @@ def run(config: str, seed: int, root: Path) -> dict:
     events.Reload()
     val_acc = [e.value for e in events.Scalars("val/acc")]
     return {
-        "test_acc": events.Scalars("test/acc")[-1].value * 100,
+        "test_acc": test_accuracy(root / "lightning_logs" / f"{config}_0"),
         "best_epoch": val_acc.index(max(val_acc)) + 1,
         "epochs": len(val_acc),
         "seconds": seconds,
     }
+
+
+def test_accuracy(run_folder: Path) -> float:
+    """The test accuracy (%) a run logged at its end."""
+    events = EventAccumulator(str(run_folder))
+    events.Reload()
+    return events.Scalars("test/acc")[-1].value * 100
 
 
 def readme_seed_42(readme: Path) -> dict[str, str]:

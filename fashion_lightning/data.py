@@ -126,9 +126,12 @@ class EvaluationShareSampler(DistributedSampler):
         return iter(self.indices)
 
 
-def augment(images: Tensor, flip: bool, max_shift: int, generator: torch.Generator) -> Tensor:
-    """Random horizontal flips and shifts of up to ``max_shift`` pixels, per image, applied
-    to a whole batch of float images at once (no per-sample PIL); ``generator`` decides."""
+def augment(
+    images: Tensor, flip: bool, max_shift: int, generator: torch.Generator, cutout: int = 0
+) -> Tensor:
+    """Random horizontal flips, shifts of up to ``max_shift`` pixels and a square of
+    ``cutout`` pixels a side erased, per image, applied to a whole batch of float images at
+    once (no per-sample PIL); ``generator`` decides."""
     count = len(images)
     if flip:
         flipped = torch.rand(count, generator=generator, device=images.device) < 0.5
@@ -139,7 +142,24 @@ def augment(images: Tensor, flip: bool, max_shift: int, generator: torch.Generat
             -max_shift, max_shift + 1, (count, 2), generator=generator, device=images.device
         )
         images = shift_images(images, shifts, max_shift)
+    if cutout > 0:
+        images = erase_squares(images, cutout, generator)
     return images
+
+
+def erase_squares(images: Tensor, side: int, generator: torch.Generator) -> Tensor:
+    """Each image with a square of ``side`` pixels set to 0 (the background) around a random
+    pixel, cut where it passes the edge (Cutout, DeVries and Taylor 2017)."""
+    count, _, height, width = images.shape
+    centres = torch.rand(count, 2, generator=generator, device=images.device)
+    top = (centres[:, 0] * height).long() - side // 2
+    left = (centres[:, 1] * width).long() - side // 2
+    rows = torch.arange(height, device=images.device)
+    cols = torch.arange(width, device=images.device)
+    inside_rows = (rows >= top[:, None]) & (rows < top[:, None] + side)
+    inside_cols = (cols >= left[:, None]) & (cols < left[:, None] + side)
+    square = inside_rows[:, :, None] & inside_cols[:, None, :]
+    return images.masked_fill(square[:, None], 0.0)
 
 
 def shift_images(images: Tensor, shifts: Tensor, max_shift: int) -> Tensor:
@@ -174,6 +194,7 @@ class FashionMNISTDataModule(L.LightningDataModule):
         predict_dir: str | None = None,
         augment_flip: bool = False,
         augment_shift: NonNegativeInt = 0,
+        augment_cutout: NonNegativeInt = 0,
     ) -> None:
         """
         Args:
@@ -196,7 +217,9 @@ class FashionMNISTDataModule(L.LightningDataModule):
             augment_flip: Flip half of the training images left-right (a garment mirrored is
                 the same garment). Validation and test images are never changed.
             augment_shift: Shift each training image by up to this many pixels in x and y.
-                Augmentation draws from ``seed`` and the step, so runs and resumes repeat.
+            augment_cutout: Erase a square of this many pixels a side at a random place of
+                each training image (Cutout; 0: none). Augmentation draws from ``seed`` and
+                the step, so runs and resumes repeat.
         """
         super().__init__()
         self.save_hyperparameters(logger=False)  # HParamsSummary logs them
@@ -212,6 +235,7 @@ class FashionMNISTDataModule(L.LightningDataModule):
         self.predict_dir = predict_dir
         self.augment_flip = augment_flip
         self.augment_shift = augment_shift
+        self.augment_cutout = augment_cutout
         self._continue_at: tuple[int, int] = (0, 0)  # (epoch, batches done) of a resumed run
         self.train_set: InMemoryImages | None = None
         self.val_set: InMemoryImages | None = None
@@ -378,11 +402,14 @@ class FashionMNISTDataModule(L.LightningDataModule):
         """The training batch of the optimizer step ``steps_ahead`` after the current one,
         augmented; evaluation batches as they are."""
         trainer = self.trainer
-        if trainer is None or not trainer.training or not (self.augment_flip or self.augment_shift):
+        augments = self.augment_flip or self.augment_shift or self.augment_cutout
+        if trainer is None or not trainer.training or not augments:
             return images
         images = to_float_images(images)  # augmentation moves and mirrors float pixels
         generator = torch.Generator(device=images.device)
         # a function of (seed, process, step): a resumed run draws the same
         step = trainer.global_step + steps_ahead
         generator.manual_seed(hash((self.seed, trainer.global_rank, step)))
-        return augment(images, self.augment_flip, self.augment_shift, generator)
+        return augment(
+            images, self.augment_flip, self.augment_shift, generator, self.augment_cutout
+        )

@@ -104,6 +104,20 @@ def test_shifts_move_whole_pixels_as_a_translation_by_grid_sample_does(max_shift
     assert torch.equal(right[..., 1:], images[:1, ..., :-1]) and (right[..., 0] == 0).all()
 
 
+def test_cutout_erases_one_square_of_each_image_cut_at_the_edge():
+    images = torch.ones(500, 1, 28, 28)
+    erased = augment(images, False, 0, torch.Generator().manual_seed(0), cutout=8)
+    zeros = (erased == 0).sum(dim=(1, 2, 3))
+    assert zeros.max() == 64 and zeros.min() >= 16  # whole inside, at least a quarter at a corner
+    assert (zeros < 64).any()  # some squares pass the edge
+    for image in erased[:50, 0]:  # one rectangle each: the square, or what of it is inside
+        rows, cols = (image == 0).nonzero(as_tuple=True)
+        height, width = rows.max() - rows.min() + 1, cols.max() - cols.min() + 1
+        assert height <= 8 and width <= 8 and len(rows) == height * width
+    same = augment(images, False, 0, torch.Generator().manual_seed(0), cutout=8)
+    assert torch.equal(erased, same)
+
+
 def test_augmentation_applies_to_training_batches_only_and_repeats(data_dir):
     datamodule = FashionMNISTDataModule(
         data_dir=str(data_dir), augment_flip=True, augment_shift=2, seed=7
