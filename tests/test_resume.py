@@ -120,6 +120,13 @@ SIGINT, SIGTERM = int(signal.SIGINT), int(signal.SIGTERM)
         ),
         # worker processes load the batches: the order continues where it stopped
         (["--data.num_workers=2"], "SendSignalAt", {"signum": SIGTERM, "step": 40}, "at epoch 1"),
+        # bf16 matrix products (configs/fast.yaml): as repeatable on a CPU
+        (
+            ["--trainer.precision=bf16-mixed"],
+            "SendSignalAt",
+            {"signum": SIGTERM, "step": 40},
+            "at epoch 1",
+        ),
         # the epoch's last batch: its validation, train/acc and checkpoint come first
         ([], "SendSignalAt", {"signum": SIGINT, "step": 29}, "after epoch 0 (step 30)"),
         # a validation is due after the batch: it runs, then the run stops
@@ -137,7 +144,15 @@ SIGINT, SIGTERM = int(signal.SIGINT), int(signal.SIGTERM)
             "at epoch 0, batch 14 (step 15)",
         ),
     ],
-    ids=["dropout", "accumulation", "workers", "last-batch", "validation-due", "in-validation"],
+    ids=[
+        "dropout",
+        "accumulation",
+        "workers",
+        "bf16",
+        "last-batch",
+        "validation-due",
+        "in-validation",
+    ],
 )
 def test_a_stop_anywhere_resumes_exactly(
     extra, callback, arguments, stopped_at, data_dir, tmp_path
