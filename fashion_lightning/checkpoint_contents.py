@@ -18,7 +18,10 @@ What no check foresees is caught while Lightning restores (:mod:`fashion_lightni
 
 from __future__ import annotations
 
+import copy
+import math
 import os
+import warnings
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -27,7 +30,9 @@ import torch
 from fsspec.core import split_protocol
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.strategies import Strategy
+from lightning.pytorch.utilities.migration import migrate_checkpoint
 from packaging.version import InvalidVersion, Version
+from torch.optim.lr_scheduler import ReduceLROnPlateau
 
 from fashion_lightning.schedules import make_scheduler
 
@@ -40,6 +45,7 @@ RESUME_COUNTS = ("epoch", "images_done", "batches_done")
 LOOP_STEPS = ("project", "lightning")  # who trained the run: fashion_lightning.steps.LOOP_KEY
 # what LightningCLI itself writes into hyper_parameters (load_from_checkpoint's hook)
 LIGHTNING_INSTANTIATOR = "lightning.pytorch.cli.instantiate_module"
+VERSION_KEY = "pytorch-lightning_version"  # the Lightning that wrote it
 
 
 class Refused(Exception):
@@ -80,17 +86,53 @@ def checkpoint_file_problem(path: Any, folder: str) -> str | None:
     return None
 
 
+def upgrade(contents: dict[str, Any]) -> None:
+    """Lightning's own upgrade of a checkpoint of an older Lightning (it moves old keys into
+    callbacks' states), applied before the checks, so that they see what Lightning restores
+    (Lightning then finds nothing to upgrade)."""
+    version = contents.get(VERSION_KEY)
+    try:
+        Version(version)
+    except (InvalidVersion, TypeError):
+        raise Refused(VERSION_KEY, f"{version!r} is not a version") from None
+    try:
+        migrate_checkpoint(contents)
+    except Exception as err:  # a crafted old-format entry that Lightning's upgrade chokes on
+        raise Refused(
+            VERSION_KEY,
+            f"Lightning cannot upgrade this checkpoint of {version} ({type(err).__name__})",
+        ) from None
+
+
+def forget_foreign_files(contents: dict[str, Any], path: Path) -> None:
+    """Empty the files a checkpoint callback's state names unless they are the checkpoint's own
+    neighbours: a state's record of its files is trusted only in the folder that holds the file
+    it came in. (Another folder's files, named by a file someone hands over, would be deleted
+    when better checkpoints replace them: a folder several runs share, a --checkpoint.dirpath.)"""
+    own = Path(os.path.realpath(path)).parent
+    for state in (contents.get("callbacks") or {}).values():
+        if not _is_checkpoint_state(state):
+            continue
+        folder = state.get("dirpath")
+        if folder is not None and Path(os.path.realpath(folder)) == own:
+            continue
+        state.update(
+            best_k_models={}, kth_best_model_path="", best_model_path="", last_model_path=""
+        )
+
+
+def _is_checkpoint_state(state: Any) -> bool:
+    return isinstance(state, Mapping) and any(
+        k in state for k in (*PATH_KEYS, "best_k_models", "dirpath")
+    )
+
+
 def check_contents(contents: Mapping[str, Any]) -> None:
     """Refused unless every entry that Lightning or the project restores has the kind they
     write; the checkpoint files a callback's state names are checked for where they lie."""
     for key in ("epoch", "global_step"):
         if key in contents:
             _expect_count(contents[key], key)
-    version = contents.get("pytorch-lightning_version", "0")  # what Lightning migrates from
-    try:
-        Version(version)
-    except (InvalidVersion, TypeError):
-        raise Refused("pytorch-lightning_version", f"{version!r} is not a version") from None
     _expect_tensors(contents["state_dict"], "state_dict")
     for key in ("current_model_state", "averaging_state"):  # WeightAveraging's
         if key in contents:
@@ -105,7 +147,7 @@ def check_contents(contents: Mapping[str, Any]) -> None:
         state = _expect_mapping(state, key)
         if name == "ResumableTraining":
             _check_resume_state(state, key)
-        elif any(k in state for k in (*PATH_KEYS, "best_k_models", "dirpath")):
+        elif _is_checkpoint_state(state):
             check_checkpoint_state(state, key)
     for i, state in enumerate(
         _expect_list(contents.get("optimizer_states") or [], "optimizer_states")
@@ -212,34 +254,73 @@ def check_restorable(
             if loop is None:
                 raise Refused(f"loops.{name}", "is not one of Lightning's loops")
             like(loops[name], loop.state_dict(), f"loops.{name}", counts=True)
-        _check_optimizer_states(contents.get("optimizer_states") or [], model)
-        _check_scheduler_states(contents.get("lr_schedulers") or [], model)
+        _check_optimizer_and_schedule(
+            contents.get("optimizer_states") or [], contents.get("lr_schedulers") or [], model
+        )
+        _check_precision_state(contents, trainer)
     _check_callback_states(contents.get("callbacks") or {}, trainer)
 
 
-def _check_optimizer_states(states: list, model: Any) -> None:
-    """The optimizer's state as ``model.optimizer`` writes it for this model: one optimizer,
-    its parameter groups, and for each parameter tensors of its shape (or single numbers)."""
-    if not states:
-        return
-    if len(states) != 1:
-        raise Refused("optimizer_states", f"holds {len(states)} optimizers; the model has one")
-    parameters = list(model.parameters())
-    fresh = model.optimizer(parameters).state_dict()
-    state = states[0]
-    groups = state.get("param_groups", [])
-    if len(groups) != len(fresh["param_groups"]):
+def _check_optimizer_and_schedule(optimizers: list, schedulers: list, model: Any) -> None:
+    """The optimizer's and scheduler's states as ``model.optimizer`` and ``model.lr_scheduler``
+    write them for this model: one optimizer with the model's parameter groups (and the keys a
+    schedule adds to them), tensors of each parameter's shape, a scheduler of the model's kind
+    with its settings. Then both are built on copies of the parameters, take these states, and
+    make a step with zero gradients: what fails here, or gives a learning rate or a weight that
+    is not a number, would fail in training."""
+    if len(optimizers) > 1:
+        raise Refused("optimizer_states", f"holds {len(optimizers)} optimizers; the model has one")
+    if schedulers and (model.lr_scheduler is None or len(schedulers) != 1):
+        has = "one" if model.lr_scheduler is not None else "none"
+        raise Refused("lr_schedulers", f"holds {len(schedulers)} schedulers; the model has {has}")
+    parameters = [p.detach().clone() for p in model.parameters()]
+    optimizer = model.optimizer(parameters)
+    scheduler = make_scheduler(model, optimizer, total_steps=1) if model.lr_scheduler else None
+    if optimizers:
+        _check_optimizer_state(optimizers[0], optimizer.state_dict(), parameters)
+    if schedulers:
+        like(schedulers[0], scheduler.state_dict(), "lr_schedulers.0", texts=True)
+    key = "lr_schedulers.0" if schedulers else "optimizer_states.0"
+    try:
+        if optimizers:
+            optimizer.load_state_dict(copy.deepcopy(optimizers[0]))
+        rates = [group["lr"] for group in optimizer.param_groups]
+        if schedulers:
+            scheduler.load_state_dict(copy.deepcopy(schedulers[0]))
+            if not isinstance(scheduler, ReduceLROnPlateau):  # it computes no rate by itself
+                with warnings.catch_warnings():  # get_lr outside step(): the next step's rate
+                    warnings.simplefilter("ignore")
+                    rates = scheduler.get_lr()
+        for parameter in parameters:
+            parameter.grad = torch.zeros_like(parameter)
+        optimizer.step()
+    except Exception as err:  # what training would meet at its first step
+        raise Refused(key, f"cannot make a step ({type(err).__name__}: {err})") from None
+    if not all(math.isfinite(float(rate)) for rate in rates):
+        raise Refused(key, f"gives the learning rate {rates}")
+    if not all(bool(torch.isfinite(parameter).all()) for parameter in parameters):
+        raise Refused(key, "turns weights into numbers that are not finite")
+
+
+def _check_optimizer_state(state: Any, expected: dict, parameters: list) -> None:
+    state = _expect_mapping(state, "optimizer_states.0")
+    groups = _expect_list(state.get("param_groups", []), "optimizer_states.0.param_groups")
+    if len(groups) != len(expected["param_groups"]):
         raise Refused("optimizer_states.0.param_groups", "does not match the model's optimizer")
-    for i, (group, expected) in enumerate(zip(groups, fresh["param_groups"], strict=True)):
+    for i, (group, reference) in enumerate(zip(groups, expected["param_groups"], strict=True)):
         key = f"optimizer_states.0.param_groups.{i}"
-        if group.get("params") != expected["params"]:
+        group = _expect_mapping(group, key)
+        if group.get("params") != reference["params"]:
             raise Refused(f"{key}.params", "does not match the model's parameters")
         for name, value in group.items():
-            if name in expected:
-                like(value, expected[name], f"{key}.{name}")
-            elif not (_plain(value) or _is_score(value)):  # a scheduler's own (initial_lr...)
-                raise Refused(f"{key}.{name}", "is not a number")
-    for index, values in state.get("state", {}).items():
+            if name not in reference:
+                raise Refused(f"{key}.{name}", "is not a key the model's optimizer writes")
+            like(value, reference[name], f"{key}.{name}")
+            if isinstance(value, float) and not math.isfinite(value):
+                raise Refused(f"{key}.{name}", f"{value} is not a finite number")
+    for index, values in _expect_mapping(
+        state.get("state", {}), "optimizer_states.0.state"
+    ).items():
         key = f"optimizer_states.0.state.{index}"
         if type(index) is not int or not 0 <= index < len(parameters):
             raise Refused(key, "names no parameter of the model")
@@ -255,20 +336,17 @@ def _check_optimizer_states(states: list, model: Any) -> None:
                 raise Refused(f"{key}.{name}", "is not a tensor or a number")
 
 
-def _check_scheduler_states(states: list, model: Any) -> None:
-    """The scheduler's state like the one ``model.lr_scheduler`` writes (a scheduler restores
-    whatever it is given as its attributes): the same keys, kinds and settings."""
-    if not states:
+def _check_precision_state(contents: Mapping[str, Any], trainer: Any) -> None:
+    """A precision plugin's state (a gradient scaler's) like the one the run's plugin writes,
+    with a scale that is a positive number."""
+    plugin = trainer.precision_plugin
+    key = type(plugin).__qualname__
+    if key not in contents:
         return
-    if model.lr_scheduler is None or len(states) != 1:
-        raise Refused(
-            "lr_schedulers",
-            f"holds {len(states)} schedulers; the model has "
-            f"{'one' if model.lr_scheduler is not None else 'none'}",
-        )
-    optimizer = model.optimizer(list(model.parameters()))
-    fresh = make_scheduler(model, optimizer, total_steps=1).state_dict()
-    like(states[0], fresh, "lr_schedulers.0", texts=True)
+    like(contents[key], plugin.state_dict(), key)
+    scale = _expect_mapping(contents[key], key).get("scale")
+    if scale is not None and not (isinstance(scale, (int, float)) and 0 < scale < math.inf):
+        raise Refused(f"{key}.scale", f"{scale!r} is not a positive number")
 
 
 def _check_callback_states(states: Mapping[str, Any], trainer: Any) -> None:

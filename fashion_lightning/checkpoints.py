@@ -26,6 +26,8 @@ from fashion_lightning.checkpoint_contents import (
     Refused,
     check_contents,
     check_restorable,
+    forget_foreign_files,
+    upgrade,
     url_problem,
 )
 from fashion_lightning.configs import ACCEPTED_CLASSES, class_problem, flat
@@ -112,9 +114,11 @@ def read_checkpoint(path: Path, option: str = "--ckpt_path") -> Checkpoint:
     _check_named_classes(checkpoint, where)
     _check_cross_entropy_sums(checkpoint, where)
     try:
+        upgrade(contents)
         check_contents(contents)
     except Refused as refused:
         raise CheckpointError(f"{where}: {refused}; {REFUSING}") from None
+    forget_foreign_files(contents, path)
     return checkpoint
 
 

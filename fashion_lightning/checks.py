@@ -11,13 +11,13 @@ from typing import Any
 
 import lightning as L
 import torch
-from lightning.pytorch.callbacks import Callback, StochasticWeightAveraging
+from lightning.pytorch.callbacks import Callback, OnExceptionCheckpoint, StochasticWeightAveraging
 
 from fashion_lightning.checkpoints import check_fits, check_restores_into
 from fashion_lightning.errors import ConfigError, UserError
 from fashion_lightning.fashion_mnist import CLASS_TAGS
 from fashion_lightning.files import ensure_writable_dir
-from fashion_lightning.run_checkpoints import RunCheckpoint
+from fashion_lightning.run_checkpoints import RunCheckpoint, run_checkpoint
 
 # callbacks that report no metric of their own: Lightning's, the project's, Optuna's pruning
 REPORT_NO_METRICS = ("lightning.", "fashion_lightning.", "optuna_integration.")
@@ -66,7 +66,7 @@ def check_run_folders(trainer: L.Trainer, fitting: bool, logger_configured: bool
     root = getattr(logger, "root_dir", None) if logger is not None else None
     option = "--trainer.logger.save_dir" if logger_configured else "--trainer.default_root_dir"
     check_writable(Path(root or trainer.default_root_dir), "run outputs", option)
-    callback = trainer.checkpoint_callback
+    callback = run_checkpoint(trainer)
     if fitting and callback is not None and callback.dirpath:
         check_writable(Path(callback.dirpath), "checkpoints", "--checkpoint.dirpath")
 
@@ -86,6 +86,13 @@ def check_accelerator(accelerator: Any) -> None:
 
 def check_callbacks(callbacks: list[Callback]) -> None:
     for callback in callbacks:
+        if isinstance(callback, OnExceptionCheckpoint):
+            raise ConfigError(
+                "--trainer.callbacks OnExceptionCheckpoint: this project keeps the state of a "
+                "stop itself (Ctrl+C and SIGTERM write last.ckpt of the exact step; an error "
+                "leaves the last good one), and Lightning would resume any fit from that "
+                "callback's file and delete it afterwards; drop it"
+            )
         if isinstance(callback, StochasticWeightAveraging):
             raise ConfigError(
                 "--trainer.callbacks StochasticWeightAveraging: its average reaches neither the "
@@ -107,19 +114,38 @@ def check_checkpoint_names(trainer: L.Trainer) -> None:
             )
 
 
-def check_logger_folders(loggers: Any) -> None:
+def check_logger_folders(loggers: Any, new_run: bool) -> None:
     """A configured logger's ``name``, ``version`` and ``sub_dir`` are folders inside its
-    ``save_dir``: ``../..`` would write its logs (and a CSV log would delete a
-    ``metrics.csv``) elsewhere."""
+    ``save_dir`` (``../..`` would write its logs elsewhere), and a new run's logger writes
+    into a folder of its own: one named by a pinned ``version`` that already holds files is
+    another run's, or the user's (a CSV log replaces the ``metrics.csv`` and ``hparams.yaml``
+    it finds there). ``--ckpt_path last`` continues a run in its own folder."""
     for logger in loggers if isinstance(loggers, list) else [loggers]:
         init_args = getattr(logger, "init_args", None) or {}
+        if not hasattr(init_args, "get"):
+            continue
         for key in ("name", "version", "sub_dir"):
-            value = init_args.get(key) if hasattr(init_args, "get") else None
+            value = init_args.get(key)
             if isinstance(value, str) and (Path(value).is_absolute() or ".." in Path(value).parts):
                 raise ConfigError(
                     f"--trainer.logger.init_args.{key} {value}: a folder inside the logger's "
                     "save_dir, without '..' or a leading '/'; choose where logs go with save_dir"
                 )
+        version = init_args.get("version")
+        if not new_run or version is None or init_args.get("save_dir") is None:
+            continue
+        name = init_args.get("name") or ""
+        folder = Path(
+            init_args["save_dir"],
+            name,
+            version if isinstance(version, str) else f"version_{version}",
+        )
+        if folder.is_dir() and any(folder.iterdir()):
+            raise ConfigError(
+                f"--trainer.logger.init_args.version {version}: {folder} holds files already "
+                "(another run's, or yours); a new run logs into a new folder: drop the version, "
+                "or continue that run with --ckpt_path last"
+            )
 
 
 def check_monitors(trainer: L.Trainer, model: Any) -> None:
@@ -188,3 +214,34 @@ def check_command(
             "pass --ckpt_path best, last or a checkpoint file to measure a trained one",
             file=sys.stderr,
         )
+
+
+def check_version_counters(config: Any) -> None:
+    """A checkpoint callback never writes over a file that is there: Lightning names its file
+    ``-v1``, ``-v2``... unless ``enable_version_counter`` is off."""
+    callbacks = config.trainer.get("callbacks") or []
+    settings = [("--checkpoint.enable_version_counter", config.get("checkpoint"))]
+    settings += [
+        ("--trainer.callbacks.enable_version_counter", getattr(c, "init_args", None))
+        for c in (callbacks if isinstance(callbacks, list) else [callbacks])
+    ]
+    for option, init_args in settings:
+        if init_args is not None and init_args.get("enable_version_counter") is False:
+            raise ConfigError(
+                f"{option} false: a checkpoint would be written over a file of the same name "
+                "that is there already (another run's, or yours); leave it on"
+            )
+
+
+def check_run_folder_links(run_dir: Path) -> None:
+    """The folder a resumed run continues in holds no symbolic links: what the run writes
+    there (its config, hparams.yaml, metrics.csv, checkpoints) would go through them to
+    wherever they point."""
+    for folder in (run_dir, run_dir / "checkpoints"):
+        links = sorted(p for p in folder.iterdir() if p.is_symlink()) if folder.is_dir() else []
+        if links:
+            raise UserError(
+                f"--ckpt_path last: {links[0]} is a symbolic link in the run folder this run "
+                "continues in, and the run would write through it; remove it (or continue from "
+                "a copy of the folder without links)"
+            )

@@ -34,6 +34,8 @@ from fashion_lightning.checks import (
     check_callbacks,
     check_command,
     check_logger_folders,
+    check_run_folder_links,
+    check_version_counters,
 )
 from fashion_lightning.configs import (
     check_model_classes,
@@ -46,10 +48,12 @@ from fashion_lightning.configs import (
 )
 from fashion_lightning.data import FashionMNISTDataModule
 from fashion_lightning.errors import (
+    ConfigError,
     Stopped,
     UserError,
     cause_of,
     exit_with,
+    first_line,
     out_of_memory,
     parse_error,
 )
@@ -63,7 +67,7 @@ from fashion_lightning.model import ImageClassifier
 from fashion_lightning.predict import PredictionWriter
 from fashion_lightning.progress import StepProgressBar
 from fashion_lightning.resume import ResumableTraining
-from fashion_lightning.run_checkpoints import ResumableCheckpointIO, RunCheckpoint
+from fashion_lightning.run_checkpoints import ResumableCheckpointIO, RunCheckpoint, run_checkpoint
 from fashion_lightning.run_folders import (
     RunFolderLogger,
     SaveRunConfig,
@@ -200,7 +204,11 @@ class FashionCLI(LightningCLI):
             config.ckpt_path = str(self.checkpoint.path)
         plain_numbers(config)
         check_model_classes(config.model)
-        check_logger_folders(config.trainer.logger)
+        continuing = self.subcommand == "fit" and self._resuming_last()
+        check_logger_folders(config.trainer.logger, new_run=not continuing)
+        check_version_counters(config)
+        if continuing:
+            check_run_folder_links(self.checkpoint.path.parent.parent)
         loggers = config.trainer.logger
         for logger in loggers if isinstance(loggers, list) else [loggers]:
             if isinstance(logger, Namespace) and logger.class_path in PLAIN_TENSORBOARD:
@@ -243,7 +251,10 @@ class FashionCLI(LightningCLI):
             self.checkpoint_io.preload(self.checkpoint.path, self.checkpoint.contents)
         others = [p for p in _as_list(config.get("plugins")) if not isinstance(p, CheckpointIO)]
         kwargs["plugins"] = [*others, self.checkpoint_io]
-        trainer = super().instantiate_trainer(**kwargs)
+        try:
+            trainer = super().instantiate_trainer(**kwargs)
+        except ValueError as err:  # a strategy or accelerator this machine cannot run
+            raise ConfigError(f"--trainer: {first_line(err)}") from None
         if self.subcommand == "fit":
             choose_training_loop(self.model, trainer, self.checkpoint)
         return trainer
@@ -331,7 +342,7 @@ class FashionCLI(LightningCLI):
         """Evaluate the best checkpoint on the official test split, as the tutorial does."""
         if self.trainer.interrupted or not self.test_after_fit:
             return
-        checkpoint = self.trainer.checkpoint_callback
+        checkpoint = run_checkpoint(self.trainer)
         best = checkpoint.best_model_path if checkpoint is not None else ""
         if best:
             # The weights are loaded here rather than by test(ckpt_path=best): during fit,

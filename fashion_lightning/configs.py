@@ -103,6 +103,12 @@ def refused_class_argument(message: str) -> str | None:
     """jsonargparse's refusal of an optimizer's or scheduler's argument (a page of union types
     and 'Expected a path'), as the key, the value and the kinds it takes; None for others."""
     outer = re.match(r'Parser key "(model\.\w+)":', message)
+    required = re.search(r"the following arguments are required: ([\w, ]+)", message)
+    if outer is not None and required is not None:  # jsonargparse lists every union it tried
+        names = [name.strip() for name in required.group(1).split(",") if name.strip()]
+        return f'Parser key "{outer.group(1)}": it needs ' + ", ".join(
+            f"--{outer.group(1)}.init_args.{name}" for name in names
+        )
     given = re.search(r"class_path='([^']+)', init_args=Namespace\((\w+)=(.*?)\)\)", message)
     if outer is None or given is None:
         return None

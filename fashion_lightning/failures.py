@@ -17,6 +17,7 @@ from fashion_lightning.errors import (
     first_line,
     write_failure,
 )
+from fashion_lightning.run_checkpoints import run_checkpoint
 from fashion_lightning.run_folders import RunFolderLogger, SaveRunConfig
 
 
@@ -43,7 +44,7 @@ def what_is_kept(trainer: Trainer, subcommand: str) -> str:
     """What a user whose disk filled up still has, and what to do next."""
     if subcommand != "fit":
         return "free space and run again"
-    callback = trainer.checkpoint_callback
+    callback = run_checkpoint(trainer)
     folder = Path(callback.dirpath) if callback is not None and callback.dirpath else None
     kept = sorted(folder.glob("*.ckpt"), key=lambda p: p.stat().st_mtime_ns) if folder else []
     if not kept:

@@ -28,7 +28,10 @@ def atomic_write(path: str | os.PathLike, mode: str = "wb", **open_args) -> Iter
     path.parent.mkdir(parents=True, exist_ok=True)
     partial = path.with_name(f".{path.name}.{os.getpid()}.part")
     try:
-        with partial.open(mode, **open_args) as f:
+        # created anew, never through a link someone left at that name: the link goes, the
+        # file it points to stays as it was
+        partial.unlink(missing_ok=True)
+        with open(partial, mode, opener=_new_file, **open_args) as f:
             yield f
             f.flush()
             os.fsync(f.fileno())
@@ -45,6 +48,11 @@ def atomic_write(path: str | os.PathLike, mode: str = "wb", **open_args) -> Iter
         pid = orphan.name.rsplit(".", 2)[-2]
         if pid.isdigit() and not process_running(int(pid)):  # another live process may be writing
             orphan.unlink(missing_ok=True)
+
+
+def _new_file(path: str, flags: int) -> int:
+    """``open``'s opener for a file that must not exist yet, and never a link's target."""
+    return os.open(path, flags | os.O_EXCL | os.O_NOFOLLOW, 0o666)
 
 
 def fsync_folder(folder: Path) -> None:

@@ -25,6 +25,7 @@ from fashion_lightning.fashion_mnist import (
     to_float_images,
 )
 from fashion_lightning.network import MLP, DropoutProbability, HiddenSize
+from fashion_lightning.run_checkpoints import run_checkpoint
 from fashion_lightning.run_records import TRAIN_EVAL
 from fashion_lightning.schedules import (
     check_schedule_length,
@@ -98,6 +99,7 @@ class ImageClassifier(L.LightningModule):
         self.scheduler_interval = scheduler_interval
         self.scheduler_monitor = scheduler_monitor
         self.validated_this_epoch = False  # a plateau scheduler on val/* waits for a validation
+        self.resumed_schedules: list[dict[str, Any]] = []  # the schedules' states a run resumes
         self.label_smoothing = label_smoothing
         self.compile = compile
         self.standardize = standardize
@@ -147,6 +149,7 @@ class ImageClassifier(L.LightningModule):
         sums = checkpoint.get(CROSS_ENTROPY_KEY) or {"sum": 0.0, "images": 0}
         self.train_cross_entropy_sum = torch.tensor(float(sums["sum"]))
         self.train_images = int(sums["images"])
+        self.resumed_schedules = checkpoint.get("lr_schedulers") or []  # checked at fit start
 
     def forward(self, images: Tensor) -> Tensor:
         """The logits that validation, test and predict use, for a batch of images ``(N, 1,
@@ -262,8 +265,11 @@ class ImageClassifier(L.LightningModule):
         """The metric the learning-rate scheduler follows if it is a plateau scheduler."""
         return plateau_monitor(self.lr_scheduler, self.scheduler_monitor)
 
+    def on_fit_start(self) -> None:
+        # before anything runs (a resumed schedule is restored only later)
+        check_schedule_length(self, self.trainer, self.resumed_schedules)
+
     def on_train_start(self) -> None:
-        check_schedule_length(self, self.trainer)
         # a sum a checkpoint gave back (on the CPU) goes where the steps add to it
         self.train_cross_entropy_sum = self.train_cross_entropy_sum.to(self.device)
 
@@ -320,7 +326,7 @@ class ImageClassifier(L.LightningModule):
 
     def _stop_on_non_finite(self, loss: Tensor, batch_idx: int) -> None:
         """Stop before a NaN/inf loss is back-propagated into the weights."""
-        checkpoint = self.trainer.checkpoint_callback
+        checkpoint = run_checkpoint(self.trainer)
         kept = checkpoint.last_model_path if checkpoint is not None else ""
         kept = f"the last good checkpoint is {kept}" if kept else "no checkpoint was written yet"
         raise NonFiniteLossError(

@@ -91,6 +91,8 @@ def check_picture_folder(folder: str | Path) -> None:
     folder = Path(folder)
     entries = _entries_in(folder)
     for path in entries:
+        if not path.is_file():  # a folder, a pipe (reading one would wait forever)
+            continue
         try:
             with Image.open(path) as picture:
                 picture.load()  # a truncated file has a good header
@@ -143,6 +145,9 @@ def load_pictures(folder: str | Path) -> tuple[Tensor, list[str]]:
     for path in _entries_in(folder):
         if path.is_dir():
             skipped.append(f"{path.name}/: a folder (pictures in subfolders are not read)")
+            continue
+        if not path.is_file():
+            skipped.append(f"{path.name}: not a file (a pipe, a device, a broken link)")
             continue
         try:
             with Image.open(path) as picture:

@@ -21,7 +21,7 @@ from lightning.pytorch.utilities import rank_zero_warn
 
 from fashion_lightning.data import EpochShuffleSampler
 from fashion_lightning.errors import Stopped, TrainingInterrupted
-from fashion_lightning.run_checkpoints import RunCheckpoint, save_last_checkpoint
+from fashion_lightning.run_checkpoints import RunCheckpoint, run_checkpoint, save_last_checkpoint
 
 SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
@@ -225,7 +225,7 @@ class ResumableTraining(Callback):
         return (trainer.current_epoch + 1) % epochs != 0 or done % int(every) != 0
 
     def _stop(self, trainer: L.Trainer, where: str, at_epoch_end: bool = False) -> None:
-        callback = trainer.checkpoint_callback
+        callback = run_checkpoint(trainer)
         if (
             at_epoch_end
             and isinstance(callback, RunCheckpoint)

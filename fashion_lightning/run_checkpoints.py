@@ -18,7 +18,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.trainer.states import TrainerFn
 
 from fashion_lightning.checkpoint_contents import CHECKPOINT_SUFFIX, url_problem
-from fashion_lightning.checkpoints import LAST_CHECKPOINT, read_checkpoint
+from fashion_lightning.checkpoints import LAST_CHECKPOINT
 from fashion_lightning.errors import CheckpointError, ConfigError
 from fashion_lightning.files import atomic_write
 
@@ -31,9 +31,9 @@ class ResumableCheckpointIO(TorchCheckpointIO):
       previous file or the new one. (Lightning writes into the system's temporary folder and
       ``shutil.move``s the file, a plain copy when that folder is on another file system.)
     - A checkpoint is read once, as the bytes that were checked: the one the command read and
-      checked (``--ckpt_path``) is handed to the Trainer as it was read; any other is read and
-      checked by :func:`~fashion_lightning.checkpoints.read_checkpoint`, never with
-      ``weights_only=False``, and never through fsspec (which opens any URL, ``data:`` too).
+      checked (``--ckpt_path``) is handed to the Trainer as it was read; any other (a file
+      Lightning wrote in this run and reads back) is read with ``weights_only=True`` whatever
+      Lightning asks, and never through fsspec (which opens any URL, ``data:`` too).
     - A checkpoint that a better one replaces is removed as a file, never a folder and never a
       URL the run did not write (Lightning removes with ``fs.rm(path, recursive=True)``).
 
@@ -79,7 +79,9 @@ class ResumableCheckpointIO(TorchCheckpointIO):
             return contents
         if url_problem(str(path)):
             raise CheckpointError(f"{path}: checkpoints are read from local files only")
-        return read_checkpoint(Path(path), option="checkpoint").contents
+        # a file Lightning wrote in this run and reads back (ddp_spawn's weights, the batch-size
+        # finder's checkpoint): data alone, whatever weights_only Lightning passes
+        return torch.load(path, map_location=map_location, weights_only=True)
 
     def remove_checkpoint(self, path: str | os.PathLike) -> None:
         name = str(path)
@@ -238,10 +240,16 @@ class RunCheckpoint(ModelCheckpoint):
         return Path(path)
 
 
+def run_checkpoint(trainer: L.Trainer) -> RunCheckpoint | None:
+    """The run's own checkpoint callback (``trainer.checkpoint_callback`` is the first of any
+    kind, and a ModelCheckpoint a user adds to the config may come first)."""
+    return next((c for c in trainer.callbacks if isinstance(c, RunCheckpoint)), None)
+
+
 def save_last_checkpoint(trainer: L.Trainer) -> Path:
     """Write the run's last checkpoint now, where and as its checkpoint callback keeps it."""
-    callback = trainer.checkpoint_callback
-    if isinstance(callback, RunCheckpoint) and callback.keep_last:
+    callback = run_checkpoint(trainer)
+    if callback is not None and callback.keep_last:
         return callback.write_last_now(trainer)
     # no last checkpoint configured (--checkpoint.save_last false): still keep this state
     folder = callback.dirpath if callback is not None and callback.dirpath else None

@@ -31,7 +31,7 @@ def read_events(
     times: dict[str, list[float]] = {}
     live = False
     read = 0
-    for path in sorted(folder.glob(EVENTS_GLOB), key=_events_order):
+    for path in sorted(events_files(folder), key=_events_order):
         created, host, pid, _ = writer_of(path)
         writer = f"{host}:{pid}"
         if not live and host == socket.gethostname() and pid > 0:
@@ -80,7 +80,7 @@ def last_steps(folder: Path, prefix: str) -> dict[str, int]:
     """The last step of each scalar whose tag starts with ``prefix`` in a run folder's events
     files: for ``epoch/``, the epochs a stopped run has drawn."""
     last: dict[str, int] = {}
-    for path in folder.glob(EVENTS_GLOB):
+    for path in events_files(folder):
         try:
             for event in event_records(path):
                 for value in event.summary.value:
@@ -89,6 +89,11 @@ def last_steps(folder: Path, prefix: str) -> dict[str, int]:
         except Exception:  # a damaged record (protobuf's DecodeError): what was read counts
             continue
     return last
+
+
+def events_files(folder: Path) -> list[Path]:
+    """The events files of a run folder: regular files only (reading a pipe would wait)."""
+    return [path for path in folder.glob(EVENTS_GLOB) if path.is_file()]
 
 
 def event_records(path: Path) -> Iterator[Event]:

@@ -79,12 +79,17 @@ def planned_steps(model: Any) -> int:
     return planned
 
 
-def check_schedule_length(model: Any, trainer: L.Trainer) -> None:
+def check_schedule_length(
+    model: Any, trainer: L.Trainer, resumed: list[dict] | None = None
+) -> None:
     """A schedule with a fixed length (OneCycleLR's ``total_steps``) cannot run past its end:
     a run resumed with more epochs than it began with would fail at that step with a
-    traceback. Say so before training instead."""
-    for config in trainer.lr_scheduler_configs:
+    traceback. Say so before training instead. ``resumed``: the schedules' states a resumed
+    run restores (their length is the one that counts)."""
+    for i, config in enumerate(trainer.lr_scheduler_configs):
         total = getattr(config.scheduler, "total_steps", None)
+        if resumed and i < len(resumed) and isinstance(resumed[i].get("total_steps"), int):
+            total = resumed[i]["total_steps"]
         planned = planned_steps(model) if config.interval == "step" else trainer.max_epochs
         if total is not None and total < planned:
             raise UserError(

@@ -24,6 +24,8 @@ from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities.rank_zero import rank_zero_info
 from torch import nn
 
+from fashion_lightning.run_checkpoints import run_checkpoint
+
 # Lightning's advertisement for a cloud logger, printed by every Trainer that has none of its
 # own (logged, not warned: a logging filter on the logger that prints it quiets it)
 TIP = "💡 Tip: For seamless cloud logging"
@@ -123,7 +125,7 @@ class WarningsThatApply(Callback):
 
 def _checkpoint_folder(trainer: L.Trainer) -> str | None:
     """The folder the run's checkpoints go to, as ModelCheckpoint will name it."""
-    callback = trainer.checkpoint_callback
+    callback = run_checkpoint(trainer)
     if callback is None:
         return None
     if getattr(callback, "dirpath", None):

@@ -14,7 +14,7 @@ import yaml
 from optuna.trial import FrozenTrial, TrialState
 
 from fashion_lightning import cli
-from fashion_lightning.errors import SearchError, UserError
+from fashion_lightning.errors import SearchError, UserError, one_line
 from fashion_lightning.tune.space import config_text, overrides
 from fashion_lightning.tune.storage import shown
 
@@ -112,7 +112,7 @@ def write_best(search: Search, best: FrozenTrial) -> Path:
     header = (
         f"# Best trial of the search '{search.name}': trial {best.number}, "
         f"{search.objective} {best.value:.4f} at epoch {epoch} of {len(curve)}.\n"
-        f"# Sampled: {' '.join(overrides(best.params))}\n"
+        f"# Sampled: {one_line(' '.join(overrides(best.params)))}\n"
         f"#   python -m fashion_lightning fit --config {shlex.quote(str(path))}\n"
     )
     path.write_text(header + yaml.safe_dump(config, sort_keys=False))

@@ -41,6 +41,7 @@ from fashion_lightning.tune.space import (
 from fashion_lightning.tune.storage import MAX_RETRIES, alive
 from fashion_lightning.tune.study import (
     OBJECTIVES,
+    check_queued,
     open_study,
 )
 from fashion_lightning.tune.workers import STOPS
@@ -73,6 +74,10 @@ NOT_COMPARED = (
     "checkpoint.dirpath",
     "checkpoint.verbose",
 )
+
+
+# a journal no process wrote to for this long has no trial running on another machine
+QUIET_SECONDS = 900
 
 
 class BestValue(Callback):
@@ -125,6 +130,7 @@ class Search:
             "objective": self.objective,
         }
         self.study = open_study(args, self.folder, self.storage_spec, started)
+        check_queued(self.study, self.space, self.storage_spec)
         self.trials = args.trials
         self.fit_overrides = fit_overrides
 
@@ -145,8 +151,12 @@ class Search:
         with STOPS.deferring():
             for trial in self.study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
                 attrs = trial.user_attrs
-                if _own_process_recorded(trial):
-                    if attrs.get("host") != host or alive(attrs["pid"], attrs.get("process_start")):
+                if _own_process_recorded(trial) and attrs.get("host") != host:
+                    if not self._journal_quiet():
+                        continue
+                    reason = f"its machine has not written to the study for {QUIET_SECONDS} s"
+                elif _own_process_recorded(trial):
+                    if alive(attrs["pid"], attrs.get("process_start")):
                         continue
                     reason = "its process died"
                 elif _seconds_since_start(trial) > self.grace:
@@ -158,6 +168,15 @@ class Search:
                 except (ValueError, RuntimeError):
                     continue  # another worker got there first
                 self.retry(trial, reason)
+
+    def _journal_quiet(self) -> bool:
+        """Whether the study is a journal file (no heartbeats) that no process has written to
+        for ``QUIET_SECONDS``: a trial of another machine is then not running any more (its
+        fit writes each epoch's value; a study someone hands over holds such trials)."""
+        journal = Path(self.storage_spec)
+        if "://" in self.storage_spec or not journal.is_file():
+            return False
+        return time.time() - journal.stat().st_mtime > QUIET_SECONDS
 
     def retry(self, trial: FrozenTrial | optuna.Trial, reason: str) -> None:
         """Queue the parameters of a trial that did not finish, up to MAX_RETRIES times."""

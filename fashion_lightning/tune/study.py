@@ -9,8 +9,8 @@ from typing import Any
 
 import optuna
 import yaml
-from optuna.distributions import BaseDistribution, IntDistribution
-from optuna.trial import FrozenTrial
+from optuna.distributions import BaseDistribution, CategoricalDistribution, IntDistribution
+from optuna.trial import FrozenTrial, TrialState
 
 from fashion_lightning.errors import SearchError, UserError, first_line
 from fashion_lightning.tune.space import config_text
@@ -127,6 +127,31 @@ def check_records(study: optuna.Study, storage_spec: str) -> None:
 
 
 ALTERED = "the study was altered; start another with --study NAME"
+
+
+def check_queued(
+    study: optuna.Study, space: dict[str, BaseDistribution], storage_spec: str
+) -> None:
+    """The parameters queued to run next (a stopped trial's, retried) are values of the search
+    space: anything else was written into the study by other means."""
+    for trial in study.get_trials(deepcopy=False, states=(TrialState.WAITING,)):
+        fixed = trial.system_attrs.get("fixed_params") or {}
+        for key, value in fixed.items() if isinstance(fixed, dict) else [("?", fixed)]:
+            distribution = space.get(key)
+            if distribution is None or not _contains(distribution, value):
+                raise SearchError(
+                    f"study {study.study_name} in {shown(storage_spec)}: trial {trial.number} is "
+                    f"queued with {key} {value!r}, which the search file does not hold; {ALTERED}"
+                )
+
+
+def _contains(distribution: BaseDistribution, value: Any) -> bool:
+    """Whether ``value`` is one the distribution draws (a choice, or a number in range)."""
+    if isinstance(distribution, CategoricalDistribution):
+        return any(value == c and type(value) is type(c) for c in distribution.choices)
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return False
+    return distribution.low <= value <= distribution.high
 
 
 def _is_mapping(text: str) -> bool:
