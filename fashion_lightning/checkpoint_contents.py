@@ -275,31 +275,76 @@ def _check_optimizer_and_schedule(optimizers: list, schedulers: list, model: Any
         raise Refused("lr_schedulers", f"holds {len(schedulers)} schedulers; the model has {has}")
     parameters = [p.detach().clone() for p in model.parameters()]
     optimizer = model.optimizer(parameters)
-    scheduler = make_scheduler(model, optimizer, total_steps=1) if model.lr_scheduler else None
+    scheduler = None
+    if model.lr_scheduler is not None:  # a fixed-length schedule as long as the resumed one
+        length = (
+            schedulers[0].get("total_steps")
+            if schedulers and isinstance(schedulers[0], Mapping)
+            else None
+        )
+        scheduler = make_scheduler(
+            model, optimizer, total_steps=length if type(length) is int and length > 0 else 1
+        )
     if optimizers:
         _check_optimizer_state(optimizers[0], optimizer.state_dict(), parameters)
     if schedulers:
-        like(schedulers[0], scheduler.state_dict(), "lr_schedulers.0", texts=True)
-    key = "lr_schedulers.0" if schedulers else "optimizer_states.0"
+        _check_scheduler_state(schedulers[0], scheduler.state_dict())
     try:
         if optimizers:
             optimizer.load_state_dict(copy.deepcopy(optimizers[0]))
-        rates = [group["lr"] for group in optimizer.param_groups]
+        for parameter in parameters:
+            parameter.grad = torch.zeros_like(parameter)
+        optimizer.step()
+    except Exception as err:  # what training would meet at its first step
+        raise Refused(
+            "optimizer_states.0", f"cannot make a step ({type(err).__name__}: {err})"
+        ) from None
+    if not all(bool(torch.isfinite(parameter).all()) for parameter in parameters):
+        raise Refused("optimizer_states.0", "turns weights into numbers that are not finite")
+    rates = [group["lr"] for group in optimizer.param_groups]
+    try:
         if schedulers:
             scheduler.load_state_dict(copy.deepcopy(schedulers[0]))
             if not isinstance(scheduler, ReduceLROnPlateau):  # it computes no rate by itself
                 with warnings.catch_warnings():  # get_lr outside step(): the next step's rate
                     warnings.simplefilter("ignore")
                     rates = scheduler.get_lr()
-        for parameter in parameters:
-            parameter.grad = torch.zeros_like(parameter)
-        optimizer.step()
-    except Exception as err:  # what training would meet at its first step
-        raise Refused(key, f"cannot make a step ({type(err).__name__}: {err})") from None
+    except Exception as err:
+        raise Refused(
+            "lr_schedulers.0", f"cannot make a step ({type(err).__name__}: {err})"
+        ) from None
     if not all(math.isfinite(float(rate)) for rate in rates):
-        raise Refused(key, f"gives the learning rate {rates}")
-    if not all(bool(torch.isfinite(parameter).all()) for parameter in parameters):
-        raise Refused(key, "turns weights into numbers that are not finite")
+        raise Refused(
+            "lr_schedulers.0" if schedulers else "optimizer_states.0",
+            f"gives the learning rate {rates}",
+        )
+
+
+# what a scheduler counts as it goes; its other entries are its settings
+SCHEDULE_PROGRESS = (
+    "last_epoch",
+    "_step_count",
+    "_last_lr",
+    "_get_lr_called_within_step",
+    "_is_initial",
+    "best",
+    "num_bad_epochs",
+    "cooldown_counter",
+)
+
+
+def _check_scheduler_state(state: Any, expected: dict) -> None:
+    """A scheduler restores whatever it is given as its attributes: its settings (the phases of
+    a one-cycle schedule, its anneal function...) must be the ones the model's
+    ``lr_scheduler`` makes, and what it counts must be of the kind it counts."""
+    state = _expect_mapping(state, "lr_schedulers.0")
+    like(state, expected, "lr_schedulers.0", texts=True)
+    for name, value in state.items():
+        if name not in SCHEDULE_PROGRESS and value != expected[name]:
+            raise Refused(
+                f"lr_schedulers.0.{name}",
+                f"is {value!r}, where the model's scheduler has {expected[name]!r}",
+            )
 
 
 def _check_optimizer_state(state: Any, expected: dict, parameters: list) -> None:

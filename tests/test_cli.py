@@ -52,7 +52,9 @@ def test_fit_trains_logs_checkpoints_and_tests(data_dir, tmp_path, capsys):
 
 
 @pytest.mark.slow
-def test_second_run_into_the_same_folder_keeps_both_configs(data_dir, tmp_path):
+def test_a_second_new_run_into_a_pinned_folder_is_refused_and_loses_nothing(
+    data_dir, tmp_path, capsys
+):
     pinned = [
         "--trainer.logger=TensorBoardLogger",
         f"--trainer.logger.save_dir={tmp_path}",
@@ -63,10 +65,14 @@ def test_second_run_into_the_same_folder_keeps_both_configs(data_dir, tmp_path):
         "--trainer.limit_test_batches=2",
     ]
     main(fit_args(data_dir, tmp_path, *pinned))
-    main(fit_args(data_dir, tmp_path, *pinned, "--data.batch_size=32"))
     run = tmp_path / "lightning_logs" / "pinned"
-    assert "batch_size: 64" in (run / "config.yaml").read_text()
-    assert "batch_size: 32" in (run / "config-2.yaml").read_text()
+    before = {path: path.read_bytes() for path in run.rglob("*") if path.is_file()}
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exit_:
+        main(fit_args(data_dir, tmp_path, *pinned, "--data.batch_size=32"))
+    assert exit_.value.code != 0
+    assert "holds files already" in last_line(capsys.readouterr().err)
+    assert {path: path.read_bytes() for path in run.rglob("*") if path.is_file()} == before
 
 
 def test_help_documents_every_data_and_model_argument(capsys):

@@ -409,3 +409,183 @@ def test_a_handed_run_folder_with_crafted_records_is_one_line(
         assert _load(last)["epoch"] == 1
     else:
         assert code == 1 and phrase in line, line
+
+
+def test_an_old_format_checkpoint_names_no_file_outside_either(good_run, data_dir, tmp_path):
+    """Lightning upgrades a checkpoint of an old Lightning as it loads it (old top-level keys
+    go into ModelCheckpoint's state): the checks see the upgraded checkpoint."""
+    precious = _precious(tmp_path)
+    (precious / "model.ckpt").write_text("mine")
+    checkpoint = _load(good_run / "checkpoints" / "last.ckpt")
+    checkpoint.pop("loops")
+    checkpoint["pytorch-lightning_version"] = "0.9.0"
+    checkpoint["checkpoint_callback_best_model_path"] = (
+        "lightning_logs/sgd_1/checkpoints/../../../precious/model.ckpt"
+    )
+    checkpoint["checkpoint_callback_best_model_score"] = 0.0
+    torch.save(checkpoint, tmp_path / "downloaded.ckpt")
+    result = _fit_in(
+        tmp_path, data_dir, "--ckpt_path=downloaded.ckpt", "--trainer.callbacks+=ModelCheckpoint"
+    )
+    assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr[-3000:]
+    assert (
+        "callbacks.<class 'lightning.pytorch.callbacks.model_checkpoint.ModelCheckpoint'>"
+        in last_line(result.stderr)
+    )
+    assert (precious / "model.ckpt").read_text() == "mine"
+
+
+def test_a_state_is_trusted_with_the_files_of_its_own_folder_only(good_run, data_dir, tmp_path):
+    """A folder several runs share (no logger: <root>/checkpoints): a downloaded checkpoint
+    whose state names another run's checkpoint there starts a run that leaves it alone."""
+    shared = tmp_path / "checkpoints"
+    shared.mkdir()
+    other_run = shared / "epoch01-val_acc0.1700.ckpt"
+    other_run.write_text("another run's")
+    checkpoint = _load(good_run / "checkpoints" / "last.ckpt")
+    _checkpoint_state(checkpoint).update(
+        dirpath="checkpoints",
+        best_k_models={"checkpoints/epoch01-val_acc0.1700.ckpt": torch.tensor(0.0)},
+        kth_best_model_path="checkpoints/epoch01-val_acc0.1700.ckpt",
+        best_model_path="checkpoints/epoch01-val_acc0.1700.ckpt",
+        last_model_path="checkpoints/last.ckpt",
+        kth_value=torch.tensor(0.0),
+        best_model_score=torch.tensor(0.0),
+    )
+    torch.save(checkpoint, tmp_path / "downloaded.ckpt")
+    result = _fit_in(tmp_path, data_dir, "--ckpt_path=downloaded.ckpt", "--trainer.logger=false")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert other_run.read_text() == "another run's"
+
+
+def test_a_link_at_the_temporary_name_is_replaced_not_written_through(tmp_path):
+    from fashion_lightning.files import atomic_write
+
+    outside = tmp_path / "keep.txt"
+    outside.write_text("mine")
+    target = tmp_path / "run" / "last.ckpt"
+    target.parent.mkdir()
+    (target.parent / f".last.ckpt.{os.getpid()}.part").symlink_to(outside)
+    with atomic_write(target) as f:
+        f.write(b"checkpoint")
+    assert outside.read_text() == "mine" and target.read_bytes() == b"checkpoint"
+
+
+def test_a_continued_run_folder_with_a_link_is_refused(good_run, data_dir, tmp_path, capsys):
+    import shutil
+
+    run = tmp_path / "lightning_logs" / "sgd_0"
+    shutil.copytree(good_run, run)
+    outside = tmp_path / "outside.yaml"
+    outside.write_text("mine")
+    (run / "hparams.yaml").unlink()
+    (run / "hparams.yaml").symlink_to(outside)
+    args = fit_args(data_dir, tmp_path, *TINY, "--trainer.max_epochs=2", "--ckpt_path=last")
+    code, line = _command(args, capsys)
+    assert code == 1 and "hparams.yaml is a symbolic link in the run folder" in line, line
+    assert outside.read_text() == "mine"
+
+
+@pytest.mark.parametrize(
+    ("option", "phrase"),
+    [
+        (
+            ["--trainer.callbacks+=OnExceptionCheckpoint", "--trainer.callbacks.dirpath=precious"],
+            "--trainer.callbacks OnExceptionCheckpoint: this project keeps the state of a stop",
+        ),
+        (
+            ["--checkpoint.enable_version_counter=false"],
+            "--checkpoint.enable_version_counter false: a checkpoint would be written over",
+        ),
+        (
+            [
+                "--trainer.logger=CSVLogger",
+                "--trainer.logger.save_dir=precious",
+                "--trainer.logger.name=",
+                "--trainer.logger.version=",
+            ],
+            "holds files already (another run's, or yours); a new run logs into a new folder",
+        ),
+    ],
+    ids=["on-exception-checkpoint", "version-counter", "logger-into-a-full-folder"],
+)
+def test_a_config_cannot_make_a_run_write_over_files(
+    option, phrase, data_dir, tmp_path, capsys, monkeypatch
+):
+    monkeypatch.chdir(tmp_path)
+    precious = _precious(tmp_path)
+    (precious / "metrics.csv").write_text("mine")
+    code, line = _command(fit_args(data_dir, "runs", *TINY, *option), capsys)
+    assert code == 2 and phrase in line, line
+    assert (precious / "metrics.csv").read_text() == "mine"
+    assert sorted(p.name for p in precious.iterdir()) == ["metrics.csv", "thesis.tex"]
+
+
+BEST = ROOT / "configs" / "best.yaml"  # AdamW, a one-cycle schedule, a weight average
+
+
+@pytest.fixture(scope="module")
+def good_schedule_run(data_dir, tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("good-best")
+    main([*fit_args(data_dir, root, *TINY, "--model.steps_per_call=1"), "--config", str(BEST)])
+    return root / "lightning_logs" / "sgd+best_0"
+
+
+def _adam_state(checkpoint: dict) -> dict:
+    return checkpoint["optimizer_states"][0]["state"][0]
+
+
+CRAFTED_STEPS = {
+    "schedule-past-its-end": (
+        lambda c: c["lr_schedulers"][0].update(last_epoch=10**6),
+        "lr_schedulers.0: cannot make a step (ValueError: Tried to step",
+    ),
+    "schedule-phase-of-no-length": (
+        lambda c: c["lr_schedulers"][0]["_schedule_phases"][1].update(end_step=0),
+        "lr_schedulers.0._schedule_phases: is [",
+    ),
+    "schedule-peak-not-a-number": (
+        lambda c: c["optimizer_states"][0]["param_groups"][0].update(max_lr=float("nan")),
+        "optimizer_states.0.param_groups.0.max_lr: nan is not a finite number",
+    ),
+    "schedule-key-text": (
+        lambda c: c["optimizer_states"][0]["param_groups"][0].update(max_lr="x"),
+        "optimizer_states.0.param_groups.0.max_lr: is not a number",
+    ),
+    "lr-nan": (
+        lambda c: c["optimizer_states"][0]["param_groups"][0].update(lr=float("nan")),
+        "optimizer_states.0.param_groups.0.lr: nan is not a finite number",
+    ),
+    "step-a-bool": (
+        lambda c: _adam_state(c).update(step=torch.tensor(True)),
+        "cannot make a step",
+    ),
+    "moment-a-number": (
+        lambda c: _adam_state(c).update(exp_avg=torch.tensor(0.0)),
+        "cannot make a step (RuntimeError",
+    ),
+    "moment-missing": (
+        lambda c: _adam_state(c).pop("exp_avg_sq"),
+        "cannot make a step (KeyError",
+    ),
+}
+
+
+@pytest.mark.parametrize("crafted", sorted(CRAFTED_STEPS))
+def test_an_optimizer_or_schedule_state_that_cannot_step_is_one_line(
+    crafted, good_schedule_run, data_dir, tmp_path, capsys
+):
+    craft, phrase = CRAFTED_STEPS[crafted]
+    checkpoint = _load(good_schedule_run / "checkpoints" / "last.ckpt")
+    craft(checkpoint)
+    path = tmp_path / "crafted.ckpt"
+    torch.save(checkpoint, path)
+    args = [
+        *fit_args(data_dir, tmp_path / "runs", *TINY, "--model.steps_per_call=1"),
+        "--config",
+        str(BEST),
+        f"--ckpt_path={path}",
+    ]
+    code, line = _command(args, capsys)
+    assert code == 1 and line.startswith(f"error: --ckpt_path {path}: ") and phrase in line, line
+    assert not (tmp_path / "runs").exists()

@@ -87,7 +87,7 @@ def test_own_pictures_are_classified_and_broken_files_skipped(
     )
     err = capsys.readouterr().err
     assert "skipped d_broken.png: " in err and "skipped e_notes.txt: not an image" in err
-    assert "skipped f_link.png: [Errno 2] No such file or directory" in err
+    assert "skipped f_link.png: not a file (a pipe, a device, a broken link)" in err
 
 
 def _png_header_only(width: int, height: int) -> bytes:

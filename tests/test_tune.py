@@ -847,3 +847,44 @@ def test_a_crafted_started_with_is_one_line(data_dir, tmp_path, tune_here):
     study.set_user_attr("started_with", ["not", "a", "mapping"])
     code, stderr = tune_here(*_args(data_dir, tmp_path, 1))
     assert code == 2 and "its started_with is not what the search writes" in last_line(stderr)
+
+
+def test_a_queued_trial_outside_the_search_space_is_one_line(data_dir, tmp_path, tune_here):
+    _crafted_study(tmp_path)
+    journal = tmp_path / "lightning_logs" / "tune" / "sgd" / "study.journal"
+    study = optuna.load_study(
+        study_name="sgd", storage=JournalStorage(JournalFileBackend(str(journal)))
+    )
+    study.enqueue_trial({"data.batch_size": "os.system"})
+    code, stderr = tune_here(*_args(data_dir, tmp_path, 2))
+    assert (
+        code == 2
+        and "trial 1 is queued with data.batch_size 'os.system', which the search file does not hold"
+        in last_line(stderr)
+    ), stderr[-2000:]
+
+
+def test_a_trial_of_another_machine_in_a_quiet_journal_is_run_again(data_dir, tmp_path, tune_here):
+    """A journal keeps no heartbeats: a study someone hands over may hold a trial that was
+    running on their machine when they copied it. Once no process has written to the journal
+    for a quarter of an hour, its parameters run here."""
+    journal = tmp_path / "lightning_logs" / "tune" / "sgd" / "study.journal"
+    journal.parent.mkdir(parents=True)
+    study = optuna.create_study(
+        study_name="sgd",
+        storage=JournalStorage(JournalFileBackend(str(journal))),
+        direction="maximize",
+    )
+    trial = study.ask({LR: optuna.distributions.FloatDistribution(1e-3, 1e-1, log=True)})
+    for key, value in (
+        ("host", "their-laptop"),
+        ("pid", 4242),
+        ("run_dir", str(journal.parent / "trial_0")),
+    ):
+        trial.set_user_attr(key, value)
+    quiet = time.time() - 3600
+    os.utime(journal, (quiet, quiet))
+    code, stderr = tune_here(*_args(data_dir, tmp_path, 1))
+    assert code == 0, stderr[-2000:]
+    assert "trial 0: its machine has not written to the study for 900 s" in stderr
+    assert [t.state for t in study.get_trials()] == [TrialState.FAIL, TrialState.COMPLETE]

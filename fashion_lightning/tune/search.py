@@ -129,7 +129,15 @@ class Search:
             "config": flat(config, skip=NOT_COMPARED),
             "objective": self.objective,
         }
+        quiet = self._journal_quiet()  # before this process writes to it
         self.study = open_study(args, self.folder, self.storage_spec, started)
+        # The trials that were running when the journal had been quiet for a quarter of an
+        # hour: another machine's, in a study handed over or left behind. Not running now.
+        self.quiet_trials = {
+            trial.number
+            for trial in self.study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
+            if quiet
+        }
         check_queued(self.study, self.space, self.storage_spec)
         self.trials = args.trials
         self.fit_overrides = fit_overrides
@@ -152,7 +160,7 @@ class Search:
             for trial in self.study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
                 attrs = trial.user_attrs
                 if _own_process_recorded(trial) and attrs.get("host") != host:
-                    if not self._journal_quiet():
+                    if trial.number not in self.quiet_trials and not self._journal_quiet():
                         continue
                     reason = f"its machine has not written to the study for {QUIET_SECONDS} s"
                 elif _own_process_recorded(trial):
