@@ -11,6 +11,7 @@ from typing import Any
 
 import lightning as L
 import torch
+from lightning.pytorch.accelerators import CPUAccelerator
 from lightning.pytorch.callbacks import Callback, OnExceptionCheckpoint, StochasticWeightAveraging
 
 from fashion_lightning.checkpoints import check_fits, check_restores_into
@@ -208,10 +209,34 @@ def check_command(
         check_restores_into(checkpoint, trainer, model, fitting)
     check_checkpoint_names(trainer)
     check_run_folders(trainer, fitting, logger_configured)
+    note_slow_bfloat16(trainer)
     if subcommand in ("validate", "test") and checkpoint is None:
         print(
             f"note: {subcommand} without --ckpt_path measures the untrained model; "
             "pass --ckpt_path best, last or a checkpoint file to measure a trained one",
+            file=sys.stderr,
+        )
+
+
+def cpu_has_bfloat16() -> bool:
+    """Whether this CPU multiplies bfloat16 matrices in hardware (AVX512-BF16 or AMX)."""
+    # torch has no public query: this is the one its oneDNN kernels decide by
+    supported = getattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", None)
+    return bool(supported and supported())
+
+
+def note_slow_bfloat16(trainer: L.Trainer) -> None:
+    """A bfloat16 run on a CPU without bfloat16 instructions is emulated in software, about
+    twenty times slower than float32 (measured on an AVX2 CPU): say so before it starts."""
+    precision = str(trainer.precision)
+    if (
+        precision.startswith("bf16")
+        and isinstance(trainer.accelerator, CPUAccelerator)
+        and not cpu_has_bfloat16()
+    ):
+        print(
+            f"note: --trainer.precision {precision} on this CPU (no bfloat16 instructions) "
+            "runs many times slower than 32-true; pass --trainer.precision 32-true",
             file=sys.stderr,
         )
 
