@@ -786,10 +786,12 @@ def test_a_file_that_is_not_a_journal_is_refused_and_left_as_it_was(data_dir, tm
     assert not list(tmp_path.glob("notes.yaml.torn-*"))
 
 
-def test_the_shipped_search_space_fits_the_recipe_it_searches_over():
+@pytest.mark.parametrize(("space", "config"), [("mlp", "best"), ("fast", "fast")])
+def test_the_shipped_search_spaces_fit_the_recipes_they_search_over(space, config):
     from fashion_lightning.tune.space import check_space, load_search_space
 
-    search, recipe = ROOT / "configs" / "search" / "mlp.yaml", ROOT / "configs" / "best.yaml"
+    search = ROOT / "configs" / "search" / f"{space}.yaml"
+    recipe = ROOT / "configs" / f"{config}.yaml"
     check_space(load_search_space(search), recipe, [], search)  # every end of every range
 
 
