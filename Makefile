@@ -24,7 +24,8 @@ bench: $(VENV)/.installed data
 results: $(VENV)/.installed data
 	$(PY) benchmarks/results.py
 
-# The README's seed-42 results of the quick configs, rerun and compared (about 3 minutes).
+# The README's seed-42 results of the quick configs (sgd, adam, rmsprop, fast), rerun and
+# compared (about 4 minutes).
 check-results: $(VENV)/.installed data
 	$(PY) benchmarks/results.py --check
 

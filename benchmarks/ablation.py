@@ -24,14 +24,28 @@ from results import run  # the script next to this one (python puts its folder o
 KNOBS = {
     "bf16 matrix products (32-bit instead)": ("trainer.precision", "32-true"),
     "weight average (EMA)": ("trainer.callbacks", "[]"),
+    "batch 512 (128 instead)": ("data.batch_size", "128"),
     "mirrored training images": ("data.augment_flip", "false"),
     "shifted training images": ("data.augment_shift", "0"),
+    "cutout": ("data.augment_cutout", "0"),
     "mirror average at evaluation": ("model.flip_tta", "false"),
     "label smoothing": ("model.label_smoothing", "0"),
     "dropout": ("model.dropout", "0"),
     "weight decay": ("model.optimizer.init_args.weight_decay", "0"),
     "input standardization": ("model.standardize", "false"),
     "one-cycle schedule (the peak lr throughout)": ("model.lr_scheduler", "null"),
+    "fused AdamW step (one weight at a time instead)": ("model.optimizer.init_args.fused", "false"),
+}
+# a knob a recipe went without, put back: what leaving it out bought
+ADDED = {
+    "dropout 0.15": ("model.dropout", ["--model.dropout=0.15"]),
+    "weight average (EMA, decay 0.976)": (
+        "trainer.callbacks",
+        [
+            "--trainer.callbacks+=lightning.pytorch.callbacks.EMAWeightAveraging",
+            "--trainer.callbacks.decay=0.976",
+        ],
+    ),
 }
 
 
@@ -53,6 +67,9 @@ def main() -> None:
         value = recipe_value(recipe, key)
         if value not in (None, [], False, 0) and str(value).lower() != off:  # the recipe has it
             variants[f"without {name}"] = [f"--{key}={off}"]
+    for name, (key, overrides) in ADDED.items():
+        if recipe_value(recipe, key) in (None, [], 0, 0.0, False):
+            variants[f"with {name}"] = overrides
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         for name, overrides in variants.items():

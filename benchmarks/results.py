@@ -12,9 +12,11 @@ accuracy (mean ± std over seeds, and each seed's), the epoch whose ``val/acc`` 
 checkpoint that was tested), and the wall time per run on this machine, with published
 anchors for comparison. It is printed and written to ``benchmarks/results.md``.
 
-``--check`` reruns the seed-42 row of the quick configs (sgd, adam, rmsprop: minutes) and
+``--check`` reruns the seed-42 row of the quick configs (sgd, adam, rmsprop, fast: minutes) and
 exits 1 naming every figure of the README's table that differs from what the command gives
-now (on CPU a run repeats exactly).
+now by more than ``ANOTHER_CPU`` points. On one CPU a run repeats exactly; another kind of CPU
+(AVX2 against AVX512 kernels) rounds differently, and the run drifts a little (sgd.yaml:
+70.01% on one, 70.02% on another): such a figure passes, and is shown as not exact.
 """
 
 from __future__ import annotations
@@ -33,7 +35,7 @@ from pathlib import Path
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 ROOT = Path(__file__).resolve().parents[1]
-CONFIGS = ("sgd", "adam", "rmsprop", "best")
+CONFIGS = ("sgd", "adam", "rmsprop", "best", "fast")
 ANCHORS = (
     ("the tutorial (SGD lr 1e-3, 10 epochs), as published", "71.7"),
     ("Zalando's benchmark, best MLPClassifier", "87.1"),
@@ -43,7 +45,8 @@ ANCHORS = (
 
 
 CONFIG_SEED = 42  # the seed the configs set: its row is the plain fit command
-QUICK = ("sgd", "adam", "rmsprop")
+QUICK = ("sgd", "adam", "rmsprop", "fast")
+ANOTHER_CPU = 0.2  # points: under the spread between seeds (0.2-0.4), far under a regression
 
 
 def run(config: str, seed: int, root: Path, *extra: str) -> dict:
@@ -67,11 +70,11 @@ def run(config: str, seed: int, root: Path, *extra: str) -> dict:
         sys.exit(f"{config} seed {seed} failed:\n{result.stderr[-3000:]}")
     events = EventAccumulator(str(root / "lightning_logs" / f"{config}_0"))  # named after it
     events.Reload()
-    val_acc = [e.value for e in events.Scalars("val/acc")]
+    # epochs counted from 1, as the run logs them (a config may validate every few epochs)
     return {
         "test_acc": test_accuracy(root / "lightning_logs" / f"{config}_0"),
-        "best_epoch": val_acc.index(max(val_acc)) + 1,
-        "epochs": len(val_acc),
+        "best_epoch": int(events.Scalars("val/best_epoch")[-1].value),
+        "epochs": int(events.Scalars("train/epochs_done")[-1].value),
         "seconds": seconds,
     }
 
@@ -101,14 +104,15 @@ def check(configs: list[str]) -> None:
         for config in configs:
             now = f"{run(config, CONFIG_SEED, Path(tmp) / config)['test_acc']:.2f}"
             then = recorded.get(config, "missing")
-            print(f"{config}: README {then}, now {now}", file=sys.stderr)
-            if now != then:
+            exact = "exactly" if now == then else "not exactly: another CPU's rounding?"
+            print(f"{config}: README {then}, now {now} ({exact})", file=sys.stderr)
+            if then == "missing" or abs(float(now) - float(then)) > ANOTHER_CPU:
                 wrong.append(
                     f"configs/{config}.yaml seed 42: README says {then}, the command gives {now}"
                 )
     if wrong:
         sys.exit("the README's results differ from what the commands give: " + "; ".join(wrong))
-    print(f"README results reproduced: {', '.join(configs)} (seed 42)")
+    print(f"README results reproduced within {ANOTHER_CPU} points: {', '.join(configs)} (seed 42)")
 
 
 def main() -> None:

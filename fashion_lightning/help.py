@@ -30,7 +30,7 @@ DESCRIPTION = (
 CONFIG_HELP = (
     "A YAML config (give several to layer them): a file, or a config the package ships, by "
     "name or as configs/NAME.yaml from any folder: sgd (the tutorial, as 'fit' alone), adam, "
-    "rmsprop, best."
+    "rmsprop, best (the tuned recipe), fast (the speedrun)."
 )
 CKPT_PATH_HELP = (
     "The checkpoint to start from: 'last' (fit: continue the newest run of this config, also "

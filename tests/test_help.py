@@ -22,7 +22,10 @@ def _help(capsys, monkeypatch, *args: str) -> str:
 def test_the_command_names_runs_and_the_shipped_configs(capsys, monkeypatch):
     shown = _help(capsys, monkeypatch)
     assert "'runs' compares the runs in lightning_logs/" in shown
-    assert "sgd (the tutorial, as 'fit' alone), adam, rmsprop, best" in shown
+    assert (
+        "sgd (the tutorial, as 'fit' alone), adam, rmsprop, best (the tuned recipe), fast (the speedrun)"
+        in shown
+    )
 
 
 def test_the_callbacks_listed_are_those_a_config_may_name(capsys, monkeypatch):

@@ -51,7 +51,9 @@ def test_the_configs_ship_in_the_package_and_the_repositorys_folder_links_them()
         "fashion_lightning = [" + ", ".join(f'"configs/{p}"' for p in patterns) + "]"
         in (ROOT / "pyproject.toml").read_text()
     )
-    assert {"sgd.yaml", "adam.yaml", "rmsprop.yaml", "best.yaml"} <= {str(p) for p in shipped}
+    assert {"sgd.yaml", "adam.yaml", "rmsprop.yaml", "best.yaml", "fast.yaml"} <= {
+        str(p) for p in shipped
+    }
     assert all(any(p.match(pattern) for pattern in patterns) for p in shipped)
 
 

@@ -14,13 +14,14 @@ from fashion_lightning.data import (
     shift_images,
     to_float_images,
 )
+from fashion_lightning.model import ImageClassifier
 from tests.helpers import ROOT, RecordLearningRate
 
 CONFIGS = sorted(path.stem for path in (ROOT / "configs").glob("*.yaml"))
 
 
 def test_the_expected_configs_exist():
-    assert CONFIGS == ["adam", "best", "rmsprop", "sgd"]
+    assert CONFIGS == ["adam", "best", "fast", "rmsprop", "sgd"]
 
 
 @pytest.mark.parametrize("config", CONFIGS)
@@ -138,3 +139,24 @@ def test_augmentation_applies_to_training_batches_only_and_repeats(data_dir):
     assert torch.equal(transfer(training=True, step=5)[0], augmented)  # same seed and step
     assert not torch.equal(transfer(training=True, step=6)[0], augmented)
     assert torch.equal(transfer(training=False, step=5)[0], images)  # as they are: uint8
+
+
+def _network_of(config: str, tmp_path) -> dict[str, tuple[int, ...]]:
+    from fashion_lightning.cli import FashionCLI
+
+    cli = FashionCLI(
+        ImageClassifier,
+        FashionMNISTDataModule,
+        run=False,
+        args=[
+            "--config",
+            str(ROOT / "configs" / f"{config}.yaml"),
+            f"--trainer.default_root_dir={tmp_path}",
+        ],
+    )
+    return {name: tuple(p.shape) for name, p in cli.model.state_dict().items()}
+
+
+@pytest.mark.parametrize("config", ["best", "fast"])
+def test_the_tuned_recipes_train_the_tutorials_network(config, tmp_path):
+    assert _network_of(config, tmp_path / config) == _network_of("sgd", tmp_path / "sgd")

@@ -120,9 +120,15 @@ SIGINT, SIGTERM = int(signal.SIGINT), int(signal.SIGTERM)
         ),
         # worker processes load the batches: the order continues where it stopped
         (["--data.num_workers=2"], "SendSignalAt", {"signum": SIGTERM, "step": 40}, "at epoch 1"),
-        # bf16 matrix products (configs/fast.yaml): as repeatable on a CPU
+        # what configs/fast.yaml adds (AdamW's fused step, cutout drawn from the step), in
+        # the bf16 matrix products a GPU would run it with: as repeatable on a CPU
         (
-            ["--trainer.precision=bf16-mixed"],
+            [
+                "--trainer.precision=bf16-mixed",
+                "--model.optimizer=torch.optim.AdamW",
+                "--model.optimizer.init_args.fused=true",
+                "--data.augment_cutout=4",
+            ],
             "SendSignalAt",
             {"signum": SIGTERM, "step": 40},
             "at epoch 1",
