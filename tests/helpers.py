@@ -50,6 +50,16 @@ def fit_args(data_dir, root, *extra: str) -> list[str]:
     ]
 
 
+def built_cli(*args: str):
+    """The project's CLI with the model, the data and the Trainer built from ``args``, as
+    ``fit`` would build them, without running anything."""
+    from fashion_lightning.cli import FashionCLI
+    from fashion_lightning.data import FashionMNISTDataModule
+    from fashion_lightning.model import ImageClassifier
+
+    return FashionCLI(ImageClassifier, FashionMNISTDataModule, run=False, args=list(args))
+
+
 def run_cli(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
     """``python -m fashion_lightning ARGS`` in a new process, as a user runs it."""
     return subprocess.run(

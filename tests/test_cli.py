@@ -11,10 +11,9 @@ import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from fashion_lightning.checks import cpu_has_bfloat16
-from fashion_lightning.cli import FashionCLI, main
-from fashion_lightning.data import FashionMNISTDataModule
+from fashion_lightning.cli import main
 from fashion_lightning.model import ImageClassifier
-from tests.helpers import ROOT, SGD_CONFIG, TINY, fit_args, last_line, run_cli
+from tests.helpers import ROOT, SGD_CONFIG, TINY, built_cli, fit_args, last_line, run_cli
 
 
 @pytest.mark.slow
@@ -199,12 +198,7 @@ def test_bfloat16_on_a_cpu_without_its_instructions_says_to_use_32_bit(
     ids=["default", "with-a-callback-added", "bar-configured"],
 )
 def test_default_progress_bar_redraws_every_ten_batches(extra, refresh_rate, tmp_path):
-    cli = FashionCLI(
-        ImageClassifier,
-        FashionMNISTDataModule,
-        run=False,
-        args=["--config", str(SGD_CONFIG), f"--trainer.default_root_dir={tmp_path}", *extra],
-    )
+    cli = built_cli("--config", str(SGD_CONFIG), f"--trainer.default_root_dir={tmp_path}", *extra)
     assert cli.trainer.progress_bar_callback.refresh_rate == refresh_rate
 
 

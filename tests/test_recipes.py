@@ -14,8 +14,7 @@ from fashion_lightning.data import (
     shift_images,
     to_float_images,
 )
-from fashion_lightning.model import ImageClassifier
-from tests.helpers import ROOT, RecordLearningRate
+from tests.helpers import ROOT, RecordLearningRate, built_cli
 
 CONFIGS = sorted(path.stem for path in (ROOT / "configs").glob("*.yaml"))
 
@@ -141,18 +140,11 @@ def test_augmentation_applies_to_training_batches_only_and_repeats(data_dir):
     assert torch.equal(transfer(training=False, step=5)[0], images)  # as they are: uint8
 
 
-def _network_of(config: str, tmp_path) -> dict[str, tuple[int, ...]]:
-    from fashion_lightning.cli import FashionCLI
-
-    cli = FashionCLI(
-        ImageClassifier,
-        FashionMNISTDataModule,
-        run=False,
-        args=[
-            "--config",
-            str(ROOT / "configs" / f"{config}.yaml"),
-            f"--trainer.default_root_dir={tmp_path}",
-        ],
+def _network_of(config: str, tmp_path) -> list[tuple[str, list[tuple[int, ...]]]]:
+    cli = built_cli(
+        "--config",
+        str(ROOT / "configs" / f"{config}.yaml"),
+        f"--trainer.default_root_dir={tmp_path}",
     )
     # the layers in order and their weights' shapes; dropout is allowed (it has no weights)
     layers = [m for m in cli.model.model.modules() if not list(m.children())]

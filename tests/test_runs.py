@@ -12,11 +12,9 @@ import pytest
 import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from fashion_lightning.cli import FashionCLI, main
-from fashion_lightning.data import FashionMNISTDataModule
-from fashion_lightning.model import ImageClassifier
+from fashion_lightning.cli import main
 from fashion_lightning.run_folders import RunFolderLogger, continued_logger
-from tests.helpers import ROOT, RecordLastCheckpoint, fit_args, last_line, run_cli
+from tests.helpers import ROOT, RecordLastCheckpoint, built_cli, fit_args, last_line, run_cli
 
 pytestmark = pytest.mark.slow
 
@@ -299,16 +297,11 @@ def test_resuming_a_one_cycle_run_past_its_schedule_is_one_line(data_dir, tmp_pa
 
 
 def test_a_tensorboard_logger_named_in_the_config_claims_its_folder_too(tmp_path):
-    cli = FashionCLI(
-        ImageClassifier,
-        FashionMNISTDataModule,
-        run=False,
-        args=[
-            "--config",
-            str(ROOT / "configs" / "sgd.yaml"),
-            "--trainer.logger=TensorBoardLogger",
-            f"--trainer.logger.save_dir={tmp_path}",
-        ],
+    cli = built_cli(
+        "--config",
+        str(ROOT / "configs" / "sgd.yaml"),
+        "--trainer.logger=TensorBoardLogger",
+        f"--trainer.logger.save_dir={tmp_path}",
     )
     assert isinstance(cli.trainer.logger, RunFolderLogger)
 
