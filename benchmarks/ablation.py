@@ -49,6 +49,9 @@ ADDED = {
 }
 
 
+LEFT_OUT = (None, [], False, 0)  # a knob's value in a recipe without it (0.0 == 0)
+
+
 def recipe_value(recipe: dict, key: str):
     for part in key.split("."):
         recipe = recipe.get(part) if isinstance(recipe, dict) else None
@@ -65,10 +68,10 @@ def main() -> None:
     variants = {"the recipe": []}
     for name, (key, off) in KNOBS.items():
         value = recipe_value(recipe, key)
-        if value not in (None, [], False, 0) and str(value).lower() != off:  # the recipe has it
+        if value not in LEFT_OUT and str(value).lower() != off:  # the recipe has it
             variants[f"without {name}"] = [f"--{key}={off}"]
     for name, (key, overrides) in ADDED.items():
-        if recipe_value(recipe, key) in (None, [], 0, 0.0, False):
+        if recipe_value(recipe, key) in LEFT_OUT:
             variants[f"with {name}"] = overrides
     rows = []
     with tempfile.TemporaryDirectory() as tmp:

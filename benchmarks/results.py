@@ -34,7 +34,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+from fashion_lightning.run_records import read_run  # what the runs table reads
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = ("sgd", "adam", "rmsprop", "best", "fast")
@@ -70,22 +70,13 @@ def run(config: str, seed: int, root: Path, *extra: str) -> dict:
     seconds = time.perf_counter() - start
     if result.returncode != 0:
         sys.exit(f"{config} seed {seed} failed:\n{result.stderr[-3000:]}")
-    events = EventAccumulator(str(root / "lightning_logs" / f"{config}_0"))  # named after it
-    events.Reload()
-    # epochs counted from 1, as the run logs them (a config may validate every few epochs)
+    record = read_run(root / "lightning_logs" / f"{config}_0", root)  # named after its config
     return {
-        "test_acc": test_accuracy(root / "lightning_logs" / f"{config}_0"),
-        "best_epoch": int(events.Scalars("val/best_epoch")[-1].value),
-        "epochs": int(events.Scalars("train/epochs_done")[-1].value),
+        "test_acc": record.test_acc * 100,
+        "best_epoch": record.best_epoch,  # counted from 1 (a config may validate every few)
+        "epochs": record.epochs_done,
         "seconds": seconds,
     }
-
-
-def test_accuracy(run_folder: Path) -> float:
-    """The test accuracy (%) a run logged at its end."""
-    events = EventAccumulator(str(run_folder))
-    events.Reload()
-    return events.Scalars("test/acc")[-1].value * 100
 
 
 def readme_rows(readme: Path) -> dict[str, tuple[float, float, str]]:

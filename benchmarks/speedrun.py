@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -30,32 +29,9 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from results import CONFIG_SEED, test_accuracy  # noqa: E402 - the script next to this one
+from results import CONFIG_SEED, run  # noqa: E402 - the script next to this one
 
 GOAL_ACCURACY, GOAL_SECONDS, GOAL_RATIO = 90.0, 60.0, 2.0
-
-
-def timed_fit(config: str, seed: int, root: Path, *extra: str) -> tuple[float, float]:
-    """Wall seconds of the whole fit command, and its test accuracy (%)."""
-    seeds = [] if seed == CONFIG_SEED else [f"--seed_everything={seed}", f"--data.seed={seed}"]
-    command = [
-        sys.executable,
-        "-m",
-        "fashion_lightning",
-        "fit",
-        "--config",
-        str(ROOT / "configs" / f"{config}.yaml"),
-        *seeds,
-        f"--trainer.default_root_dir={root}",
-        "--trainer.enable_progress_bar=false",
-        *extra,
-    ]
-    start = time.perf_counter()
-    result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True)
-    seconds = time.perf_counter() - start
-    if result.returncode != 0:
-        sys.exit(f"{config} seed {seed} failed:\n{result.stderr[-3000:]}")
-    return seconds, test_accuracy(root / "lightning_logs" / f"{config}_0")
 
 
 def curve(config: str, root: Path) -> list[tuple[float, float]]:
@@ -66,7 +42,7 @@ def curve(config: str, root: Path) -> list[tuple[float, float]]:
         "--trainer.check_val_every_n_epoch=1",
     ]
     started = time.time()
-    timed_fit(config, CONFIG_SEED, root, *keep_each_epoch)
+    run(config, CONFIG_SEED, root, *keep_each_epoch)
     from fashion_lightning.data import FashionMNISTDataModule
     from fashion_lightning.model import ImageClassifier
 
@@ -114,8 +90,10 @@ def main() -> None:
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         for seed in args.seeds:
-            tutorial, tutorial_acc = timed_fit("sgd", CONFIG_SEED, Path(tmp) / f"sgd-{seed}")
-            fast, fast_acc = timed_fit("fast", seed, Path(tmp) / f"fast-{seed}")
+            tutorial_run = run("sgd", CONFIG_SEED, Path(tmp) / f"sgd-{seed}")
+            fast_run = run("fast", seed, Path(tmp) / f"fast-{seed}")
+            tutorial, tutorial_acc = tutorial_run["seconds"], tutorial_run["test_acc"]
+            fast, fast_acc = fast_run["seconds"], fast_run["test_acc"]
             rows.append((seed, fast, fast_acc, tutorial, tutorial_acc))
             print(
                 f"seed {seed}: fast {fast:.1f} s {fast_acc:.2f}%, tutorial {tutorial:.1f} s "
