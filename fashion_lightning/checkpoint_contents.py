@@ -18,10 +18,8 @@ What no check foresees is caught while Lightning restores (:mod:`fashion_lightni
 
 from __future__ import annotations
 
-import copy
 import math
 import os
-import warnings
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -32,9 +30,19 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.strategies import Strategy
 from lightning.pytorch.utilities.migration import migrate_checkpoint
 from packaging.version import InvalidVersion, Version
-from torch.optim.lr_scheduler import ReduceLROnPlateau
 
-from fashion_lightning.schedules import make_scheduler
+from fashion_lightning.optimizer_states import check_optimizer_and_schedule
+from fashion_lightning.state_kinds import (
+    Refused,
+    expect_count,
+    expect_list,
+    expect_mapping,
+    expect_tensors,
+    is_bytes,
+    is_score,
+    like,
+    plain,
+)
 
 CHECKPOINT_SUFFIX = ModelCheckpoint.FILE_EXTENSION  # what every ModelCheckpoint file ends with
 # the keys of a checkpoint callback's state that name files it may later delete or read
@@ -46,13 +54,6 @@ LOOP_STEPS = ("project", "lightning")  # who trained the run: fashion_lightning.
 # what LightningCLI itself writes into hyper_parameters (load_from_checkpoint's hook)
 LIGHTNING_INSTANTIATOR = "lightning.pytorch.cli.instantiate_module"
 VERSION_KEY = "pytorch-lightning_version"  # the Lightning that wrote it
-
-
-class Refused(Exception):
-    """An entry that is not what this project writes: its key and what is wrong with it."""
-
-    def __init__(self, key: str, problem: str) -> None:
-        super().__init__(f"{key}: {problem}")
 
 
 def url_problem(path: str) -> str | None:
@@ -132,41 +133,41 @@ def check_contents(contents: Mapping[str, Any]) -> None:
     write; the checkpoint files a callback's state names are checked for where they lie."""
     for key in ("epoch", "global_step"):
         if key in contents:
-            _expect_count(contents[key], key)
-    _expect_tensors(contents["state_dict"], "state_dict")
+            expect_count(contents[key], key)
+    expect_tensors(contents["state_dict"], "state_dict")
     for key in ("current_model_state", "averaging_state"):  # WeightAveraging's
         if key in contents:
-            _expect_tensors(contents[key], key)
+            expect_tensors(contents[key], key)
     loops = contents.get("loops")
     if loops is not None:
-        for name, state in _expect_mapping(loops, "loops").items():
-            _expect_mapping(state, f"loops.{name}")
-    callbacks = _expect_mapping(contents.get("callbacks") or {}, "callbacks")
+        for name, state in expect_mapping(loops, "loops").items():
+            expect_mapping(state, f"loops.{name}")
+    callbacks = expect_mapping(contents.get("callbacks") or {}, "callbacks")
     for name, state in callbacks.items():
         key = f"callbacks.{str(name).split('{', 1)[0]}"  # without the state key's settings
-        state = _expect_mapping(state, key)
+        state = expect_mapping(state, key)
         if name == "ResumableTraining":
             _check_resume_state(state, key)
         elif _is_checkpoint_state(state):
             check_checkpoint_state(state, key)
     for i, state in enumerate(
-        _expect_list(contents.get("optimizer_states") or [], "optimizer_states")
+        expect_list(contents.get("optimizer_states") or [], "optimizer_states")
     ):
-        state = _expect_mapping(state, f"optimizer_states.{i}")
-        _expect_mapping(state.get("state", {}), f"optimizer_states.{i}.state")
+        state = expect_mapping(state, f"optimizer_states.{i}")
+        expect_mapping(state.get("state", {}), f"optimizer_states.{i}.state")
         for j, group in enumerate(
-            _expect_list(state.get("param_groups", []), f"optimizer_states.{i}.param_groups")
+            expect_list(state.get("param_groups", []), f"optimizer_states.{i}.param_groups")
         ):
-            _expect_mapping(group, f"optimizer_states.{i}.param_groups.{j}")
-    for i, state in enumerate(_expect_list(contents.get("lr_schedulers") or [], "lr_schedulers")):
-        _expect_mapping(state, f"lr_schedulers.{i}")
-    data = _expect_mapping(
+            expect_mapping(group, f"optimizer_states.{i}.param_groups.{j}")
+    for i, state in enumerate(expect_list(contents.get("lr_schedulers") or [], "lr_schedulers")):
+        expect_mapping(state, f"lr_schedulers.{i}")
+    data = expect_mapping(
         contents.get("datamodule_hyper_parameters") or {}, "datamodule_hyper_parameters"
     )
     for key, value in data.items():
         if key == "_instantiator" and value != LIGHTNING_INSTANTIATOR:
             raise Refused(f"datamodule_hyper_parameters.{key}", f"names {value!r}, never written")
-        if not _plain(value):
+        if not plain(value):
             raise Refused(f"datamodule_hyper_parameters.{key}", "is not a plain value")
     steps = (contents.get("hyper_parameters") or {}).get("steps_per_call", 1)
     if type(steps) is not int or steps < 1:
@@ -183,13 +184,13 @@ def check_checkpoint_state(state: Mapping[str, Any], key: str) -> None:
     checkpoint folder the state records."""
     folder = state.get("dirpath")
     named = {k: state.get(k) for k in PATH_KEYS if state.get(k) not in (None, "")}
-    best_k = _expect_mapping(state.get("best_k_models") or {}, f"{key}.best_k_models")
+    best_k = expect_mapping(state.get("best_k_models") or {}, f"{key}.best_k_models")
     named.update({f"best_k_models[{path!r}]": path for path in best_k})
     for name in SCORE_KEYS:
-        if state.get(name) is not None and not _is_score(state[name]):
+        if state.get(name) is not None and not is_score(state[name]):
             raise Refused(f"{key}.{name}", "is not a score")
     for path, score in best_k.items():
-        if not _is_score(score):
+        if not is_score(score):
             raise Refused(f"{key}.best_k_models[{path!r}]", "is not a score")
     if state.get("monitor") is not None and not isinstance(state["monitor"], str):
         raise Refused(f"{key}.monitor", "is not a metric's name")
@@ -208,7 +209,7 @@ def check_checkpoint_state(state: Mapping[str, Any], key: str) -> None:
 def _check_resume_state(state: Mapping[str, Any], key: str) -> None:
     for name, value in state.items():
         if name in RESUME_COUNTS:
-            _expect_count(value, f"{key}.{name}")
+            expect_count(value, f"{key}.{name}")
         elif name == "epoch_finished":
             if not isinstance(value, bool):
                 raise Refused(f"{key}.{name}", "is not true or false")
@@ -220,13 +221,13 @@ def _check_resume_state(state: Mapping[str, Any], key: str) -> None:
 
 def _check_rng(state: Any, key: str) -> None:
     """The random generators' states, as ``torch.get_rng_state()`` gives them."""
-    state = _expect_mapping(state, key)
+    state = expect_mapping(state, key)
     size = torch.get_rng_state().numel()
     cpu = state.get("torch")
-    if not _is_bytes(cpu) or cpu.numel() != size:
+    if not is_bytes(cpu) or cpu.numel() != size:
         raise Refused(f"{key}.torch", f"is not the {size} bytes of a CPU generator's state")
-    for i, cuda in enumerate(_expect_list(state.get("cuda", []), f"{key}.cuda")):
-        if not _is_bytes(cuda):
+    for i, cuda in enumerate(expect_list(state.get("cuda", []), f"{key}.cuda")):
+        if not is_bytes(cuda):
             raise Refused(f"{key}.cuda.{i}", "is not a CUDA generator's state")
     if set(state) - {"torch", "cuda"}:
         raise Refused(
@@ -254,131 +255,11 @@ def check_restorable(
             if loop is None:
                 raise Refused(f"loops.{name}", "is not one of Lightning's loops")
             like(loops[name], loop.state_dict(), f"loops.{name}", counts=True)
-        _check_optimizer_and_schedule(
+        check_optimizer_and_schedule(
             contents.get("optimizer_states") or [], contents.get("lr_schedulers") or [], model
         )
         _check_precision_state(contents, trainer)
     _check_callback_states(contents.get("callbacks") or {}, trainer)
-
-
-def _check_optimizer_and_schedule(optimizers: list, schedulers: list, model: Any) -> None:
-    """The optimizer's and scheduler's states as ``model.optimizer`` and ``model.lr_scheduler``
-    write them for this model: one optimizer with the model's parameter groups (and the keys a
-    schedule adds to them), tensors of each parameter's shape, a scheduler of the model's kind
-    with its settings. Then both are built on copies of the parameters, take these states, and
-    make a step with zero gradients: what fails here, or gives a learning rate or a weight that
-    is not a number, would fail in training."""
-    if len(optimizers) > 1:
-        raise Refused("optimizer_states", f"holds {len(optimizers)} optimizers; the model has one")
-    if schedulers and (model.lr_scheduler is None or len(schedulers) != 1):
-        has = "one" if model.lr_scheduler is not None else "none"
-        raise Refused("lr_schedulers", f"holds {len(schedulers)} schedulers; the model has {has}")
-    parameters = [p.detach().clone() for p in model.parameters()]
-    optimizer = model.optimizer(parameters)
-    scheduler = None
-    if model.lr_scheduler is not None:  # a fixed-length schedule as long as the resumed one
-        length = (
-            schedulers[0].get("total_steps")
-            if schedulers and isinstance(schedulers[0], Mapping)
-            else None
-        )
-        scheduler = make_scheduler(
-            model, optimizer, total_steps=length if type(length) is int and length > 0 else 1
-        )
-    if optimizers:
-        _check_optimizer_state(optimizers[0], optimizer.state_dict(), parameters)
-    if schedulers:
-        _check_scheduler_state(schedulers[0], scheduler.state_dict())
-    try:
-        if optimizers:
-            optimizer.load_state_dict(copy.deepcopy(optimizers[0]))
-        for parameter in parameters:
-            parameter.grad = torch.zeros_like(parameter)
-        optimizer.step()
-    except Exception as err:  # what training would meet at its first step
-        raise Refused(
-            "optimizer_states.0", f"cannot make a step ({type(err).__name__}: {err})"
-        ) from None
-    if not all(bool(torch.isfinite(parameter).all()) for parameter in parameters):
-        raise Refused("optimizer_states.0", "turns weights into numbers that are not finite")
-    rates = [group["lr"] for group in optimizer.param_groups]
-    try:
-        if schedulers:
-            scheduler.load_state_dict(copy.deepcopy(schedulers[0]))
-            if not isinstance(scheduler, ReduceLROnPlateau):  # it computes no rate by itself
-                with warnings.catch_warnings():  # get_lr outside step(): the next step's rate
-                    warnings.simplefilter("ignore")
-                    rates = scheduler.get_lr()
-    except Exception as err:
-        raise Refused(
-            "lr_schedulers.0", f"cannot make a step ({type(err).__name__}: {err})"
-        ) from None
-    if not all(math.isfinite(float(rate)) for rate in rates):
-        raise Refused(
-            "lr_schedulers.0" if schedulers else "optimizer_states.0",
-            f"gives the learning rate {rates}",
-        )
-
-
-# what a scheduler counts as it goes; its other entries are its settings
-SCHEDULE_PROGRESS = (
-    "last_epoch",
-    "_step_count",
-    "_last_lr",
-    "_get_lr_called_within_step",
-    "_is_initial",
-    "best",
-    "num_bad_epochs",
-    "cooldown_counter",
-)
-
-
-def _check_scheduler_state(state: Any, expected: dict) -> None:
-    """A scheduler restores whatever it is given as its attributes: its settings (the phases of
-    a one-cycle schedule, its anneal function...) must be the ones the model's
-    ``lr_scheduler`` makes, and what it counts must be of the kind it counts."""
-    state = _expect_mapping(state, "lr_schedulers.0")
-    like(state, expected, "lr_schedulers.0", texts=True)
-    for name, value in state.items():
-        if name not in SCHEDULE_PROGRESS and value != expected[name]:
-            raise Refused(
-                f"lr_schedulers.0.{name}",
-                f"is {value!r}, where the model's scheduler has {expected[name]!r}",
-            )
-
-
-def _check_optimizer_state(state: Any, expected: dict, parameters: list) -> None:
-    state = _expect_mapping(state, "optimizer_states.0")
-    groups = _expect_list(state.get("param_groups", []), "optimizer_states.0.param_groups")
-    if len(groups) != len(expected["param_groups"]):
-        raise Refused("optimizer_states.0.param_groups", "does not match the model's optimizer")
-    for i, (group, reference) in enumerate(zip(groups, expected["param_groups"], strict=True)):
-        key = f"optimizer_states.0.param_groups.{i}"
-        group = _expect_mapping(group, key)
-        if group.get("params") != reference["params"]:
-            raise Refused(f"{key}.params", "does not match the model's parameters")
-        for name, value in group.items():
-            if name not in reference:
-                raise Refused(f"{key}.{name}", "is not a key the model's optimizer writes")
-            like(value, reference[name], f"{key}.{name}")
-            if isinstance(value, float) and not math.isfinite(value):
-                raise Refused(f"{key}.{name}", f"{value} is not a finite number")
-    for index, values in _expect_mapping(
-        state.get("state", {}), "optimizer_states.0.state"
-    ).items():
-        key = f"optimizer_states.0.state.{index}"
-        if type(index) is not int or not 0 <= index < len(parameters):
-            raise Refused(key, "names no parameter of the model")
-        shape = parameters[index].shape
-        for name, value in _expect_mapping(values, key).items():
-            if isinstance(value, torch.Tensor):
-                if value.dim() and value.shape != shape:
-                    raise Refused(
-                        f"{key}.{name}",
-                        f"has shape {tuple(value.shape)}, not the parameter's {tuple(shape)}",
-                    )
-            elif not _plain(value):
-                raise Refused(f"{key}.{name}", "is not a tensor or a number")
 
 
 def _check_precision_state(contents: Mapping[str, Any], trainer: Any) -> None:
@@ -389,7 +270,7 @@ def _check_precision_state(contents: Mapping[str, Any], trainer: Any) -> None:
     if key not in contents:
         return
     like(contents[key], plugin.state_dict(), key)
-    scale = _expect_mapping(contents[key], key).get("scale")
+    scale = expect_mapping(contents[key], key).get("scale")
     if scale is not None and not (isinstance(scale, (int, float)) and 0 < scale < math.inf):
         raise Refused(f"{key}.scale", f"{scale!r} is not a positive number")
 
@@ -407,84 +288,3 @@ def _check_callback_states(states: Mapping[str, Any], trainer: Any) -> None:
             "lightning.pytorch.callbacks.model_checkpoint"
         ):
             like(state, callback.state_dict(), f"callbacks.{callback.state_key}")
-
-
-def like(value: Any, reference: Any, key: str, counts: bool = False, texts: bool = False) -> None:
-    """Refused unless ``value`` has the kind of ``reference``, a state this Lightning writes:
-    mappings hold only its keys (each like its value), lists as many items, tensors the same
-    dtype and shape, numbers are numbers (``counts``: whole and not negative), text is text
-    (``texts``: the same text, a setting).
-    A ``None`` in the reference takes a plain value or a single-number tensor."""
-    if isinstance(reference, Mapping):
-        value = _expect_mapping(value, key)
-        for name, item in value.items():
-            if name not in reference:
-                raise Refused(f"{key}.{name}", "is not a key that Lightning writes there")
-            like(item, reference[name], f"{key}.{name}", counts, texts)
-    elif isinstance(reference, (list, tuple)):
-        if not isinstance(value, (list, tuple)) or len(value) != len(reference):
-            raise Refused(key, f"is not a list of {len(reference)}")
-        for i, (item, expected) in enumerate(zip(value, reference, strict=True)):
-            like(item, expected, f"{key}.{i}", counts, texts)
-    elif isinstance(reference, torch.Tensor):
-        if (
-            not isinstance(value, torch.Tensor)
-            or value.dtype != reference.dtype
-            or value.shape != reference.shape
-        ):
-            raise Refused(
-                key, f"is not a {reference.dtype} tensor of shape {tuple(reference.shape)}"
-            )
-    elif isinstance(reference, bool):
-        if not isinstance(value, bool):
-            raise Refused(key, "is not true or false")
-    elif isinstance(reference, int):
-        if type(value) is not int or (counts and value < 0):
-            raise Refused(key, "is not a count" if counts else "is not a whole number")
-    elif isinstance(reference, float):
-        if type(value) not in (int, float):
-            raise Refused(key, "is not a number")
-    elif isinstance(reference, str):
-        if not isinstance(value, str):
-            raise Refused(key, "is not text")
-        if texts and value != reference:
-            raise Refused(key, f"is {value!r}, where the model's scheduler writes {reference!r}")
-    elif reference is None and not (_plain(value) or _is_score(value)):
-        raise Refused(key, "is not a plain value")
-
-
-def _expect_mapping(value: Any, key: str) -> Mapping[str, Any]:
-    if not isinstance(value, Mapping):
-        raise Refused(key, f"is a {type(value).__name__}, not a mapping")
-    return value
-
-
-def _expect_list(value: Any, key: str) -> list:
-    if not isinstance(value, (list, tuple)):
-        raise Refused(key, f"is a {type(value).__name__}, not a list")
-    return list(value)
-
-
-def _expect_count(value: Any, key: str) -> None:
-    if type(value) is not int or value < 0:
-        raise Refused(key, f"{value!r} is not a count")
-
-
-def _expect_tensors(value: Any, key: str) -> None:
-    for name, tensor in _expect_mapping(value, key).items():
-        if not isinstance(name, str) or not isinstance(tensor, torch.Tensor):
-            raise Refused(f"{key}.{name}", "is not a named tensor")
-
-
-def _is_score(value: Any) -> bool:
-    if isinstance(value, torch.Tensor):  # a metric's value (an int for monitor=epoch)
-        return value.numel() == 1 and value.dtype != torch.bool
-    return type(value) in (int, float)
-
-
-def _is_bytes(value: Any) -> bool:
-    return isinstance(value, torch.Tensor) and value.dtype == torch.uint8 and value.dim() == 1
-
-
-def _plain(value: Any) -> bool:
-    return value is None or isinstance(value, (bool, int, float, str))

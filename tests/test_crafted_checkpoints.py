@@ -292,6 +292,10 @@ CRAFTED = {
         lambda c: c["optimizer_states"][0]["param_groups"][0].update(lr="x"),
         "optimizer_states.0.param_groups.0.lr: is not a number",
     ),
+    "optimizer-lr-negative": (  # gradient ascent, which SGD's constructor refuses
+        lambda c: c["optimizer_states"][0]["param_groups"][0].update(lr=-0.1),
+        "optimizer_states.0.param_groups.0: Invalid learning rate: -0.1",
+    ),
     "rng-3-bytes": (
         lambda c: _resume_state(c)["rng"].update(torch=torch.zeros(3, dtype=torch.uint8)),
         "callbacks.ResumableTraining.rng.torch: is not the 5056 bytes",
@@ -555,6 +559,18 @@ CRAFTED_STEPS = {
     "lr-nan": (
         lambda c: c["optimizer_states"][0]["param_groups"][0].update(lr=float("nan")),
         "optimizer_states.0.param_groups.0.lr: nan is not a finite number",
+    ),
+    "beta-past-one": (  # a moving average that grows without bound
+        lambda c: c["optimizer_states"][0]["param_groups"][0].update(betas=(0.9, 5.0)),
+        "optimizer_states.0.param_groups.0: Invalid beta parameter at index 1: 5.0",
+    ),
+    "cycled-momentum-past-one": (  # the first beta one-cycle sets at its peak
+        lambda c: c["optimizer_states"][0]["param_groups"][0].update(max_momentum=5.0),
+        "optimizer_states.0.param_groups.0: Invalid beta parameter at index 0: 5.0",
+    ),
+    "weight-decay-negative": (
+        lambda c: c["optimizer_states"][0]["param_groups"][0].update(weight_decay=-1.0),
+        "optimizer_states.0.param_groups.0: Invalid weight_decay value: -1.0",
     ),
     "step-a-bool": (
         lambda c: _adam_state(c).update(step=torch.tensor(True)),
