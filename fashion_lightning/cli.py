@@ -19,7 +19,7 @@ from lightning.fabric.plugins import CheckpointIO
 from lightning.fabric.utilities.exceptions import MisconfigurationException
 from lightning.pytorch import Trainer
 from lightning.pytorch.callbacks import Callback, ModelSummary, ProgressBar
-from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
+from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback
 from lightning.pytorch.loggers import Logger
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
@@ -71,6 +71,7 @@ from fashion_lightning.run_checkpoints import ResumableCheckpointIO, RunCheckpoi
 from fashion_lightning.run_folders import (
     RunFolderLogger,
     SaveRunConfig,
+    claim_before_launch,
     run_logger,
 )
 from fashion_lightning.run_records import run_name
@@ -321,6 +322,7 @@ class FashionCLI(LightningCLI):
         """Run a Trainer method with the project's signal handling; a failed write (a full
         disk) becomes one line that names the file, the cause and what is kept."""
         self.resumable.listen()
+        claim_before_launch(self.trainer)
         try:
             return method(**kwargs)
         except Exception as err:
@@ -342,6 +344,9 @@ class FashionCLI(LightningCLI):
         """Evaluate the best checkpoint on the official test split, as the tutorial does."""
         if self.trainer.interrupted or not self.test_after_fit:
             return
+        for callback in self.trainer.callbacks:  # one command, one config file: under
+            if isinstance(callback, SaveConfigCallback):  # ddp_spawn, fit's children saved it
+                callback.already_saved = True
         checkpoint = run_checkpoint(self.trainer)
         best = checkpoint.best_model_path if checkpoint is not None else ""
         if best:

@@ -20,6 +20,7 @@ from typing import Any
 from lightning.fabric.plugins.environments import SLURMEnvironment
 from lightning.pytorch.cli import SaveConfigCallback
 from lightning.pytorch.loggers import CSVLogger, Logger, TensorBoardLogger
+from lightning.pytorch.strategies.launchers.multiprocessing import _MultiProcessingLauncher
 from lightning.pytorch.utilities.rank_zero import rank_zero_only
 
 from fashion_lightning.files import atomic_write, claim_file
@@ -135,6 +136,18 @@ class RunFolderLogger(TensorBoardLogger):
         for events in folder.glob(f"events.out.tfevents.*.{os.getpid()}.*"):
             if events.stat().st_mtime >= PROCESS_STARTED:
                 events.unlink()
+
+
+def claim_before_launch(trainer: Any) -> None:
+    """A strategy that starts its processes from this one (``ddp_spawn``, ``ddp_fork``,
+    ``ddp_notebook``: Lightning's multiprocessing launcher, private but the only mark they
+    share) runs each stage in new children, whose claims never come back here: each process
+    claimed a folder of its own, and the test after ``fit`` two more. The run's folder is
+    claimed in this process before they start, and they inherit it."""
+    if isinstance(trainer.strategy.launcher, _MultiProcessingLauncher):
+        for logger in trainer.loggers:
+            if isinstance(logger, RunFolderLogger):
+                _ = logger.version  # asking claims it
 
 
 def _holds_no_values(path: Path) -> bool:

@@ -123,3 +123,28 @@ def test_ddp_on_three_processes_counts_every_evaluation_image_once(data_dir, tmp
         _scalars(single_runs / "sgd_0", "val/loss"), rel=1e-6
     )
     assert _scalars(run, "test/acc") == _scalars(single_runs / "sgd_1", "test/acc")
+
+
+@pytest.mark.parametrize("strategy", ["ddp_spawn", "ddp_fork"])
+def test_a_run_in_started_processes_keeps_fit_and_its_test_in_one_folder(
+    strategy, data_dir, tmp_path
+):
+    # these strategies run fit, then the test after it, in new processes each: every process
+    # had claimed a run folder of its own, and the test had written a second config file
+    result = run_cli(
+        *fit_args(
+            data_dir,
+            tmp_path,
+            f"--trainer.strategy={strategy}",
+            "--trainer.accelerator=cpu",
+            "--trainer.devices=2",
+            "--trainer.max_epochs=1",
+            "--trainer.limit_train_batches=5",
+        )
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert [run.name for run in (tmp_path / "lightning_logs").iterdir()] == ["sgd_0"]
+    run = tmp_path / "lightning_logs" / "sgd_0"
+    assert [path.name for path in run.glob("config*.yaml")] == ["config.yaml"]
+    assert len(_scalars(run, "val/acc")) == 1
+    assert len(_scalars(run, "test/acc")) == 1
