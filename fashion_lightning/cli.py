@@ -354,7 +354,8 @@ class FashionCLI(LightningCLI):
             # Lightning's WeightAveraging callbacks (EMAWeightAveraging...) put the raw training
             # weights back when a checkpoint loads, while the checkpoint holds (and was chosen
             # for) the averaged ones that a later `test --ckpt_path` measures.
-            print(f"Testing the best checkpoint {best}", file=sys.stderr)
+            if self.trainer.is_global_zero:
+                print(f"Testing the best checkpoint {best}", file=sys.stderr)
             self.model.load_state_dict(read_checkpoint(Path(best)).contents["state_dict"])
         self.test(model=self.model, datamodule=self.datamodule)
 

@@ -78,11 +78,15 @@ def quiet_what_does_not_apply() -> Iterator[None]:
     logger.addFilter(tip)
     try:
         with warnings.catch_warnings():
-            for message, category, module in IRRELEVANT:
-                warnings.filterwarnings("ignore", message, category, module)
+            _ignore_irrelevant()
             yield
     finally:
         logger.removeFilter(tip)
+
+
+def _ignore_irrelevant() -> None:
+    for message, category, module in IRRELEVANT:
+        warnings.filterwarnings("ignore", message, category, module)
 
 
 class WarningsThatApply(Callback):
@@ -104,6 +108,7 @@ class WarningsThatApply(Callback):
         self.checkpoint = checkpoint
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        _ignore_irrelevant()  # again: ddp_spawn's processes start without this one's filters
         if stage != "fit":
             warnings.filterwarnings("ignore", DIRPATH_CHANGED)
         datamodule = trainer.datamodule

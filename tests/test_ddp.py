@@ -42,6 +42,9 @@ def test_ddp_on_two_cpu_processes(data_dir, tmp_path):
         )
     )
     assert result.returncode == 0, result.stderr[-3000:]
+    # values computed from synced metrics are logged as such: no warning that does not apply
+    assert "It is recommended to use `self.log(" not in result.stderr
+    assert result.stderr.count("Testing the best checkpoint") == 1
     # prepare_data ran on one process: once for fit and once for the test after it (4 if per rank)
     assert result.stderr.count("FashionMNIST: verified raw files in") == 2
 
@@ -143,6 +146,8 @@ def test_a_run_in_started_processes_keeps_fit_and_its_test_in_one_folder(
         )
     )
     assert result.returncode == 0, result.stderr[-3000:]
+    # the processes quiet what the project makes irrelevant as the command's own process does
+    assert "LeafSpec" not in result.stderr and "It is recommended" not in result.stderr
     assert [run.name for run in (tmp_path / "lightning_logs").iterdir()] == ["sgd_0"]
     run = tmp_path / "lightning_logs" / "sgd_0"
     assert [path.name for path in run.glob("config*.yaml")] == ["config.yaml"]
