@@ -347,6 +347,9 @@ class FashionCLI(LightningCLI):
         for callback in self.trainer.callbacks:  # one command, one config file: under
             if isinstance(callback, SaveConfigCallback):  # ddp_spawn, fit's children saved it
                 callback.already_saved = True
+        for logger in self.trainer.loggers:
+            if isinstance(logger, RunFolderLogger):
+                logger.stop_purging()
         checkpoint = run_checkpoint(self.trainer)
         best = checkpoint.best_model_path if checkpoint is not None else ""
         if best:

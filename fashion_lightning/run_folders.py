@@ -109,6 +109,13 @@ class RunFolderLogger(TensorBoardLogger):
         if curves:
             super().log_metrics(curves, done)
 
+    def stop_purging(self) -> None:
+        """A resumed run's writer hides what the run had logged after its checkpoint
+        (``purge_step``) when it opens; a later stage of the same command (the test after
+        ``fit``, which ddp_spawn runs in new processes with a writer of their own) must not
+        hide again the steps that fit has just written."""
+        self._kwargs.pop("purge_step", None)
+
     def release_unused_folder(self) -> None:
         """Remove the folder this run claimed if the run logged nothing into it: a command that
         fails before its first value (a refused value, a callback's missing package at setup)

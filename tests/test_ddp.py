@@ -153,3 +153,22 @@ def test_a_run_in_started_processes_keeps_fit_and_its_test_in_one_folder(
     assert [path.name for path in run.glob("config*.yaml")] == ["config.yaml"]
     assert len(_scalars(run, "val/acc")) == 1
     assert len(_scalars(run, "test/acc")) == 1
+
+    # continued: the test after it no longer hides (purges) the steps the resumed fit wrote
+    result = run_cli(
+        *fit_args(
+            data_dir,
+            tmp_path,
+            f"--trainer.strategy={strategy}",
+            "--trainer.accelerator=cpu",
+            "--trainer.devices=2",
+            "--trainer.max_epochs=2",
+            "--trainer.limit_train_batches=5",
+            "--ckpt_path=last",
+        )
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert [run.name for run in (tmp_path / "lightning_logs").iterdir()] == ["sgd_0"]
+    assert _scalars(run, "train/epochs_done") == [1.0, 2.0]
+    assert len(_scalars(run, "val/acc")) == 2
+    assert len(_scalars(run, "test/acc")) == 2
