@@ -134,17 +134,13 @@ def test_a_run_in_started_processes_keeps_fit_and_its_test_in_one_folder(
 ):
     # these strategies run fit, then the test after it, in new processes each: every process
     # had claimed a run folder of its own, and the test had written a second config file
-    result = run_cli(
-        *fit_args(
-            data_dir,
-            tmp_path,
-            f"--trainer.strategy={strategy}",
-            "--trainer.accelerator=cpu",
-            "--trainer.devices=2",
-            "--trainer.max_epochs=1",
-            "--trainer.limit_train_batches=5",
-        )
+    started = (
+        f"--trainer.strategy={strategy}",
+        "--trainer.accelerator=cpu",
+        "--trainer.devices=2",
+        "--trainer.limit_train_batches=5",
     )
+    result = run_cli(*fit_args(data_dir, tmp_path, *started, "--trainer.max_epochs=1"))
     assert result.returncode == 0, result.stderr[-3000:]
     # the processes quiet what the project makes irrelevant as the command's own process does
     assert "LeafSpec" not in result.stderr and "It is recommended" not in result.stderr
@@ -156,16 +152,7 @@ def test_a_run_in_started_processes_keeps_fit_and_its_test_in_one_folder(
 
     # continued: the test after it no longer hides (purges) the steps the resumed fit wrote
     result = run_cli(
-        *fit_args(
-            data_dir,
-            tmp_path,
-            f"--trainer.strategy={strategy}",
-            "--trainer.accelerator=cpu",
-            "--trainer.devices=2",
-            "--trainer.max_epochs=2",
-            "--trainer.limit_train_batches=5",
-            "--ckpt_path=last",
-        )
+        *fit_args(data_dir, tmp_path, *started, "--trainer.max_epochs=2", "--ckpt_path=last")
     )
     assert result.returncode == 0, result.stderr[-3000:]
     assert [run.name for run in (tmp_path / "lightning_logs").iterdir()] == ["sgd_0"]
