@@ -147,7 +147,9 @@ def check_contents(contents: Mapping[str, Any]) -> None:
         key = f"callbacks.{str(name).split('{', 1)[0]}"  # without the state key's settings
         state = expect_mapping(state, key)
         if name == "ResumableTraining":
-            _check_resume_state(state, key)
+            _check_resume_state(state, key, contents.get("epoch"))
+        elif name == "HParamsSummary":
+            _check_best_so_far(state, key)
         elif _is_checkpoint_state(state):
             check_checkpoint_state(state, key)
     for i, state in enumerate(
@@ -206,10 +208,14 @@ def check_checkpoint_state(state: Mapping[str, Any], key: str) -> None:
             raise Refused(f"{key}.{name}", problem)
 
 
-def _check_resume_state(state: Mapping[str, Any], key: str) -> None:
+def _check_resume_state(state: Mapping[str, Any], key: str, epoch: Any) -> None:
+    """``ResumableTraining``'s state: counts, the epoch Lightning recorded beside it, and a
+    random generator's state that torch takes."""
     for name, value in state.items():
         if name in RESUME_COUNTS:
             expect_count(value, f"{key}.{name}")
+            if name == "epoch" and epoch is not None and value != epoch:
+                raise Refused(f"{key}.epoch", f"{value} is not the checkpoint's epoch {epoch}")
         elif name == "epoch_finished":
             if not isinstance(value, bool):
                 raise Refused(f"{key}.{name}", "is not true or false")
@@ -226,6 +232,10 @@ def _check_rng(state: Any, key: str) -> None:
     cpu = state.get("torch")
     if not is_bytes(cpu) or cpu.numel() != size:
         raise Refused(f"{key}.torch", f"is not the {size} bytes of a CPU generator's state")
+    try:  # the bytes hold a Mersenne Twister's state, which torch checks as it takes it
+        torch.Generator().set_state(cpu)
+    except RuntimeError:
+        raise Refused(f"{key}.torch", "is not a state a CPU generator can take") from None
     for i, cuda in enumerate(expect_list(state.get("cuda", []), f"{key}.cuda")):
         if not is_bytes(cuda):
             raise Refused(f"{key}.cuda.{i}", "is not a CUDA generator's state")
@@ -233,6 +243,16 @@ def _check_rng(state: Any, key: str) -> None:
         raise Refused(
             key, f"holds {sorted(set(state) - {'torch', 'cuda'})}, which this project never writes"
         )
+
+
+def _check_best_so_far(state: Mapping[str, Any], key: str) -> None:
+    """``HParamsSummary``'s best validation accuracy so far (NaN: none yet) and its epoch."""
+    best = state.get("best", math.nan)
+    if type(best) not in (int, float) or math.isinf(best):
+        raise Refused(f"{key}.best", f"{best!r} is not an accuracy")
+    expect_count(state.get("best_epoch", 0), f"{key}.best_epoch")
+    if set(state) - {"best", "best_epoch"}:
+        raise Refused(key, f"holds {sorted(set(state) - {'best', 'best_epoch'})}, never written")
 
 
 def check_restorable(

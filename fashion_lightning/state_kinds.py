@@ -81,15 +81,30 @@ def expect_count(value: Any, key: str) -> None:
 
 
 def expect_tensors(value: Any, key: str) -> None:
+    """Named dense tensors as a model's ``state_dict`` holds them: weights that are numbers
+    (NaN or infinity: a diverged run, nothing to continue or evaluate) and counts (a metric's
+    state) that are not negative."""
     for name, tensor in expect_mapping(value, key).items():
         if not isinstance(name, str) or not isinstance(tensor, torch.Tensor):
             raise Refused(f"{key}.{name}", "is not a named tensor")
+        if tensor.layout != torch.strided:
+            raise Refused(f"{key}.{name}", f"is a {tensor.layout} tensor, not a dense one")
+        if tensor.is_floating_point() and not bool(tensor.isfinite().all()):
+            raise Refused(f"{key}.{name}", "holds NaN or infinite values (a diverged run)")
+        if (
+            not tensor.is_floating_point()
+            and tensor.dtype != torch.bool
+            and bool((tensor < 0).any())
+        ):
+            raise Refused(f"{key}.{name}", "holds negative counts")
 
 
 def is_score(value: Any) -> bool:
+    """A monitored value as ``ModelCheckpoint`` keeps it: one number, never NaN (it keeps a NaN
+    score as the worst infinity)."""
     if isinstance(value, torch.Tensor):  # a metric's value (an int for monitor=epoch)
-        return value.numel() == 1 and value.dtype != torch.bool
-    return type(value) in (int, float)
+        return value.numel() == 1 and value.dtype != torch.bool and not bool(value.isnan().any())
+    return type(value) in (int, float) and value == value
 
 
 def is_bytes(value: Any) -> bool:

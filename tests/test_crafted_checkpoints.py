@@ -300,6 +300,51 @@ CRAFTED = {
         lambda c: _resume_state(c)["rng"].update(torch=torch.zeros(3, dtype=torch.uint8)),
         "callbacks.ResumableTraining.rng.torch: is not the 5056 bytes",
     ),
+    "rng-not-a-generator-state": (  # the right size, but no Mersenne Twister state
+        lambda c: _resume_state(c)["rng"].update(torch=torch.zeros(5056, dtype=torch.uint8)),
+        "callbacks.ResumableTraining.rng.torch: is not a state a CPU generator can take",
+    ),
+    "resume-epoch-differs": (
+        lambda c: _resume_state(c).update(epoch=7),
+        "callbacks.ResumableTraining.epoch: 7 is not the checkpoint's epoch",
+    ),
+    "weights-nan": (
+        lambda c: c["state_dict"]["model.linear_relu_stack.4.bias"].fill_(float("nan")),
+        "state_dict.model.linear_relu_stack.4.bias: holds NaN or infinite values",
+    ),
+    "averaged-weights-infinite": (
+        lambda c: c.update(
+            current_model_state={
+                k: v.clone().fill_(float("inf")) if v.is_floating_point() else v
+                for k, v in c["state_dict"].items()
+            }
+        ),
+        "current_model_state.model.linear_relu_stack.0.weight: holds NaN or infinite values",
+    ),
+    "weights-sparse": (
+        lambda c: c["state_dict"].update(
+            {"model.linear_relu_stack.4.bias": torch.zeros(10).to_sparse()}
+        ),
+        "is a torch.sparse_coo tensor, not a dense one",
+    ),
+    "metric-count-negative": (
+        lambda c: c["state_dict"]["train_acc.tp"].fill_(-5),
+        "state_dict.train_acc.tp: holds negative counts",
+    ),
+    "best-accuracy-text": (
+        lambda c: c["callbacks"]["HParamsSummary"].update(best="x"),
+        "callbacks.HParamsSummary.best: 'x' is not an accuracy",
+    ),
+    "checkpoint-score-nan": (
+        lambda c: next(v for k, v in c["callbacks"].items() if "Checkpoint" in k).update(
+            best_model_score=torch.tensor(float("nan"))
+        ),
+        ".best_model_score: is not a score",
+    ),
+    "cross-entropy-nan": (
+        lambda c: c.update(train_cross_entropy={"images": 64, "sum": float("nan")}),
+        "train_cross_entropy is not the two numbers this project writes",
+    ),
     "steps-per-call-0": (
         lambda c: (_mid_epoch(c), c["hyper_parameters"].update(steps_per_call=0)),
         "hyper_parameters.steps_per_call: 0 is not a positive whole number",
