@@ -66,7 +66,7 @@ from fashion_lightning.help import CONFIG_HELP, DESCRIPTION, OneLineErrorParser
 from fashion_lightning.model import ImageClassifier
 from fashion_lightning.predict import PredictionWriter
 from fashion_lightning.progress import StepProgressBar
-from fashion_lightning.resume import ResumableTraining
+from fashion_lightning.resume import ResumableTraining, stop_in_processes
 from fashion_lightning.run_checkpoints import ResumableCheckpointIO, RunCheckpoint, run_checkpoint
 from fashion_lightning.run_folders import (
     RunFolderLogger,
@@ -321,11 +321,15 @@ class FashionCLI(LightningCLI):
     def _run(self, method, **kwargs) -> Any:
         """Run a Trainer method with the project's signal handling; a failed write (a full
         disk) becomes one line that names the file, the cause and what is kept."""
-        self.resumable.listen()
+        self.resumable.listen(self.trainer.strategy.launcher)
         claim_before_launch(self.trainer)
         try:
             return method(**kwargs)
         except Exception as err:
+            stopped = stop_in_processes(err, self.resumable.signal_received)
+            if stopped is not None:  # the processes ddp_spawn started stopped for a signal
+                give_back_run_folder(self.trainer, ran=True)
+                raise stopped from None
             began = self.resumable.stage_began
             restored = self.checkpoint if self._restoring() and not began else None
             failure = command_failure(err, self.trainer, self.subcommand, restored)
@@ -350,6 +354,7 @@ class FashionCLI(LightningCLI):
         for logger in self.trainer.loggers:
             if isinstance(logger, RunFolderLogger):
                 logger.stop_purging()
+        self.resumable.trained = True  # (under ddp_spawn, fit's processes trained, not this one)
         checkpoint = run_checkpoint(self.trainer)
         best = checkpoint.best_model_path if checkpoint is not None else ""
         if best:

@@ -137,5 +137,7 @@ def exit_with(err: BaseException, exit_code: int | None = None) -> NoReturn:
     """Print ``err`` as one line and exit with its code (the traceback under DEBUG_ENV)."""
     if os.environ.get(DEBUG_ENV):
         raise err
-    print(f"error: {one_line(err)}", file=sys.stderr)
+    if not (isinstance(err, Stopped) and os.environ.get("LOCAL_RANK", "0") != "0"):
+        # (a stop is the same in every process: under ddp, process 0 says it for all)
+        print(f"error: {one_line(err)}", file=sys.stderr)
     sys.exit(exit_code if exit_code is not None else getattr(err, "exit_code", 1))

@@ -8,6 +8,8 @@ on CPU: the tests compare weights, optimizer state and logged values.
 
 from __future__ import annotations
 
+import multiprocessing
+import re
 import signal
 import sys
 import threading
@@ -17,13 +19,19 @@ from typing import Any
 import lightning as L
 import torch
 from lightning.pytorch.callbacks import Callback
-from lightning.pytorch.utilities import rank_zero_warn
+from lightning.pytorch.strategies.launchers.multiprocessing import _MultiProcessingLauncher
+from lightning.pytorch.utilities import rank_zero_only, rank_zero_warn
+from torch.multiprocessing import ProcessRaisedException
 
 from fashion_lightning.data import EpochShuffleSampler
 from fashion_lightning.errors import Stopped, TrainingInterrupted
 from fashion_lightning.run_checkpoints import RunCheckpoint, run_checkpoint, save_last_checkpoint
 
 SIGNALS = (signal.SIGINT, signal.SIGTERM)
+# What the command's own process sends the processes it started (ddp_spawn, ddp_fork) when it is
+# signalled: stop as after a first signal. Not the signal itself: when the whole process group
+# is signalled (Ctrl+C), each process has it already, and a second one would stop it at once.
+FORWARDED = signal.SIGUSR2
 
 
 def rng_state() -> dict[str, Any]:
@@ -73,24 +81,37 @@ class ResumableTraining(Callback):
         self._epoch_finished = False
         self._resume_at: dict[str, Any] | None = None
         self._stopping: TrainingInterrupted | None = None  # raised at the next batch's start
+        self._launcher: Any = None  # what started this command's processes, if this one did
 
     # --- signals -------------------------------------------------------------------------
 
-    def listen(self) -> None:
-        """Take SIGINT and SIGTERM for this command (called before the Trainer runs)."""
+    def listen(self, launcher: Any = None) -> None:
+        """Take SIGINT and SIGTERM for this command (called before the Trainer runs);
+        ``launcher``: the strategy's, which may start the processes that train (ddp_spawn)."""
         self._signal = None
         self._training = False
         self.stage_began = False
+        self._launcher = launcher
         if threading.current_thread() is not threading.main_thread():
             return
-        for signum in SIGNALS:
+        for signum in (*SIGNALS, FORWARDED):
             previous = signal.signal(signum, self._on_signal)
             self._previous_handlers.setdefault(signum, previous)
 
     def stop_listening(self) -> None:
         for signum, handler in self._previous_handlers.items():
+            if signum == FORWARDED and handler == signal.SIG_DFL:
+                handler = signal.SIG_IGN  # late from the command's process: it must not kill
             signal.signal(signum, handler)
         self._previous_handlers.clear()
+
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        """In a process that ddp_spawn started, take the command's forwarded signal from the
+        start (by default it would end the process)."""
+        if multiprocessing.parent_process() is not None and (
+            threading.current_thread() is threading.main_thread()
+        ):
+            signal.signal(FORWARDED, self._on_signal)
 
     def _take_back_signals(self) -> None:
         """Lightning installs its own SIGTERM handler when a stage starts (it would raise
@@ -98,11 +119,17 @@ class ResumableTraining(Callback):
         (Called when each stage starts, which is also when a checkpoint was fully restored.)"""
         self.stage_began = True
         if self._previous_handlers and threading.current_thread() is threading.main_thread():
-            for signum in SIGNALS:
+            for signum in (*SIGNALS, FORWARDED):
                 if signal.getsignal(signum) != self._on_signal:
                     signal.signal(signum, self._on_signal)
 
     def _on_signal(self, signum: int, frame: Any) -> None:
+        if self._forward(signum):
+            return
+        if signum == FORWARDED:  # the command's own process was signalled
+            if self._signal is not None:
+                return  # this process has it already: the whole group was signalled
+            signum = signal.SIGTERM
         name = signal.Signals(signum).name
         if not self._training:  # not training: nothing new to save
             self.stop_listening()
@@ -117,12 +144,41 @@ class ResumableTraining(Callback):
                 f"stopped by {name} at once, without a checkpoint of the last steps", signum
             )
         self._signal = signum
-        print(
-            f"\n{name} received: finishing the current step, then saving a checkpoint "
-            "(send it again to stop at once).",
-            file=sys.stderr,
-            flush=True,
-        )
+        if multiprocessing.parent_process() is None and rank_zero_only.rank == 0:
+            _say_received(name)
+
+    def _forward(self, signum: int) -> bool:
+        """In the command's own process, while processes it started train or evaluate: pass
+        the signal on to them and wait for them to stop (they write the checkpoint). A second
+        signal is passed on as itself, which stops them at once."""
+        if (
+            signum == FORWARDED
+            or multiprocessing.parent_process() is not None  # a started process itself
+            or not isinstance(self._launcher, _MultiProcessingLauncher)
+            or not any(proc.is_alive() for proc in self._launcher.procs)
+        ):
+            return False
+        first = self._signal is None
+        self._signal = signum if first else self._signal
+        self._launcher.kill(FORWARDED if first else signum)
+        if first:
+            _say_received(signal.Signals(signum).name)
+        return True
+
+    @property
+    def signal_received(self) -> int | None:
+        """The signal this process received and has not yet stopped for."""
+        return self._signal
+
+    def _agreed_signal(self, trainer: L.Trainer) -> int | None:
+        """The signal that stops training now, the same in every process: under several
+        processes, any process's (each asks at the same batches, so all stop at the same one;
+        a signal to one process alone, the command's own under ddp, stops them all)."""
+        signum = self._signal or 0
+        if trainer.world_size > 1:
+            mine = torch.tensor(signum, device=trainer.strategy.root_device)
+            signum = int(trainer.strategy.reduce(mine, reduce_op="max"))
+        return signum or None
 
     def on_sanity_check_start(self, trainer, pl_module) -> None:
         self._take_back_signals()
@@ -173,8 +229,10 @@ class ResumableTraining(Callback):
 
     def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._epoch, self._images_done, self._epoch_finished = trainer.current_epoch, 0, False
-        if self._signal is not None:  # landed at the end of the previous epoch
-            self._stop(trainer, f"after epoch {trainer.current_epoch - 1}", at_epoch_end=True)
+        signum = self._agreed_signal(trainer)
+        if signum is not None:  # landed at the end of the previous epoch
+            where = f"after epoch {trainer.current_epoch - 1}"
+            self._stop(trainer, signum, where, at_epoch_end=True)
 
     def on_train_batch_start(self, trainer: L.Trainer, pl_module, batch, batch_idx) -> None:
         if self._stopping is not None:  # saved at the previous batch's end, then its logs went
@@ -189,10 +247,11 @@ class ResumableTraining(Callback):
         self._epoch = trainer.current_epoch
         if pl_module.automatic_optimization:
             self._images_done += outputs["images"] if isinstance(outputs, dict) else len(batch[1])
-        if self._signal is not None and self._can_stop_after(trainer, batch_idx):
+        signum = self._agreed_signal(trainer) if self._can_stop_after(trainer, batch_idx) else None
+        if signum is not None:
             where = f"at epoch {trainer.current_epoch}, batch {batch_idx}"
             try:
-                self._stop(trainer, where)
+                self._stop(trainer, signum, where)
             except TrainingInterrupted as stopping:
                 # Lightning writes this batch's logged values after this hook: stop just after
                 self._stopping = stopping
@@ -202,8 +261,9 @@ class ResumableTraining(Callback):
 
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._training = False
-        if self._signal is not None:  # the signal came during the last epoch's end
-            self._stop(trainer, "after the last epoch", at_epoch_end=True)
+        signum = self._agreed_signal(trainer)
+        if signum is not None:  # the signal came during the last epoch's end
+            self._stop(trainer, signum, "after the last epoch", at_epoch_end=True)
 
     @staticmethod
     def _can_stop_after(trainer: L.Trainer, batch_idx: int) -> bool:
@@ -224,7 +284,9 @@ class ResumableTraining(Callback):
             return True  # validation at the epoch's end only
         return (trainer.current_epoch + 1) % epochs != 0 or done % int(every) != 0
 
-    def _stop(self, trainer: L.Trainer, where: str, at_epoch_end: bool = False) -> None:
+    def _stop(
+        self, trainer: L.Trainer, signum: int, where: str, at_epoch_end: bool = False
+    ) -> None:
         callback = run_checkpoint(trainer)
         if (
             at_epoch_end
@@ -235,7 +297,7 @@ class ResumableTraining(Callback):
         else:
             path = save_last_checkpoint(trainer)
         self.stop_listening()
-        signum, self._signal = self._signal, None
+        self._signal = None
         raise TrainingInterrupted(
             f"stopped by {signal.Signals(signum).name} {where} (step {trainer.global_step}); "
             f"saved {path}",
@@ -253,6 +315,40 @@ class ResumableTraining(Callback):
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self._resume_at = dict(state_dict)
+
+
+# the last line of a started process's traceback, when the project's stop ended it
+STOP_LINE = re.compile(
+    r"^fashion_lightning\.errors\.(Stopped|TrainingInterrupted): stopped by (SIG[A-Z]+)(.*)$",
+    re.MULTILINE,
+)
+
+
+def stop_in_processes(err: BaseException, signum: int | None) -> Stopped | None:
+    """The stop of the processes that ddp_spawn or ddp_fork started, as this command's own, or
+    None if ``err`` is no such stop. torch hands their error over as the text of its traceback
+    (``ProcessRaisedException``), whose last line is the project's; the signal is the one this
+    process received (they were passed a forwarded one), else theirs."""
+    if not isinstance(err, ProcessRaisedException):
+        return None
+    found = STOP_LINE.findall(err.msg)
+    if not found:
+        return None
+    kind, theirs, rest = found[-1]
+    signum = signum or signal.Signals[theirs]
+    message = f"stopped by {signal.Signals(signum).name}{rest}"
+    if kind == "TrainingInterrupted":
+        return TrainingInterrupted(message, signum)
+    return Stopped(message, signum)
+
+
+def _say_received(name: str) -> None:
+    print(
+        f"\n{name} received: finishing the current step, then saving a checkpoint "
+        "(send it again to stop at once).",
+        file=sys.stderr,
+        flush=True,
+    )
 
 
 def _images_done(resume: dict[str, Any], trainer: L.Trainer) -> int:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import multiprocessing
 import os
 import signal
 import subprocess
@@ -60,14 +61,18 @@ def built_cli(*args: str):
     return FashionCLI(ImageClassifier, FashionMNISTDataModule, run=False, args=list(args))
 
 
-def run_cli(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
-    """``python -m fashion_lightning ARGS`` in a new process, as a user runs it."""
+def run_cli(
+    *args: str, timeout: float = 300, new_session: bool = False
+) -> subprocess.CompletedProcess:
+    """``python -m fashion_lightning ARGS`` in a new process, as a user runs it;
+    ``new_session``: in a process group of its own, as a terminal starts a command."""
     return subprocess.run(
         [sys.executable, "-m", "fashion_lightning", *args],
         cwd=ROOT,
         capture_output=True,
         text=True,
         timeout=timeout,
+        start_new_session=new_session,
     )
 
 
@@ -117,6 +122,31 @@ class SendSignalAt(Callback):
         if trainer.global_step >= self.step and not self.sent:
             self.sent = True
             os.kill(os.getpid(), self.signum)
+
+
+class SignalTheCommandAt(Callback):
+    """From process 0 of a run of several processes, once, at the start of the batch that
+    makes optimizer step ``step``: sends a real signal to the command's own process alone (a
+    scheduler's SIGTERM to the process it started), or with ``group`` to its whole process
+    group (a terminal's Ctrl+C)."""
+
+    steps_per_call_safe = True
+
+    def __init__(self, signum: int, step: int, group: bool = False) -> None:
+        self.signum = signum
+        self.step = step
+        self.group = group
+        self.sent = False
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        if trainer.global_rank != 0 or trainer.global_step < self.step or self.sent:
+            return
+        self.sent = True
+        if self.group:
+            os.killpg(os.getpgid(0), self.signum)
+            return
+        started_by = multiprocessing.parent_process()  # ddp_spawn: the command's process
+        os.kill(started_by.pid if started_by else os.getpid(), self.signum)
 
 
 class SendSignalInValidation(Callback):

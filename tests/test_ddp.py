@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import signal
 
 import pytest
 import torch
@@ -159,3 +160,48 @@ def test_a_run_in_started_processes_keeps_fit_and_its_test_in_one_folder(
     assert _scalars(run, "train/epochs_done") == [1.0, 2.0]
     assert len(_scalars(run, "val/acc")) == 2
     assert len(_scalars(run, "test/acc")) == 2
+
+
+@pytest.mark.parametrize(
+    "strategy, signum, group",
+    [
+        ("ddp", signal.SIGTERM, False),  # hung: process 1 waited for process 0 forever
+        ("ddp_spawn", signal.SIGTERM, False),  # the command ended, its processes trained on
+        ("ddp_fork", signal.SIGTERM, False),
+        ("ddp_spawn", signal.SIGINT, True),  # stopped right, but said nothing was saved
+    ],
+)
+def test_a_signal_to_the_command_stops_every_process_at_one_step_with_a_checkpoint(
+    strategy, signum, group, data_dir, tmp_path
+):
+    processes = (
+        f"--trainer.strategy={strategy}",
+        "--trainer.accelerator=cpu",
+        "--trainer.devices=2",
+        "--trainer.max_epochs=2",
+        "--trainer.limit_train_batches=20",
+        "--model.steps_per_call=1",
+    )
+    signalled = (
+        "--trainer.callbacks+=tests.helpers.SignalTheCommandAt",
+        f"--trainer.callbacks.signum={int(signum)}",
+        "--trainer.callbacks.step=5",
+        f"--trainer.callbacks.group={group}",
+    )
+    result = run_cli(*fit_args(data_dir, tmp_path, *processes, *signalled), new_session=True)
+    assert result.returncode == 128 + signum, result.stderr[-3000:]
+    last = tmp_path / "lightning_logs" / "sgd_0" / "checkpoints" / "last.ckpt"
+    stopped = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
+    assert len(stopped) == 1, result.stderr[-3000:]  # said once, by the command
+    step = torch.load(last, weights_only=True)["global_step"]
+    assert stopped[0].startswith(f"error: stopped by {signum.name} at epoch 0, batch ")
+    assert f"(step {step}); saved {last}. " in stopped[0]
+    assert 5 <= step < 20  # the processes stopped together, in the first epoch
+    assert "Traceback" not in result.stderr
+    assert result.stderr.count(f"{signum.name} received") == 1
+
+    # and the run continues from there to its end
+    result = run_cli(*fit_args(data_dir, tmp_path, *processes, "--ckpt_path=last"))
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert torch.load(last, weights_only=True)["global_step"] == 2 * 20
+    assert _scalars(tmp_path / "lightning_logs" / "sgd_0", "train/epochs_done") == [1.0, 2.0]
