@@ -48,6 +48,8 @@ def check_optimizer_and_schedule(optimizers: list, schedulers: list, model: Any)
     if optimizers:
         _check_optimizer_state(optimizers[0], optimizer.state_dict(), parameters)
         _check_optimizer_settings(optimizers[0], type(optimizer))
+        scheduled = SCHEDULED if scheduler is not None else ()
+        _check_settings_as_built(optimizers[0], optimizer.state_dict(), scheduled)
     if schedulers:
         _check_scheduler_state(schedulers[0], scheduler.state_dict())
     try:
@@ -131,6 +133,32 @@ def _check_scheduler_state(state: Any, expected: dict) -> None:
                 f"lr_schedulers.0.{name}",
                 f"is {value!r}, where the model's scheduler has {expected[name]!r}",
             )
+
+
+def _same(value: Any, reference: Any) -> bool:
+    if isinstance(reference, torch.Tensor):
+        return torch.equal(value, reference)
+    return value == reference
+
+
+# the settings of a group that a scheduler changes as it goes; the others stay as built
+SCHEDULED = ("lr", "momentum", "betas")
+
+
+def _check_settings_as_built(state: Any, expected: dict, scheduled: tuple[str, ...]) -> None:
+    """Each group's settings are the ones the config builds the optimizer with (a resumed run's
+    config is the checkpoint's), but for those a scheduler changes (``scheduled``): torch
+    takes a restored ``maximize`` or momentum as it is."""
+    for i, (group, reference) in enumerate(
+        zip(state["param_groups"], expected["param_groups"], strict=True)
+    ):
+        for name, value in group.items():
+            if name not in (*scheduled, "params") and not _same(value, reference[name]):
+                raise Refused(
+                    f"optimizer_states.0.param_groups.{i}.{name}",
+                    f"is {value!r}, where the optimizer the run's config builds has "
+                    f"{reference[name]!r}",
+                )
 
 
 def _check_optimizer_state(state: Any, expected: dict, parameters: list) -> None:

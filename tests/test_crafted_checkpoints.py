@@ -296,6 +296,19 @@ CRAFTED = {
         lambda c: c["optimizer_states"][0]["param_groups"][0].update(lr=-0.1),
         "optimizer_states.0.param_groups.0: Invalid learning rate: -0.1",
     ),
+    "optimizer-maximize": (  # gradient ascent again, by a setting torch takes as it is
+        lambda c: c["optimizer_states"][0]["param_groups"][0].update(maximize=True),
+        "optimizer_states.0.param_groups.0.maximize: is True, where the optimizer the run's "
+        "config builds has False",
+    ),
+    "optimizer-lr-other": (  # sgd.yaml has no scheduler: the rate is the config's
+        lambda c: c["optimizer_states"][0]["param_groups"][0].update(lr=5.0),
+        "optimizer_states.0.param_groups.0.lr: is 5.0, where the optimizer the run's config",
+    ),
+    "optimizer-momentum-two": (
+        lambda c: c["optimizer_states"][0]["param_groups"][0].update(momentum=2.0),
+        "optimizer_states.0.param_groups.0.momentum: is 2.0",
+    ),
     "rng-3-bytes": (
         lambda c: _resume_state(c)["rng"].update(torch=torch.zeros(3, dtype=torch.uint8)),
         "callbacks.ResumableTraining.rng.torch: is not the 5056 bytes",
