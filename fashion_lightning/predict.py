@@ -50,21 +50,31 @@ class PredictionWriter(BasePredictionWriter):
         probabilities = torch.cat([p["probability"] for p in predictions]).tolist()
         targets = torch.cat([p["target"] for p in predictions]).tolist()
         names = getattr(trainer.predict_dataloaders.dataset, "names", None)
-        suffix = "" if trainer.world_size == 1 else f"-rank{trainer.global_rank}"
-        path = Path(trainer.log_dir or trainer.default_root_dir) / f"predictions{suffix}.csv"
         rows = [
             [index, target] if names is None else [readable_name(names[index])]
             for index, target in zip(indices, targets, strict=True)
         ]
-        rows = sorted(
+        rows = [
             [*row, label, CLASS_NAMES[label], f"{probability:.6f}"]
             for row, label, probability in zip(rows, labels, probabilities, strict=True)
-        )
+        ]
+        correct = sum(label == target for label, target in zip(labels, targets, strict=True))
+        # (in every process: under DDP, Lightning broadcasts the log_dir of process 0)
+        path = Path(trainer.log_dir or trainer.default_root_dir) / "predictions.csv"
+        if trainer.world_size > 1:  # each process predicted its share: process 0 writes all
+            shares = [None] * trainer.world_size
+            torch.distributed.all_gather_object(shares, (rows, correct))
+            if not trainer.is_global_zero:
+                return
+            rows = [row for share_rows, _ in shares for row in share_rows]
+            correct = sum(share_correct for _, share_correct in shares)
+        rows.sort()
         header = ["index", "true_label"] if names is None else ["file"]
         write_csv(path, [[*header, "predicted_label", "class_name", "probability"], *rows])
         if names is None:
-            correct = sum(label == target for label, target in zip(labels, targets, strict=True))
-            summary = f"{len(labels)} test images, accuracy {correct / len(labels):.2%}"
+            summary = f"{len(rows)} test images, accuracy {correct / len(rows):.2%}"
         else:
-            summary = f"{len(labels)} pictures"
-        print(f"predictions: {summary} -> {path}")
+            summary = f"{len(rows)} pictures"
+        bar = trainer.progress_bar_callback
+        say = bar.print if bar is not None and bar.is_enabled else print  # above the bar, not on it
+        say(f"predictions: {summary} -> {path}")

@@ -290,12 +290,13 @@ def _epoch_at(step: int, ends: list[tuple[int, float]]) -> float:
 
 
 def _state(record: RunRecord, folder: Path, live: bool, scalars: dict, readable: bool) -> str:
-    """finished, running, stopped (``--ckpt_path last`` continues it), evaluated (a validate or
-    test command), failed (ended before its last epoch with nothing to continue from: an error,
+    """finished, running, stopped (``--ckpt_path last`` continues it), evaluated (a validate,
+    test or predict command), failed (ended before its last epoch with nothing to continue from: an error,
     a kill in its first epoch), or unreadable (neither its config nor its events)."""
     trained = any(tag.startswith("train/") for tag in scalars)
-    if scalars and not trained and not any((folder / "checkpoints").glob("*.ckpt")):
-        return "evaluated"  # a validate or test command: its folder has no training
+    evaluation = scalars or (folder / "predictions.csv").is_file()  # predict logs no values
+    if evaluation and not trained and not any((folder / "checkpoints").glob("*.ckpt")):
+        return "evaluated"  # a validate, test or predict command: its folder has no training
     planned = record.planned_epochs
     finished = record.test_acc is not None or (
         planned is not None and record.epochs_done >= planned

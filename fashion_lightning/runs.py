@@ -218,3 +218,7 @@ def main(argv: list[str] | None = None) -> None:
             print(f"plot: {args.plot}", file=sys.stderr)
     except UserError as err:
         exit_with(err)
+    except BrokenPipeError:  # `runs --json | head`: the reader has what it wanted
+        # (Python's advice: point stdout at devnull, so that the flush at exit cannot fail)
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        sys.exit(1)

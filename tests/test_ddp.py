@@ -205,3 +205,25 @@ def test_a_signal_to_the_command_stops_every_process_at_one_step_with_a_checkpoi
     assert result.returncode == 0, result.stderr[-3000:]
     assert torch.load(last, weights_only=True)["global_step"] == 2 * 20
     assert _scalars(tmp_path / "lightning_logs" / "sgd_0", "train/epochs_done") == [1.0, 2.0]
+
+
+def test_predict_on_three_processes_writes_one_file_like_one_process(
+    trained_run, data_dir, tmp_path
+):
+    checkpoint = f"--ckpt_path={trained_run / 'checkpoints' / 'last.ckpt'}"
+    single = tmp_path / "single"
+    main(["predict", *fit_args(data_dir, single)[1:], checkpoint])
+    result = run_cli(
+        "predict",
+        *fit_args(data_dir, tmp_path / "three")[1:],
+        checkpoint,
+        "--trainer.strategy=ddp",
+        "--trainer.accelerator=cpu",
+        "--trainer.devices=3",  # 10,000 images in shares of 3334, 3333, 3333
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    folder = tmp_path / "three" / "lightning_logs" / "sgd_0"
+    assert [path.name for path in folder.glob("predictions*.csv")] == ["predictions.csv"]
+    expected = (single / "lightning_logs" / "sgd_0" / "predictions.csv").read_text()
+    assert (folder / "predictions.csv").read_text() == expected
+    assert result.stdout.count("predictions: 10000 test images, accuracy") == 1

@@ -285,3 +285,23 @@ def test_each_config_keeps_one_colour_in_the_order_tensorboard_gives_them():
     assert styles["adam_0"][0] == TENSORBOARD_COLOURS[1]
     assert styles["best_0"][0] == TENSORBOARD_COLOURS[2]
     assert styles["tune/mlp/trial_3"][0] == TENSORBOARD_COLOURS[3]
+
+
+def test_a_predict_commands_folder_is_evaluated_not_failed(tmp_path):
+    # predict logs no values: its folder holds its config and predictions.csv
+    folder = _logged_run(tmp_path, "sgd", [], max_epochs=10)
+    (folder / "predictions.csv").write_text("index,true_label,predicted_label\n0,9,9\n")
+    assert read_run(folder, tmp_path / "lightning_logs").state == "evaluated"
+    (folder / "predictions.csv").unlink()  # logged nothing and wrote nothing: no evaluation
+    assert read_run(folder, tmp_path / "lightning_logs").state != "evaluated"
+
+
+def test_a_reader_that_stops_early_is_no_traceback(runs_root):
+    # `runs --json | head -1`: the reader closes the pipe while runs writes (here, at once)
+    command = [sys.executable, "-m", "fashion_lightning", "runs", "--root", str(runs_root)]
+    reader = subprocess.Popen(
+        [*command, "--json"], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE
+    )
+    reader.stdout.close()
+    _, stderr = reader.communicate(timeout=60)
+    assert reader.returncode == 1 and stderr == b""
