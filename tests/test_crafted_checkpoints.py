@@ -257,6 +257,10 @@ CRAFTED = {
         lambda c: _resume_state(c).update(images_done="x"),
         "callbacks.ResumableTraining.images_done: 'x' is not a count",
     ),
+    "loops-missing": (
+        lambda c: c.pop("loops"),
+        "loops: is missing: the checkpoint does not say where training stood",
+    ),
     "loops-a-string": (lambda c: c.update(loops="x"), "loops: is a str, not a mapping"),
     "loops-garbage": (
         lambda c: c["loops"]["fit_loop"]["epoch_progress"].update(total="x"),
