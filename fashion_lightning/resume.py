@@ -82,6 +82,7 @@ class ResumableTraining(Callback):
         self._resume_at: dict[str, Any] | None = None
         self._stopping: TrainingInterrupted | None = None  # raised at the next batch's start
         self._launcher: Any = None  # what started this command's processes, if this one did
+        self._stopped_together = False  # every process stopped at this step (a first signal)
 
     # --- signals -------------------------------------------------------------------------
 
@@ -92,6 +93,7 @@ class ResumableTraining(Callback):
         self._training = False
         self.stage_began = False
         self._launcher = launcher
+        self._stopped_together = False
         if threading.current_thread() is not threading.main_thread():
             return
         for signum in (*SIGNALS, FORWARDED):
@@ -112,6 +114,18 @@ class ResumableTraining(Callback):
             threading.current_thread() is threading.main_thread()
         ):
             signal.signal(FORWARDED, self._on_signal)
+
+    def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception) -> None:
+        """A stop ends this process: it leaves the process group of several processes now,
+        together with the others when they all stopped at this step."""
+        if isinstance(exception, Stopped):
+            _leave_process_group(together=self._stopped_together)
+
+    def teardown(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        """A process that ddp_spawn or ddp_fork started ends with its stage: it leaves the
+        process group with the others."""
+        if multiprocessing.parent_process() is not None:
+            _leave_process_group(together=True)
 
     def _take_back_signals(self) -> None:
         """Lightning installs its own SIGTERM handler when a stage starts (it would raise
@@ -298,6 +312,7 @@ class ResumableTraining(Callback):
             path = save_last_checkpoint(trainer)
         self.stop_listening()
         self._signal = None
+        self._stopped_together = True
         raise TrainingInterrupted(
             f"stopped by {signal.Signals(signum).name} {where} (step {trainer.global_step}); "
             f"saved {path}",
@@ -340,6 +355,18 @@ def stop_in_processes(err: BaseException, signum: int | None) -> Stopped | None:
     if kind == "TrainingInterrupted":
         return TrainingInterrupted(message, signum)
     return Stopped(message, signum)
+
+
+def _leave_process_group(together: bool) -> None:
+    """Leave the process group of several processes, after the others reached this point too
+    (``together``). Left to the interpreter's exit (Lightning's atexit handler), the group's
+    teardown could meet another process that had already gone, and abort this one ('terminate
+    called without an active exception', exit -6) after its work was done and said."""
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        return
+    if together:
+        torch.distributed.barrier()
+    torch.distributed.destroy_process_group()
 
 
 def _say_received(name: str) -> None:
