@@ -229,6 +229,7 @@ class FashionCLI(LightningCLI):
         callbacks = _as_list(config.get("callbacks"))
         check_callbacks(callbacks)
         checkpoint = self.checkpoint.path if self.checkpoint is not None else None
+        self.resumable.checkpoint_path = checkpoint
         extra: list[Callback] = [self.resumable, WarningsThatApply(checkpoint)]
         has_logger = (logger or config.get("logger")) not in (None, False) and not config.get(
             "barebones"

@@ -24,7 +24,7 @@ from lightning.pytorch.utilities import rank_zero_only, rank_zero_warn
 from torch.multiprocessing import ProcessRaisedException
 
 from fashion_lightning.data import EpochShuffleSampler
-from fashion_lightning.errors import Stopped, TrainingInterrupted
+from fashion_lightning.errors import CheckpointError, Stopped, TrainingInterrupted
 from fashion_lightning.run_checkpoints import RunCheckpoint, run_checkpoint, save_last_checkpoint
 
 SIGNALS = (signal.SIGINT, signal.SIGTERM)
@@ -83,6 +83,7 @@ class ResumableTraining(Callback):
         self._stopping: TrainingInterrupted | None = None  # raised at the next batch's start
         self._launcher: Any = None  # what started this command's processes, if this one did
         self._stopped_together = False  # every process stopped at this step (a first signal)
+        self.checkpoint_path: Path | None = None  # the checkpoint a run resumes, for messages
 
     # --- signals -------------------------------------------------------------------------
 
@@ -191,7 +192,11 @@ class ResumableTraining(Callback):
         signum = self._signal or 0
         if trainer.world_size > 1:
             mine = torch.tensor(signum, device=trainer.strategy.root_device)
-            signum = int(trainer.strategy.reduce(mine, reduce_op="max"))
+            if torch.distributed.is_available() and torch.distributed.is_initialized():
+                torch.distributed.all_reduce(mine, op=torch.distributed.ReduceOp.MAX)
+            else:  # a strategy of its own kind (Lightning's reduce adds a barrier before it)
+                mine = trainer.strategy.reduce(mine, reduce_op="max")
+            signum = int(mine)
         return signum or None
 
     def on_sanity_check_start(self, trainer, pl_module) -> None:
@@ -218,6 +223,7 @@ class ResumableTraining(Callback):
         epoch, done = resume["epoch"], _images_done(resume, trainer)
         if resume.get("epoch_finished", False):
             epoch, done = epoch + 1, 0
+        _check_images_done(done, trainer, self.checkpoint_path)
         # Lightning does not start a resumed epoch over (no on_train_epoch_start): count on
         self._epoch, self._images_done = epoch, done
         continue_order = getattr(trainer.datamodule, "continue_order", None)
@@ -376,6 +382,23 @@ def _say_received(name: str) -> None:
         file=sys.stderr,
         flush=True,
     )
+
+
+def _check_images_done(done: int, trainer: L.Trainer, path: Path | None) -> None:
+    """CheckpointError unless the images done of the resumed epoch fit in an epoch of this run
+    (more would end the epoch at once: a resume that silently trains less)."""
+    data = trainer.datamodule
+    counts = getattr(data, "training_batches", None)
+    if not callable(counts):
+        return
+    epoch = counts(trainer) * data.batch_size
+    if done > epoch:
+        raise CheckpointError(
+            f"--ckpt_path {path}: callbacks.ResumableTraining.images_done: {done} images of "
+            f"its epoch were done, more than the {epoch} of an epoch of this run "
+            "(limit_train_batches smaller than the stopped run's, or a crafted checkpoint); "
+            "nothing was run"
+        )
 
 
 def _images_done(resume: dict[str, Any], trainer: L.Trainer) -> int:

@@ -441,6 +441,24 @@ def test_an_entry_no_check_foresaw_is_one_line_and_leaves_no_run_folder(
     assert not list((tmp_path / "lightning_logs").iterdir())
 
 
+def test_images_done_past_the_epoch_are_one_line_and_leave_no_run_folder(
+    good_run, data_dir, tmp_path, capsys
+):
+    # checked once the data knows an epoch's size: the epoch would end at once, training less
+    checkpoint = _load(good_run / "checkpoints" / "last.ckpt")
+    _resume_state(checkpoint).update(epoch_finished=False, images_done=10**15)
+    path = tmp_path / "crafted.ckpt"
+    torch.save(checkpoint, path)
+    args = fit_args(data_dir, tmp_path, *TINY, "--trainer.max_epochs=2", f"--ckpt_path={path}")
+    code, line = _command(args, capsys)
+    assert code == 1 and line.startswith(f"error: --ckpt_path {path}: "), line
+    assert (
+        "callbacks.ResumableTraining.images_done: 1000000000000000 images of its epoch were "
+        "done, more than the 192 of an epoch of this run" in line
+    ), line
+    assert not list((tmp_path / "lightning_logs").iterdir())
+
+
 @pytest.mark.parametrize(
     ("crafted", "ckpt_path", "phrase"),
     [
