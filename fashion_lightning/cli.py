@@ -270,6 +270,12 @@ class FashionCLI(LightningCLI):
             config.get("logger"), default, root, self._run_name(), self.run_dir, resumed
         )
 
+    def __deepcopy__(self, memo: dict) -> FashionCLI:
+        # the model's optimizer and scheduler (partials jsonargparse makes) reach this CLI
+        # through its instantiators: a weight average's deepcopy of the model would copy the
+        # Trainer and, under ddp, its launcher's processes ("cannot pickle '_thread.lock'")
+        return self
+
     def _run_name(self) -> str | None:
         """A new run's folder is named after its config files (``sgd`` for configs/sgd.yaml)."""
         return run_name(self._section(self.config).get("config") or [])

@@ -85,6 +85,11 @@ class ResumableTraining(Callback):
         self._stopped_together = False  # every process stopped at this step (a first signal)
         self.checkpoint_path: Path | None = None  # the checkpoint a run resumes, for messages
 
+    def __getstate__(self) -> dict[str, Any]:
+        # the launcher's processes (locks, pipes) never travel: a copy of this callback (the
+        # processes ddp_spawn starts, a deepcopy of the model) passes no signal on
+        return {**self.__dict__, "_launcher": None}
+
     # --- signals -------------------------------------------------------------------------
 
     def listen(self, launcher: Any = None) -> None:
@@ -103,8 +108,10 @@ class ResumableTraining(Callback):
 
     def stop_listening(self) -> None:
         for signum, handler in self._previous_handlers.items():
-            if signum == FORWARDED and handler == signal.SIG_DFL:
-                handler = signal.SIG_IGN  # late from the command's process: it must not kill
+            if signum == FORWARDED and not callable(handler):
+                # late from the command's process, it must not end this one; and a function,
+                # not SIG_IGN: one already pending would be "ignored due to race condition"
+                handler = _ignore
             signal.signal(signum, handler)
         self._previous_handlers.clear()
 
@@ -361,6 +368,10 @@ def stop_in_processes(err: BaseException, signum: int | None) -> Stopped | None:
     if kind == "TrainingInterrupted":
         return TrainingInterrupted(message, signum)
     return Stopped(message, signum)
+
+
+def _ignore(signum: int, frame: Any) -> None:
+    """A forwarded signal that came after this process stopped listening."""
 
 
 def _leave_process_group(together: bool) -> None:

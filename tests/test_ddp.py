@@ -11,7 +11,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 
 from fashion_lightning.cli import main
 from fashion_lightning.data import EpochShuffleSampler
-from tests.helpers import fit_args, run_cli
+from tests.helpers import SGD_CONFIG, fit_args, run_cli
 
 pytestmark = pytest.mark.slow
 
@@ -227,3 +227,23 @@ def test_predict_on_three_processes_writes_one_file_like_one_process(
     expected = (single / "lightning_logs" / "sgd_0" / "predictions.csv").read_text()
     assert (folder / "predictions.csv").read_text() == expected
     assert result.stdout.count("predictions: 10000 test images, accuracy") == 1
+
+
+def test_a_weight_averaged_recipe_runs_under_ddp(data_dir, tmp_path):
+    # its weight average deep-copies the model, whose optimizer reached the CLI and, under ddp,
+    # the launcher's processes: "cannot pickle '_thread.lock' object" at the start
+    args = fit_args(
+        data_dir,
+        tmp_path,
+        "--trainer.strategy=ddp",
+        "--trainer.accelerator=cpu",
+        "--trainer.devices=2",
+        "--trainer.max_epochs=1",
+        "--trainer.limit_train_batches=5",
+        "--trainer.limit_val_batches=2",
+        "--trainer.limit_test_batches=2",
+    )
+    args[2] = str(SGD_CONFIG.parent / "best.yaml")
+    result = run_cli(*args)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert len(_scalars(tmp_path / "lightning_logs" / "best_0", "test/acc")) == 1
