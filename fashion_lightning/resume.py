@@ -9,19 +9,21 @@ on CPU: the tests compare weights, optimizer state and logged values.
 from __future__ import annotations
 
 import multiprocessing
+import os
 import re
 import signal
 import sys
 import threading
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import lightning as L
 import torch
 from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.strategies.launchers import _SubprocessScriptLauncher
 from lightning.pytorch.strategies.launchers.multiprocessing import _MultiProcessingLauncher
 from lightning.pytorch.utilities import rank_zero_only, rank_zero_warn
-from torch.multiprocessing import ProcessRaisedException
+from torch.multiprocessing import ProcessExitedException, ProcessRaisedException
 
 from fashion_lightning.data import EpochShuffleSampler
 from fashion_lightning.errors import CheckpointError, Stopped, TrainingInterrupted
@@ -83,6 +85,7 @@ class ResumableTraining(Callback):
         self._stopping: TrainingInterrupted | None = None  # raised at the next batch's start
         self._launcher: Any = None  # what started this command's processes, if this one did
         self._stopped_together = False  # every process stopped at this step (a first signal)
+        self._stopped: str | None = None  # what the stop said, once its checkpoint is written
         self.checkpoint_path: Path | None = None  # the checkpoint a run resumes, for messages
 
     def __getstate__(self) -> dict[str, Any]:
@@ -100,6 +103,7 @@ class ResumableTraining(Callback):
         self.stage_began = False
         self._launcher = launcher
         self._stopped_together = False
+        self._stopped = None
         if threading.current_thread() is not threading.main_thread():
             return
         for signum in (*SIGNALS, FORWARDED):
@@ -149,25 +153,34 @@ class ResumableTraining(Callback):
         if self._forward(signum):
             return
         if signum == FORWARDED:  # the command's own process was signalled
-            if self._signal is not None:
+            if self._signal is not None or self._stopped is not None:
                 return  # this process has it already: the whole group was signalled
             signum = signal.SIGTERM
+        if self._stopped is not None:  # the stop is saved: end now, as it said
+            _end_process_at_once(self._stopped, signum, self._stop_started_processes)
         name = signal.Signals(signum).name
         if not self._training:  # not training: nothing new to save
-            self.stop_listening()
+            self._stop_started_processes()  # ddp's others, which may be waiting for this one
             if self.trained:  # the test after fit
-                raise Stopped(
-                    f"stopped by {name} while testing; training's checkpoints are kept", signum
-                )
-            raise Stopped(f"stopped by {name}; nothing was saved", signum)
+                self._stopped = f"stopped by {name} while testing; training's checkpoints are kept"
+            else:
+                self._stopped = f"stopped by {name}; nothing was saved"
+            raise Stopped(self._stopped, signum)
         if self._signal is not None:  # asked twice: stop now
-            self.stop_listening()
-            raise TrainingInterrupted(
-                f"stopped by {name} at once, without a checkpoint of the last steps", signum
-            )
+            self._stopped = f"stopped by {name} at once, without a checkpoint of the last steps"
+            if torch.distributed.is_available() and torch.distributed.is_initialized():
+                _end_process_at_once(self._stopped, signum, self._stop_started_processes)
+            raise TrainingInterrupted(self._stopped, signum)
         self._signal = signum
         if multiprocessing.parent_process() is None and rank_zero_only.rank == 0:
             _say_received(name)
+
+    def _stop_started_processes(self) -> None:
+        """Under ddp, the command's process (process 0) ends the others it started: stopping
+        alone, it would leave them waiting for it in a collective, or failing with gloo's
+        traceback when it goes."""
+        if isinstance(self._launcher, _SubprocessScriptLauncher):
+            self._launcher.kill(signal.SIGKILL)
 
     def _forward(self, signum: int) -> bool:
         """In the command's own process, while processes it started train or evaluate: pass
@@ -323,15 +336,16 @@ class ResumableTraining(Callback):
             path = Path(callback.last_model_path)  # the epoch's end wrote it: Lightning's own state
         else:
             path = save_last_checkpoint(trainer)
-        self.stop_listening()
         self._signal = None
         self._stopped_together = True
-        raise TrainingInterrupted(
+        stopped = TrainingInterrupted(
             f"stopped by {signal.Signals(signum).name} {where} (step {trainer.global_step}); "
             f"saved {path}",
             signum,
             advice="Continue with the same command and --ckpt_path last",
         )
+        self._stopped = str(stopped)  # the command still listens: a signal now ends it at once
+        raise stopped
 
     def state_dict(self) -> dict[str, Any]:
         return {
@@ -357,6 +371,11 @@ def stop_in_processes(err: BaseException, signum: int | None) -> Stopped | None:
     None if ``err`` is no such stop. torch hands their error over as the text of its traceback
     (``ProcessRaisedException``), whose last line is the project's; the signal is the one this
     process received (they were passed a forwarded one), else theirs."""
+    if isinstance(err, ProcessExitedException) and signum is not None:  # a second signal
+        name = signal.Signals(signum).name
+        return TrainingInterrupted(
+            f"stopped by {name} at once, without a checkpoint of the last steps", signum
+        )
     if not isinstance(err, ProcessRaisedException):
         return None
     found = STOP_LINE.findall(err.msg)
@@ -368,6 +387,18 @@ def stop_in_processes(err: BaseException, signum: int | None) -> Stopped | None:
     if kind == "TrainingInterrupted":
         return TrainingInterrupted(message, signum)
     return Stopped(message, signum)
+
+
+def _end_process_at_once(message: str, signum: int, stop_others: Any) -> NoReturn:
+    """End this process of several now, as a second signal asks. Not by an exception: raised
+    from a signal handler in the middle of a collective, Lightning swallows it
+    (``_broadcast_sigterm_tensor`` catches every Exception) and the processes fall out of
+    step and wait for each other forever."""
+    stop_others()
+    if multiprocessing.parent_process() is None and os.environ.get("LOCAL_RANK", "0") == "0":
+        print(f"error: {message}", file=sys.stderr, flush=True)
+    sys.stdout.flush()
+    os._exit(128 + signum)
 
 
 def _ignore(signum: int, frame: Any) -> None:

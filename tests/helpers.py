@@ -132,21 +132,25 @@ class SignalTheCommandAt(Callback):
 
     steps_per_call_safe = True
 
-    def __init__(self, signum: int, step: int, group: bool = False) -> None:
+    def __init__(self, signum: int, step: int, group: bool = False, twice: bool = False) -> None:
+        """``twice``: the same signal again 20 ms later (an impatient Ctrl+C)."""
         self.signum = signum
         self.step = step
         self.group = group
+        self.twice = twice
         self.sent = False
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
         if trainer.global_rank != 0 or trainer.global_step < self.step or self.sent:
             return
         self.sent = True
-        if self.group:
-            os.killpg(os.getpgid(0), self.signum)
-            return
         started_by = multiprocessing.parent_process()  # ddp_spawn: the command's process
-        os.kill(started_by.pid if started_by else os.getpid(), self.signum)
+        for _ in range(2 if self.twice else 1):
+            if self.group:
+                os.killpg(os.getpgid(0), self.signum)
+            else:
+                os.kill(started_by.pid if started_by else os.getpid(), self.signum)
+            time.sleep(0.02)
 
 
 class SendSignalInValidation(Callback):

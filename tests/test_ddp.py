@@ -247,3 +247,34 @@ def test_a_weight_averaged_recipe_runs_under_ddp(data_dir, tmp_path):
     result = run_cli(*args)
     assert result.returncode == 0, result.stderr[-3000:]
     assert len(_scalars(tmp_path / "lightning_logs" / "best_0", "test/acc")) == 1
+
+
+@pytest.mark.parametrize("strategy", ["ddp", "ddp_spawn"])
+def test_a_second_signal_soon_after_the_first_ends_every_process_in_one_line(
+    strategy, data_dir, tmp_path
+):
+    # an exception raised at once inside a collective was swallowed by Lightning: the processes
+    # fell out of step and waited for each other forever, or ended in tracebacks
+    result = run_cli(
+        *fit_args(
+            data_dir,
+            tmp_path,
+            f"--trainer.strategy={strategy}",
+            "--trainer.accelerator=cpu",
+            "--trainer.devices=2",
+            "--trainer.max_epochs=1",
+            "--trainer.limit_train_batches=40",
+            "--model.steps_per_call=1",
+            "--trainer.callbacks+=tests.helpers.SignalTheCommandAt",
+            f"--trainer.callbacks.signum={int(signal.SIGINT)}",
+            "--trainer.callbacks.step=5",
+            "--trainer.callbacks.group=true",
+            "--trainer.callbacks.twice=true",
+        ),
+        new_session=True,
+        timeout=120,
+    )
+    assert result.returncode == 130, result.stderr[-3000:]
+    stopped = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
+    assert len(stopped) == 1 and stopped[0].startswith("error: stopped by SIGINT"), stopped
+    assert "Traceback" not in result.stderr, result.stderr[-3000:]
