@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import errno
+import multiprocessing
 import os
 import signal
 import sys
@@ -133,11 +134,20 @@ class OneLineErrorParser(argparse.ArgumentParser):
         parse_error(self.prog, message)
 
 
+def speaks_for_the_command() -> bool:
+    """Whether this process says what the command does: the command's own process, not one
+    that ddp started (``LOCAL_RANK`` 1, 2...) or that ddp_spawn started (a child of it)."""
+    return multiprocessing.parent_process() is None and os.environ.get("LOCAL_RANK", "0") == "0"
+
+
+def say_error(err: BaseException | str) -> None:
+    print(f"error: {one_line(err)}", file=sys.stderr, flush=True)
+
+
 def exit_with(err: BaseException, exit_code: int | None = None) -> NoReturn:
     """Print ``err`` as one line and exit with its code (the traceback under DEBUG_ENV)."""
     if os.environ.get(DEBUG_ENV):
         raise err
-    if not (isinstance(err, Stopped) and os.environ.get("LOCAL_RANK", "0") != "0"):
-        # (a stop is the same in every process: under ddp, process 0 says it for all)
-        print(f"error: {one_line(err)}", file=sys.stderr)
+    if not isinstance(err, Stopped) or speaks_for_the_command():
+        say_error(err)  # (a stop is the same in every process: process 0 says it for all)
     sys.exit(exit_code if exit_code is not None else getattr(err, "exit_code", 1))

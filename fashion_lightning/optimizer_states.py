@@ -46,10 +46,10 @@ def check_optimizer_and_schedule(optimizers: list, schedulers: list, model: Any)
             model, optimizer, total_steps=length if type(length) is int and length > 0 else 1
         )
     if optimizers:
-        _check_optimizer_state(optimizers[0], optimizer.state_dict(), parameters)
+        built = optimizer.state_dict()
+        _check_optimizer_state(optimizers[0], built, parameters)
         _check_optimizer_settings(optimizers[0], type(optimizer))
-        scheduled = SCHEDULED if scheduler is not None else ()
-        _check_settings_as_built(optimizers[0], optimizer.state_dict(), scheduled)
+        _check_settings_as_built(optimizers[0], built, SCHEDULED if scheduler is not None else ())
     if schedulers:
         _check_scheduler_state(schedulers[0], scheduler.state_dict())
     try:

@@ -22,11 +22,17 @@ import torch
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.strategies.launchers import _SubprocessScriptLauncher
 from lightning.pytorch.strategies.launchers.multiprocessing import _MultiProcessingLauncher
-from lightning.pytorch.utilities import rank_zero_only, rank_zero_warn
+from lightning.pytorch.utilities import rank_zero_warn
 from torch.multiprocessing import ProcessExitedException, ProcessRaisedException
 
 from fashion_lightning.data import EpochShuffleSampler
-from fashion_lightning.errors import CheckpointError, Stopped, TrainingInterrupted
+from fashion_lightning.errors import (
+    CheckpointError,
+    Stopped,
+    TrainingInterrupted,
+    say_error,
+    speaks_for_the_command,
+)
 from fashion_lightning.run_checkpoints import RunCheckpoint, run_checkpoint, save_last_checkpoint
 
 SIGNALS = (signal.SIGINT, signal.SIGTERM)
@@ -84,7 +90,6 @@ class ResumableTraining(Callback):
         self._resume_at: dict[str, Any] | None = None
         self._stopping: TrainingInterrupted | None = None  # raised at the next batch's start
         self._launcher: Any = None  # what started this command's processes, if this one did
-        self._stopped_together = False  # every process stopped at this step (a first signal)
         self._stopped: str | None = None  # what the stop said, once its checkpoint is written
         self.checkpoint_path: Path | None = None  # the checkpoint a run resumes, for messages
 
@@ -102,7 +107,6 @@ class ResumableTraining(Callback):
         self._training = False
         self.stage_began = False
         self._launcher = launcher
-        self._stopped_together = False
         self._stopped = None
         if threading.current_thread() is not threading.main_thread():
             return
@@ -129,9 +133,10 @@ class ResumableTraining(Callback):
 
     def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception) -> None:
         """A stop ends this process: it leaves the process group of several processes now,
-        together with the others when they all stopped at this step."""
+        together with the others after a stop they agreed on (a clean stop in training; under
+        several processes a stop at once never gets here, it exits at once)."""
         if isinstance(exception, Stopped):
-            _leave_process_group(together=self._stopped_together)
+            _leave_process_group(together=isinstance(exception, TrainingInterrupted))
 
     def teardown(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         """A process that ddp_spawn or ddp_fork started ends with its stage: it leaves the
@@ -167,12 +172,12 @@ class ResumableTraining(Callback):
                 self._stopped = f"stopped by {name}; nothing was saved"
             raise Stopped(self._stopped, signum)
         if self._signal is not None:  # asked twice: stop now
-            self._stopped = f"stopped by {name} at once, without a checkpoint of the last steps"
-            if torch.distributed.is_available() and torch.distributed.is_initialized():
+            self._stopped = _at_once(name)
+            if _in_process_group():
                 _end_process_at_once(self._stopped, signum, self._stop_started_processes)
             raise TrainingInterrupted(self._stopped, signum)
         self._signal = signum
-        if multiprocessing.parent_process() is None and rank_zero_only.rank == 0:
+        if speaks_for_the_command():
             _say_received(name)
 
     def _stop_started_processes(self) -> None:
@@ -212,7 +217,7 @@ class ResumableTraining(Callback):
         signum = self._signal or 0
         if trainer.world_size > 1:
             mine = torch.tensor(signum, device=trainer.strategy.root_device)
-            if torch.distributed.is_available() and torch.distributed.is_initialized():
+            if _in_process_group():
                 torch.distributed.all_reduce(mine, op=torch.distributed.ReduceOp.MAX)
             else:  # a strategy of its own kind (Lightning's reduce adds a barrier before it)
                 mine = trainer.strategy.reduce(mine, reduce_op="max")
@@ -337,7 +342,6 @@ class ResumableTraining(Callback):
         else:
             path = save_last_checkpoint(trainer)
         self._signal = None
-        self._stopped_together = True
         stopped = TrainingInterrupted(
             f"stopped by {signal.Signals(signum).name} {where} (step {trainer.global_step}); "
             f"saved {path}",
@@ -372,10 +376,7 @@ def stop_in_processes(err: BaseException, signum: int | None) -> Stopped | None:
     (``ProcessRaisedException``), whose last line is the project's; the signal is the one this
     process received (they were passed a forwarded one), else theirs."""
     if isinstance(err, ProcessExitedException) and signum is not None:  # a second signal
-        name = signal.Signals(signum).name
-        return TrainingInterrupted(
-            f"stopped by {name} at once, without a checkpoint of the last steps", signum
-        )
+        return TrainingInterrupted(_at_once(signal.Signals(signum).name), signum)
     if not isinstance(err, ProcessRaisedException):
         return None
     found = STOP_LINE.findall(err.msg)
@@ -395,10 +396,19 @@ def _end_process_at_once(message: str, signum: int, stop_others: Any) -> NoRetur
     (``_broadcast_sigterm_tensor`` catches every Exception) and the processes fall out of
     step and wait for each other forever."""
     stop_others()
-    if multiprocessing.parent_process() is None and os.environ.get("LOCAL_RANK", "0") == "0":
-        print(f"error: {message}", file=sys.stderr, flush=True)
+    if speaks_for_the_command():
+        say_error(message)
     sys.stdout.flush()
     os._exit(128 + signum)
+
+
+def _at_once(name: str) -> str:
+    return f"stopped by {name} at once, without a checkpoint of the last steps"
+
+
+def _in_process_group() -> bool:
+    """Whether this process is one of several, joined by torch.distributed."""
+    return torch.distributed.is_available() and torch.distributed.is_initialized()
 
 
 def _ignore(signum: int, frame: Any) -> None:
@@ -410,7 +420,7 @@ def _leave_process_group(together: bool) -> None:
     (``together``). Left to the interpreter's exit (Lightning's atexit handler), the group's
     teardown could meet another process that had already gone, and abort this one ('terminate
     called without an active exception', exit -6) after its work was done and said."""
-    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+    if not _in_process_group():
         return
     if together:
         torch.distributed.barrier()
