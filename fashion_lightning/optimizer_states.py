@@ -48,6 +48,9 @@ def check_optimizer_and_schedule(optimizers: list, schedulers: list, model: Any)
     if optimizers:
         built = optimizer.state_dict()
         _check_optimizer_state(optimizers[0], built, parameters)
+        _check_states_as_a_step_makes(
+            optimizers[0].get("state", {}), _state_after_a_step(model, parameters)
+        )
         _check_optimizer_settings(optimizers[0], type(optimizer))
         _check_settings_as_built(optimizers[0], built, SCHEDULED if scheduler is not None else ())
     if schedulers:
@@ -191,3 +194,65 @@ def _check_optimizer_state(state: Any, expected: dict, parameters: list) -> None
                     )
             elif not plain(value):
                 raise Refused(f"{key}.{name}", "is not a tensor or a number")
+
+
+# states that hold averages of squares, or other amounts that cannot be negative (a negative
+# one is a square root of a negative number, NaN weights, in the next step)
+NOT_NEGATIVE = ("exp_avg_sq", "max_exp_avg_sq", "square_avg", "sum", "acc_delta", "exp_inf")
+
+
+def _state_after_a_step(model: Any, parameters: list) -> dict:
+    """The state ``model.optimizer`` keeps for each of its parameters once it made a step."""
+    copies = [parameter.detach().clone() for parameter in parameters]
+    optimizer = model.optimizer(copies)
+    for copied in copies:
+        copied.grad = torch.zeros_like(copied)
+    optimizer.step()
+    return optimizer.state_dict()["state"]
+
+
+def _check_states_as_a_step_makes(states: Mapping[int, Any], reference: Mapping[int, Any]) -> None:
+    """Each parameter's state holds what the optimizer keeps after a step, each tensor of its
+    dtype, finite, a step count a whole number that is not negative, and an average of
+    squares not negative: torch takes any of these as they come and trains on, silently (an
+    infinite average of squares stops a weight for good) or into NaN."""
+    for index, values in states.items():
+        key, expected = f"optimizer_states.0.state.{index}", reference.get(index, {})
+        for name in expected:
+            if name not in values:
+                raise Refused(f"{key}.{name}", "is missing (the optimizer keeps it after a step)")
+        for name, value in values.items():
+            if name not in expected:
+                raise Refused(f"{key}.{name}", "is not a key the model's optimizer writes")
+            _check_state_value(value, expected[name], name, f"{key}.{name}")
+
+
+def _check_state_value(value: Any, expected: Any, name: str, key: str) -> None:
+    if isinstance(expected, torch.Tensor):
+        if (
+            not isinstance(value, torch.Tensor)
+            or value.dtype != expected.dtype
+            or value.shape != expected.shape
+        ):
+            raise Refused(key, f"is not a {expected.dtype} tensor of shape {tuple(expected.shape)}")
+        if value.layout != torch.strided:
+            raise Refused(key, f"is a {value.layout} tensor, not a dense one")
+    number = value.double() if isinstance(value, torch.Tensor) else value
+    if isinstance(number, torch.Tensor) and not bool(number.isfinite().all()):
+        raise Refused(key, "holds NaN or infinite values")
+    if name == "step" and not (
+        isinstance(number, (int, float, torch.Tensor))
+        and math.isfinite(float(number))
+        and float(number) >= 0
+        and float(number) == int(float(number))
+    ):
+        raise Refused(key, f"{_shown(value)} is not a count of steps")
+    if name in NOT_NEGATIVE and isinstance(number, torch.Tensor) and bool((number < 0).any()):
+        raise Refused(key, "holds negative values (it is an average of squares)")
+
+
+def _shown(value: Any) -> str:
+    """A value as a message shows it: a one-number tensor as its number."""
+    if isinstance(value, torch.Tensor) and value.numel() == 1:
+        return repr(value.item())
+    return repr(value)

@@ -654,15 +654,45 @@ CRAFTED_STEPS = {
     ),
     "step-a-bool": (
         lambda c: _adam_state(c).update(step=torch.tensor(True)),
-        "cannot make a step",
+        "optimizer_states.0.state.0.step: is not a torch.float32 tensor of shape ()",
     ),
     "moment-a-number": (
         lambda c: _adam_state(c).update(exp_avg=torch.tensor(0.0)),
-        "cannot make a step (RuntimeError",
+        "optimizer_states.0.state.0.exp_avg: is not a torch.float32 tensor of shape (512, 784)",
     ),
     "moment-missing": (
         lambda c: _adam_state(c).pop("exp_avg_sq"),
-        "cannot make a step (KeyError",
+        "optimizer_states.0.state.0.exp_avg_sq: is missing (the optimizer keeps it after a step)",
+    ),
+    # torch trained on with these, silently: a weight stopped for good, or NaN some steps later
+    "squares-infinite": (
+        lambda c: _adam_state(c)["exp_avg_sq"].fill_(float("inf")),
+        "optimizer_states.0.state.0.exp_avg_sq: holds NaN or infinite values",
+    ),
+    "squares-negative": (
+        lambda c: _adam_state(c)["exp_avg_sq"].fill_(-1.0),
+        "optimizer_states.0.state.0.exp_avg_sq: holds negative values (it is an average of "
+        "squares)",
+    ),
+    "moment-of-another-dtype": (
+        lambda c: _adam_state(c).update(exp_avg=_adam_state(c)["exp_avg"].double()),
+        "optimizer_states.0.state.0.exp_avg: is not a torch.float32 tensor of shape (512, 784)",
+    ),
+    "step-infinite": (
+        lambda c: _adam_state(c)["step"].fill_(float("inf")),
+        "optimizer_states.0.state.0.step: holds NaN or infinite values",
+    ),
+    "step-negative": (
+        lambda c: _adam_state(c)["step"].fill_(-3.0),
+        "optimizer_states.0.state.0.step: -3.0 is not a count of steps",
+    ),
+    "step-a-fraction": (
+        lambda c: _adam_state(c)["step"].fill_(2.5),
+        "optimizer_states.0.state.0.step: 2.5 is not a count of steps",
+    ),
+    "state-key-of-another-optimizer": (
+        lambda c: _adam_state(c).update(momentum_buffer=torch.zeros(512, 784)),
+        "optimizer_states.0.state.0.momentum_buffer: is not a key the model's optimizer writes",
     ),
 }
 
