@@ -269,7 +269,9 @@ def check_restorable(
             "cannot check; resume with the ddp or the default strategy",
         )
     if fitting:
-        if "loops" not in contents and "optimizer_states" in contents:
+        if "optimizer_states" not in contents:  # (weights only: checkpoints.check_restores_into)
+            raise Refused("optimizer_states", "is missing")
+        if "loops" not in contents:
             # (Lightning would train from epoch 0 again, silently: not a resume)
             raise Refused("loops", "is missing: the checkpoint does not say where training stood")
         loops = contents.get("loops") or {}

@@ -198,6 +198,12 @@ def check_fits(checkpoint: Checkpoint, model: torch.nn.Module) -> None:
 def check_restores_into(checkpoint: Checkpoint, trainer: Any, model: Any, fitting: bool) -> None:
     """CheckpointError unless what Lightning restores into ``trainer`` is like what it writes
     (:func:`~fashion_lightning.checkpoint_contents.check_restorable`)."""
+    if fitting and "optimizer_states" not in checkpoint.contents:  # (Lightning: a KeyError)
+        raise CheckpointError(
+            f"--ckpt_path {checkpoint.path}: it holds the weights only (written with "
+            "checkpoint.save_weights_only), which validate, test and predict take; fit cannot "
+            "continue from it (nothing was run)"
+        )
     try:
         check_restorable(checkpoint.contents, trainer, model, fitting)
     except Refused as refused:

@@ -342,11 +342,17 @@ class ResumableTraining(Callback):
         else:
             path = save_last_checkpoint(trainer)
         self._signal = None
+        advice = "Continue with the same command and --ckpt_path last"
+        if getattr(callback, "save_weights_only", False):
+            advice = (
+                "It holds the weights only (--checkpoint.save_weights_only), which validate, "
+                "test and predict take: training cannot continue from it"
+            )
         stopped = TrainingInterrupted(
             f"stopped by {signal.Signals(signum).name} {where} (step {trainer.global_step}); "
             f"saved {path}",
             signum,
-            advice="Continue with the same command and --ckpt_path last",
+            advice=advice,
         )
         self._stopped = str(stopped)  # the command still listens: a signal now ends it at once
         raise stopped

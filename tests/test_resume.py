@@ -344,3 +344,24 @@ def test_a_signal_during_the_test_after_fit_says_the_checkpoints_are_kept(data_d
         "error: stopped by SIGINT while testing; training's checkpoints are kept"
     )
     assert _final_state(tmp_path)["global_step"] == 30
+
+
+def test_a_stop_with_weights_only_checkpoints_says_what_its_checkpoint_can_do(data_dir, tmp_path):
+    # it advised `--ckpt_path last`, which then failed as "not a checkpoint this project wrote"
+    args = [*SHORT, "--checkpoint.save_weights_only=true", "--model.steps_per_call=1"]
+    line = _stop(data_dir, tmp_path, args, "SendSignalAt", 128 + SIGTERM, signum=SIGTERM, step=5)
+    last = tmp_path / "lightning_logs" / "sgd_0" / "checkpoints" / "last.ckpt"
+    assert line == (
+        f"error: stopped by SIGTERM at epoch 0, batch 5 (step 6); saved {last}. It holds the "
+        "weights only (--checkpoint.save_weights_only), which validate, test and predict take: "
+        "training cannot continue from it"
+    )
+    resumed = run_cli(*fit_args(data_dir, tmp_path, *args), "--ckpt_path=last")
+    assert resumed.returncode == 1 and "Traceback" not in resumed.stderr
+    assert last_line(resumed.stderr) == (
+        f"error: --ckpt_path {last}: it holds the weights only (written with "
+        "checkpoint.save_weights_only), which validate, test and predict take; fit cannot "
+        "continue from it (nothing was run)"
+    )
+    tested = run_cli("test", *fit_args(data_dir, tmp_path, *SHORT)[1:], f"--ckpt_path={last}")
+    assert tested.returncode == 0, tested.stderr[-2000:]
