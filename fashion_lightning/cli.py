@@ -61,6 +61,7 @@ from fashion_lightning.failures import (
     command_failure,
     give_back_run_folder,
     quiet_write_errors_in_threads,
+    ran_anything,
 )
 from fashion_lightning.help import CONFIG_HELP, DESCRIPTION, OneLineErrorParser
 from fashion_lightning.model import ImageClassifier
@@ -340,7 +341,10 @@ class FashionCLI(LightningCLI):
             began = self.resumable.stage_began
             restored = self.checkpoint if self._restoring() and not began else None
             failure = command_failure(err, self.trainer, self.subcommand, restored)
-            give_back_run_folder(self.trainer, ran=began or isinstance(err, Stopped))
+            ran = ran_anything(self.trainer, began, failure or err)
+            give_back_run_folder(self.trainer, ran=ran or isinstance(err, Stopped))
+            if not isinstance(err, Stopped):  # (a stop ends ddp's processes itself)
+                self.resumable.stop_started_processes()
             if failure is None:
                 raise
             raise failure from err

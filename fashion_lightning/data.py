@@ -16,6 +16,7 @@ from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
 from torchvision.datasets import FashionMNIST
 
+from fashion_lightning.errors import DataError
 from fashion_lightning.fashion_mnist import TRAINING_IMAGES, to_float_images
 from fashion_lightning.pictures import check_picture_folder, load_pictures
 from fashion_lightning.raw_files import DEBIAN_SOURCE_DIR, ensure_raw_files
@@ -274,8 +275,10 @@ class FashionMNISTDataModule(L.LightningDataModule):
             val_index, train_index = order[: self.val_size], order[self.val_size :]
             self.train_set = InMemoryImages(full.images[train_index], full.labels[train_index])
             self.val_set = InMemoryImages(full.images[val_index], full.labels[val_index])
+            self._check_one_each(self.val_size, f"--data.val_size {self.val_size}", "images")
         if stage == "predict" and self._predicting_own_pictures():
             images, names = load_pictures(self.predict_dir)
+            self._check_one_each(len(images), f"--data.predict_dir {self.predict_dir}", "pictures")
             unknown = torch.full((len(images),), -1, dtype=torch.long)
             self.predict_set = InMemoryImages(images, unknown, names).to(self._device())
             return
@@ -283,6 +286,16 @@ class FashionMNISTDataModule(L.LightningDataModule):
             self.test_set = self._load(train=False)
         if stage == "predict":
             self.predict_set = self.test_set
+
+    def _check_one_each(self, count: int, option: str, noun: str) -> None:
+        """Each of several processes evaluates its share of a set, and Lightning refuses a
+        share of no batch (in the middle of the stage, in that process alone)."""
+        processes = self.trainer.world_size if self.trainer is not None else 1
+        if count < processes:
+            raise DataError(
+                f"{option}: {count} {noun}, fewer than the {processes} processes, each of which "
+                f"evaluates one at least; run on fewer (--trainer.devices {max(count, 1)})"
+            )
 
     def _loader(
         self, dataset: InMemoryImages, sampler: Sampler | None = None, batches_per_item: int = 1

@@ -12,6 +12,7 @@ import multiprocessing
 import os
 import signal
 import sys
+import time
 from typing import NoReturn, TypeVar
 
 DEBUG_ENV = "FASHION_LIGHTNING_DEBUG"
@@ -148,6 +149,21 @@ def exit_with(err: BaseException, exit_code: int | None = None) -> NoReturn:
     """Print ``err`` as one line and exit with its code (the traceback under DEBUG_ENV)."""
     if os.environ.get(DEBUG_ENV):
         raise err
-    if not isinstance(err, Stopped) or speaks_for_the_command():
-        say_error(err)  # (a stop is the same in every process: process 0 says it for all)
+    if isinstance(err, Stopped):  # the same in every process: process 0 says it for all
+        if speaks_for_the_command():
+            say_error(err)
+    else:
+        if not speaks_for_the_command():
+            _leave_it_to_process_zero()
+        say_error(err)
     sys.exit(exit_code if exit_code is not None else getattr(err, "exit_code", 1))
+
+
+def _leave_it_to_process_zero(patience: float = 10.0) -> None:
+    """In a process that ddp started (``LOCAL_RANK`` 1, 2...): wait for process 0, which ends
+    this one when it fails too. Every process reads the same config, checkpoint and data, so
+    their errors are mostly one and the same, and process 0 says it once. An error of this
+    process alone is said after ``patience`` seconds, or at once should process 0 end."""
+    parent, deadline = os.getppid(), time.monotonic() + patience
+    while os.getppid() == parent and time.monotonic() < deadline:
+        time.sleep(0.05)

@@ -4,20 +4,29 @@ nothing this command did when it failed before anything ran."""
 
 from __future__ import annotations
 
+import re
 import threading
+import traceback
 from pathlib import Path
 from typing import Any
 
+from lightning.fabric.utilities.exceptions import MisconfigurationException
 from lightning.pytorch import Trainer
+from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
+from lightning.pytorch.strategies.launchers.multiprocessing import _MultiProcessingLauncher
+from torch.multiprocessing import ProcessExitedException, ProcessRaisedException
 
+from fashion_lightning import errors
 from fashion_lightning.errors import (
     WRITE_ERRNOS,
     CheckpointError,
+    ConfigError,
+    DataError,
     UserError,
     first_line,
     write_failure,
 )
-from fashion_lightning.run_checkpoints import run_checkpoint
+from fashion_lightning.run_checkpoints import checkpoint_folder
 from fashion_lightning.run_folders import RunFolderLogger, SaveRunConfig
 
 
@@ -28,10 +37,20 @@ def command_failure(
     is kept), or an error while Lightning restored the checkpoint ``restoring`` (a
     :class:`~fashion_lightning.checkpoints.Checkpoint`; None once the command ran), an entry
     no check foresaw."""
-    failure = write_failure(
-        err, f"the run outputs in {trainer.log_dir}", what_is_kept(trainer, subcommand)
+    if isinstance(err, ProcessExitedException):  # kill -9, the kernel's out-of-memory killer
+        return UserError(
+            f"{first_line(err)} (ended from outside: killed, or out of memory); "
+            f"{what_is_kept(trainer, subcommand, remedy='')}"
+        )
+    failure = error_in_started_processes(err) or write_failure(
+        err, f"the run outputs in {_log_dir(trainer)}", what_is_kept(trainer, subcommand)
     )
-    if failure is not None or restoring is None or isinstance(err, UserError):
+    if (
+        failure is not None
+        or restoring is None
+        or isinstance(err, UserError)
+        or not _raised_while_restoring(err)
+    ):
         return failure
     return CheckpointError(
         f"--ckpt_path {restoring.path}: Lightning could not restore it "
@@ -40,19 +59,58 @@ def command_failure(
     )
 
 
-def what_is_kept(trainer: Trainer, subcommand: str) -> str:
-    """What a user whose disk filled up still has, and what to do next."""
+# the last line of the traceback of a process that ddp_spawn or ddp_fork started, when one
+# of the project's errors or a value Lightning refused ended it
+LAST_LINE = re.compile(
+    r"^(fashion_lightning\.errors\.(\w+)"
+    r"|lightning\.fabric\.utilities\.exceptions\.MisconfigurationException): (.*)$",
+    re.MULTILINE,
+)
+# refused before the stage begins: nothing ran
+REFUSALS = (CheckpointError, ConfigError, DataError, MisconfigurationException)
+
+
+def error_in_started_processes(err: Exception) -> UserError | None:
+    """The error that ended the processes ddp_spawn or ddp_fork started, as this process's own
+    one line, or None. torch hands it over as the text of its traceback
+    (``ProcessRaisedException``); the project's errors and Lightning's refusal of a value are
+    recognised by their last line (a stop: :func:`~fashion_lightning.resume.stop_in_processes`)."""
+    if not isinstance(err, ProcessRaisedException):
+        return None
+    found = LAST_LINE.findall(err.msg)
+    if not found:
+        return None
+    _, name, message = found[-1]
+    kind = getattr(errors, name, None) if name else ConfigError  # (as main() says Lightning's)
+    if not (isinstance(kind, type) and issubclass(kind, UserError)) or issubclass(
+        kind, errors.Stopped
+    ):
+        return None
+    return kind(message)
+
+
+def ran_anything(trainer: Trainer, began: bool, failure: BaseException | None) -> bool:
+    """Whether a failed command ran anything of its stage (training, evaluation): ``began``
+    tells for this process. The processes ddp_spawn starts run the stage, and their failure
+    only tells by its kind: after a refusal of the input nothing ran, anything else may have
+    written checkpoints that must stay."""
+    if began or not isinstance(trainer.strategy.launcher, _MultiProcessingLauncher):
+        return began
+    return not isinstance(failure, REFUSALS)
+
+
+def what_is_kept(trainer: Trainer, subcommand: str, remedy: str = "free space") -> str:
+    """What a user whose run failed (a full disk: ``remedy``) still has, and what to do next."""
+    first = f"{remedy} and " if remedy else ""
     if subcommand != "fit":
-        return "free space and run again"
-    callback = run_checkpoint(trainer)
-    folder = Path(callback.dirpath) if callback is not None and callback.dirpath else None
+        return f"{first}run again"
+    folder = checkpoint_folder(trainer)  # (set in the processes ddp_spawn started, not here)
+    folder = Path(folder) if folder else None
     kept = sorted(folder.glob("*.ckpt"), key=lambda p: p.stat().st_mtime_ns) if folder else []
     if not kept:
-        return "no checkpoint was written yet; free space and run again"
-    return (
-        f"the newest complete checkpoint is {kept[-1]}; free space, then continue with "
-        "--ckpt_path last"
-    )
+        return f"no checkpoint was written yet; {first}run again"
+    then = f"{remedy}, then continue" if remedy else "continue"
+    return f"the newest complete checkpoint is {kept[-1]}; {then} with --ckpt_path last"
 
 
 def give_back_run_folder(trainer: Trainer, ran: bool) -> None:
@@ -72,8 +130,27 @@ def _config_file(trainer: Trainer) -> Path | None:
     """The config file this command saved into its run folder, if it saved one."""
     for callback in trainer.callbacks:
         if isinstance(callback, SaveRunConfig) and callback.already_saved:
-            return Path(trainer.log_dir) / callback.config_filename
+            return Path(_log_dir(trainer)) / callback.config_filename
     return None
+
+
+def _raised_while_restoring(err: BaseException) -> bool:
+    """Whether Lightning's checkpoint connector, which restores a checkpoint into the Trainer,
+    raised ``err`` (by its traceback: between the restore and the stage's first hook, Lightning
+    also sets up the loaders, whose errors are no checkpoint's)."""
+    return any(
+        Path(frame.f_code.co_filename).name == "checkpoint_connector.py"
+        for frame, _ in traceback.walk_tb(err.__traceback__)
+    )
+
+
+def _log_dir(trainer: Trainer) -> str:
+    """``trainer.log_dir`` without its broadcast: a process that fails may fail alone, and a
+    collective call would wait for the others forever."""
+    if not trainer.loggers:
+        return trainer.default_root_dir
+    logger = trainer.loggers[0]
+    return logger.log_dir if isinstance(logger, (TensorBoardLogger, CSVLogger)) else logger.save_dir
 
 
 def quiet_write_errors_in_threads(args) -> None:

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from lightning.pytorch.utilities.rank_zero import rank_zero_only
 from PIL import Image, ImageOps, UnidentifiedImageError
 from torch import Tensor
 
@@ -155,7 +156,7 @@ def load_pictures(folder: str | Path) -> tuple[Tensor, list[str]]:
             names.append(path.name)
         except UNREADABLE as err:
             skipped.append(f"{path.name}: {_reason(err)}")
-    for line in skipped:
+    for line in skipped if rank_zero_only.rank == 0 else ():  # (each process reads them)
         print(f"skipped {line}", file=sys.stderr)
     if not images:
         raise _no_pictures(folder, skipped=len(skipped))

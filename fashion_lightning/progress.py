@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import lightning as L
 from lightning.pytorch.callbacks import TQDMProgressBar
 
@@ -43,3 +45,21 @@ class StepProgressBar(TQDMProgressBar):
         if self._steps_per_call(trainer) > 1:  # the bar's position: the steps of this epoch
             batch_idx = trainer.global_step - self._epoch_start_step - 1
         super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
+
+    def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception) -> None:
+        """End the line of a bar being drawn, so that the error (or the stop) that the command
+        says next starts a line of its own."""
+        for bar in self._bars():
+            if not bar.disable:  # (a closed bar is disabled: its line has ended)
+                bar.fp.write("\n")
+                bar.fp.flush()
+                return
+
+    def _bars(self) -> list[Any]:
+        bars = (
+            self._train_progress_bar,
+            self._val_progress_bar,
+            self._test_progress_bar,
+            self._predict_progress_bar,
+        )
+        return [bar for bar in bars if bar is not None]

@@ -162,10 +162,10 @@ class ResumableTraining(Callback):
                 return  # this process has it already: the whole group was signalled
             signum = signal.SIGTERM
         if self._stopped is not None:  # the stop is saved: end now, as it said
-            _end_process_at_once(self._stopped, signum, self._stop_started_processes)
+            _end_process_at_once(self._stopped, signum, self.stop_started_processes)
         name = signal.Signals(signum).name
         if not self._training:  # not training: nothing new to save
-            self._stop_started_processes()  # ddp's others, which may be waiting for this one
+            self.stop_started_processes()  # ddp's others, which may be waiting for this one
             if self.trained:  # the test after fit
                 self._stopped = f"stopped by {name} while testing; training's checkpoints are kept"
             else:
@@ -174,16 +174,16 @@ class ResumableTraining(Callback):
         if self._signal is not None:  # asked twice: stop now
             self._stopped = _at_once(name)
             if _in_process_group():
-                _end_process_at_once(self._stopped, signum, self._stop_started_processes)
+                _end_process_at_once(self._stopped, signum, self.stop_started_processes)
             raise TrainingInterrupted(self._stopped, signum)
         self._signal = signum
         if speaks_for_the_command():
             _say_received(name)
 
-    def _stop_started_processes(self) -> None:
+    def stop_started_processes(self) -> None:
         """Under ddp, the command's process (process 0) ends the others it started: stopping
-        alone, it would leave them waiting for it in a collective, or failing with gloo's
-        traceback when it goes."""
+        or failing alone, it would leave them waiting for it in a collective, or failing with
+        gloo's traceback when it goes (and failing alike, they would say its error again)."""
         if isinstance(self._launcher, _SubprocessScriptLauncher):
             self._launcher.kill(signal.SIGKILL)
 

@@ -246,6 +246,18 @@ def run_checkpoint(trainer: L.Trainer) -> RunCheckpoint | None:
     return next((c for c in trainer.callbacks if isinstance(c, RunCheckpoint)), None)
 
 
+def checkpoint_folder(trainer: L.Trainer) -> str | None:
+    """The folder the run's checkpoints go to, as ModelCheckpoint names it (asked of any
+    process, alone: no collective call)."""
+    callback = run_checkpoint(trainer)
+    if callback is None:
+        return None
+    if getattr(callback, "dirpath", None):
+        return str(callback.dirpath)
+    root = trainer.loggers[0].log_dir if trainer.loggers else trainer.default_root_dir
+    return os.path.join(root, "checkpoints") if root else None
+
+
 def save_last_checkpoint(trainer: L.Trainer) -> Path:
     """Write the run's last checkpoint now, where and as its checkpoint callback keeps it."""
     callback = run_checkpoint(trainer)

@@ -135,7 +135,8 @@ class RunFolderLogger(TensorBoardLogger):
         ran: a folder it claimed goes whole (nothing else writes into a claimed folder); in a
         continued run's folder, its config file and the events files of this process."""
         if self.claimed is not None:
-            shutil.rmtree(self.claimed, ignore_errors=True)
+            if not any(self.claimed.rglob("*.ckpt")):  # (a checkpoint says something ran)
+                shutil.rmtree(self.claimed, ignore_errors=True)
             return
         if config_file is not None:
             config_file.unlink(missing_ok=True)

@@ -24,12 +24,16 @@ from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities.rank_zero import rank_zero_info
 from torch import nn
 
-from fashion_lightning.run_checkpoints import run_checkpoint
+from fashion_lightning.run_checkpoints import checkpoint_folder
 
 # Lightning's advertisement for a cloud logger, printed by every Trainer that has none of its
 # own (logged, not warned: a logging filter on the logger that prints it quiets it)
 TIP = "💡 Tip: For seamless cloud logging"
 TIP_LOGGER = "lightning.pytorch.utilities.rank_zero"
+# torch's word, under ddp_spawn, that it ends the other processes when one failed: the
+# command says the failure itself, in one line
+TERMINATING = "Terminating process %s via signal SIGTERM"
+TERMINATING_LOGGER = "torch.multiprocessing.spawn"
 # (message, category, module that issues it) of warnings that never apply to this project's
 # commands, with the pinned versions of constraints.txt
 IRRELEVANT = (
@@ -63,25 +67,34 @@ FEW_WORKERS = r"The '\w+' does not have many workers which may be a bottleneck"
 DIRPATH_CHANGED = r"The dirpath has changed from"
 
 
-class _NotTheTip(logging.Filter):
+class _Not(logging.Filter):
+    def __init__(self, message: str) -> None:
+        super().__init__()
+        self.message = message
+
     def filter(self, record: logging.LogRecord) -> bool:
-        return not str(record.msg).startswith(TIP)
+        return not str(record.msg).startswith(self.message)
 
 
 @contextlib.contextmanager
 def quiet_what_does_not_apply() -> Iterator[None]:
-    """While a command of the project runs: Lightning's tip and the warnings of
+    """While a command of the project runs: Lightning's tip, torch's word that it ends the
+    processes ddp_spawn started, and the warnings of
     :data:`IRRELEVANT` are not shown; :class:`WarningsThatApply` adds those that depend on the
     run. Everything is as it was afterwards."""
-    tip = _NotTheTip()
-    logger = logging.getLogger(TIP_LOGGER)
-    logger.addFilter(tip)
+    filters = [
+        (logging.getLogger(TIP_LOGGER), _Not(TIP)),
+        (logging.getLogger(TERMINATING_LOGGER), _Not(TERMINATING)),
+    ]
+    for logger, quiet in filters:
+        logger.addFilter(quiet)
     try:
         with warnings.catch_warnings():
             _ignore_irrelevant()
             yield
     finally:
-        logger.removeFilter(tip)
+        for logger, quiet in filters:
+            logger.removeFilter(quiet)
 
 
 def _ignore_irrelevant() -> None:
@@ -100,7 +113,8 @@ class WarningsThatApply(Callback):
     - "does not have many workers", for ``data.num_workers`` 0: the data set is in memory;
     - "Checkpoint directory ... exists and is not empty", when a resumed run writes into the
       folder it resumes from: its own checkpoints are there;
-    - "The dirpath has changed", in ``validate``, ``test`` and ``predict``.
+    - "The dirpath has changed", in ``validate``, ``test`` and ``predict``, and in every
+      process but process 0.
     """
 
     def __init__(self, checkpoint: Path | None = None) -> None:
@@ -109,7 +123,7 @@ class WarningsThatApply(Callback):
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         _ignore_irrelevant()  # again: ddp_spawn's processes start without this one's filters
-        if stage != "fit":
+        if stage != "fit" or not trainer.is_global_zero:  # (process 0 says it for all)
             warnings.filterwarnings("ignore", DIRPATH_CHANGED)
         datamodule = trainer.datamodule
         if getattr(datamodule, "num_workers", None) == 0:
@@ -122,21 +136,10 @@ class WarningsThatApply(Callback):
             warnings.filterwarnings("ignore", LOGGING_INTERVAL)
         if not trainer.is_global_zero:  # Lightning warns on process 0 only
             return
-        folder = _checkpoint_folder(trainer)
+        folder = checkpoint_folder(trainer)
         if folder and self.checkpoint and _same(self.checkpoint.parent, Path(folder)):
             message = f"Checkpoint directory {folder} exists and is not empty."
             warnings.filterwarnings("ignore", re.escape(message))
-
-
-def _checkpoint_folder(trainer: L.Trainer) -> str | None:
-    """The folder the run's checkpoints go to, as ModelCheckpoint will name it."""
-    callback = run_checkpoint(trainer)
-    if callback is None:
-        return None
-    if getattr(callback, "dirpath", None):
-        return str(callback.dirpath)
-    root = trainer.loggers[0].log_dir if trainer.loggers else trainer.default_root_dir
-    return os.path.join(root, "checkpoints") if root else None
 
 
 def _same(one: Path, other: Path) -> bool:

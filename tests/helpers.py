@@ -171,13 +171,15 @@ class SendSignalInValidation(Callback):
 
 
 class KillAt(Callback):
-    """``kill -9`` of this process at the start of the batch that makes optimizer step ``step``."""
+    """``kill -9`` of this process at the start of the batch that makes optimizer step ``step``
+    (of the process of global ``rank`` only, if given)."""
 
-    def __init__(self, step: int) -> None:
+    def __init__(self, step: int, rank: int | None = None) -> None:
         self.step = step
+        self.rank = rank
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
-        if trainer.global_step == self.step:
+        if trainer.global_step == self.step and self.rank in (None, trainer.global_rank):
             os.kill(os.getpid(), signal.SIGKILL)
 
 

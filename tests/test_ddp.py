@@ -8,10 +8,13 @@ import signal
 import pytest
 import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+from torchvision.datasets import FashionMNIST
 
 from fashion_lightning.cli import main
 from fashion_lightning.data import EpochShuffleSampler
 from tests.helpers import SGD_CONFIG, fit_args, run_cli
+
+DDP_ON_TWO = ("--trainer.accelerator=cpu", "--trainer.devices=2", "--model.steps_per_call=1")
 
 pytestmark = pytest.mark.slow
 
@@ -278,3 +281,97 @@ def test_a_second_signal_soon_after_the_first_ends_every_process_in_one_line(
     stopped = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
     assert len(stopped) == 1 and stopped[0].startswith("error: stopped by SIGINT"), stopped
     assert "Traceback" not in result.stderr, result.stderr[-3000:]
+
+
+def _error_lines(stderr: str) -> list[str]:
+    return [line for line in stderr.splitlines() if line.startswith("error: ")]
+
+
+@pytest.mark.parametrize("strategy", ["ddp", "ddp_spawn"])
+def test_a_checkpoint_every_process_refuses_is_said_once_and_leaves_no_run_folder(
+    strategy, trained_run, data_dir, tmp_path
+):
+    # refused once the data knows an epoch's size, in every process alike: each said it (ddp),
+    # or it came back as the traceback of a started process (ddp_spawn)
+    checkpoint = torch.load(trained_run / "checkpoints" / "last.ckpt", weights_only=True)
+    checkpoint["callbacks"]["ResumableTraining"].update(epoch_finished=False, images_done=10**9)
+    crafted = tmp_path / "crafted.ckpt"
+    torch.save(checkpoint, crafted)
+    runs = tmp_path / "runs"
+    args = fit_args(data_dir, runs, f"--trainer.strategy={strategy}", *DDP_ON_TWO)
+    resumed = (
+        "--trainer.max_epochs=3",
+        "--model.optimizer.init_args.lr=0.05",
+        f"--ckpt_path={crafted}",
+    )
+    result = run_cli(*args, *resumed, timeout=120)
+    assert result.returncode == 1, result.stderr[-3000:]
+    assert _error_lines(result.stderr) == [
+        f"error: --ckpt_path {crafted}: callbacks.ResumableTraining.images_done: 1000000000 "
+        "images of its epoch were done, more than the 27520 of an epoch of this run "
+        "(limit_train_batches smaller than the stopped run's, or a crafted checkpoint); "
+        "nothing was run"
+    ]
+    assert "Traceback" not in result.stderr and "Terminating process" not in result.stderr
+    assert not list((runs / "lightning_logs").iterdir())
+
+
+def test_a_started_process_killed_from_outside_keeps_the_run_and_says_how_to_continue(
+    data_dir, tmp_path
+):
+    # the command's process saw no stage begin (its started processes ran it) and gave the
+    # run's folder back, checkpoints and all
+    args = fit_args(
+        data_dir,
+        tmp_path,
+        "--trainer.strategy=ddp_spawn",
+        *DDP_ON_TWO,
+        "--trainer.max_epochs=3",
+        "--trainer.limit_train_batches=10",
+        "--trainer.callbacks+=tests.helpers.KillAt",
+        "--trainer.callbacks.step=15",
+        "--trainer.callbacks.rank=1",
+    )
+    result = run_cli(*args, timeout=120)
+    assert result.returncode == 1, result.stderr[-3000:]
+    folder = tmp_path / "lightning_logs" / "sgd_0" / "checkpoints"
+    assert _error_lines(result.stderr) == [
+        "error: process 1 terminated with signal SIGKILL (ended from outside: killed, or out "
+        f"of memory); the newest complete checkpoint is {folder / 'last.ckpt'}; continue with "
+        "--ckpt_path last"
+    ]
+    assert torch.load(folder / "last.ckpt", weights_only=True)["global_step"] == 10
+    assert len(list(folder.glob("epoch*.ckpt"))) == 1
+
+
+@pytest.mark.parametrize("strategy", ["ddp", "ddp_spawn"])
+def test_predict_on_two_processes_needs_a_picture_each_and_names_a_skipped_file_once(
+    strategy, trained_run, data_dir, tmp_path
+):
+    pictures = tmp_path / "pictures"
+    pictures.mkdir()
+    test_set = FashionMNIST(str(data_dir), train=False)
+    test_set[0][0].save(pictures / "a.png")
+    (pictures / "notes.txt").write_text("not a picture")
+    predict = (
+        "predict",
+        *fit_args(data_dir, tmp_path / "runs")[1:],
+        f"--ckpt_path={trained_run / 'checkpoints' / 'last.ckpt'}",
+        f"--data.predict_dir={pictures}",
+        f"--trainer.strategy={strategy}",
+        *DDP_ON_TWO,
+    )
+    # Lightning refused the empty share of process 1 alone, in the middle of the stage; it
+    # was said as the checkpoint's fault, and process 0 ended in gloo's traceback
+    result = run_cli(*predict, timeout=120)
+    assert result.returncode == 1, result.stderr[-3000:]
+    assert _error_lines(result.stderr) == [
+        f"error: --data.predict_dir {pictures}: 1 pictures, fewer than the 2 processes, each "
+        "of which evaluates one at least; run on fewer (--trainer.devices 1)"
+    ]
+    assert "Traceback" not in result.stderr
+
+    test_set[1][0].save(pictures / "b.png")
+    result = run_cli(*predict, timeout=120)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stderr.count("skipped notes.txt: not an image") == 1, result.stderr[-3000:]
