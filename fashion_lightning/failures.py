@@ -4,6 +4,7 @@ nothing this command did when it failed before anything ran."""
 
 from __future__ import annotations
 
+import pickle
 import re
 import threading
 import traceback
@@ -42,8 +43,12 @@ def command_failure(
             f"{first_line(err)} (ended from outside: killed, or out of memory); "
             f"{what_is_kept(trainer, subcommand, remedy='')}"
         )
-    failure = error_in_started_processes(err) or write_failure(
-        err, f"the run outputs in {_log_dir(trainer)}", what_is_kept(trainer, subcommand)
+    failure = (
+        error_in_started_processes(err)
+        or not_copied(err, trainer)
+        or write_failure(
+            err, f"the run outputs in {_log_dir(trainer)}", what_is_kept(trainer, subcommand)
+        )
     )
     if (
         failure is not None
@@ -87,6 +92,23 @@ def error_in_started_processes(err: Exception) -> UserError | None:
     ):
         return None
     return kind(message)
+
+
+def not_copied(err: Exception, trainer: Trainer) -> ConfigError | None:
+    """ddp_spawn's refusal to start: it copies the run into each new process by pickling it,
+    and some objects cannot be (Lightning's ``EMAWeightAveraging`` keeps a local function)."""
+    launcher = trainer.strategy.launcher
+    if not (
+        isinstance(launcher, _MultiProcessingLauncher)
+        and isinstance(err, (AttributeError, TypeError, pickle.PicklingError))
+        and "pickle" in str(err)
+    ):
+        return None
+    return ConfigError(
+        "--trainer.strategy ddp_spawn copies the run into each process it starts, and cannot "
+        f"copy part of it ({first_line(err)}); use --trainer.strategy ddp or ddp_fork, which "
+        "do not copy it"
+    )
 
 
 def ran_anything(trainer: Trainer, began: bool, failure: BaseException | None) -> bool:

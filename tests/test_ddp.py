@@ -375,3 +375,17 @@ def test_predict_on_two_processes_needs_a_picture_each_and_names_a_skipped_file_
     result = run_cli(*predict, timeout=120)
     assert result.returncode == 0, result.stderr[-3000:]
     assert result.stderr.count("skipped notes.txt: not an image") == 1, result.stderr[-3000:]
+
+
+def test_a_run_ddp_spawn_cannot_copy_is_one_line(data_dir, tmp_path):
+    # Lightning's EMAWeightAveraging keeps a local function, which pickle cannot copy
+    args = fit_args(data_dir, tmp_path, "--trainer.strategy=ddp_spawn", *DDP_ON_TWO)
+    args[2] = str(SGD_CONFIG.parent / "best.yaml")
+    result = run_cli(*args, timeout=120)
+    assert result.returncode == 2, result.stderr[-3000:]
+    assert _error_lines(result.stderr) == [
+        "error: --trainer.strategy ddp_spawn copies the run into each process it starts, and "
+        "cannot copy part of it (Can't pickle local object 'get_ema_avg_fn.<locals>.ema_update'); "
+        "use --trainer.strategy ddp or ddp_fork, which do not copy it"
+    ]
+    assert not list((tmp_path / "lightning_logs").iterdir())
