@@ -18,6 +18,7 @@ What no check foresees is caught while Lightning restores (:mod:`fashion_lightni
 
 from __future__ import annotations
 
+import itertools
 import math
 import os
 from collections.abc import Mapping
@@ -280,11 +281,42 @@ def check_restorable(
             if loop is None:
                 raise Refused(f"loops.{name}", "is not one of Lightning's loops")
             like(loops[name], loop.state_dict(), f"loops.{name}", counts=True)
+            _check_progress(loops[name], f"loops.{name}")
         check_optimizer_and_schedule(
             contents.get("optimizer_states") or [], contents.get("lr_schedulers") or [], model
         )
         _check_precision_state(contents, trainer)
     _check_callback_states(contents.get("callbacks") or {}, trainer)
+
+
+# the stages of Lightning's progress counts, in the order each item goes through them
+PROGRESS_STAGES = ("ready", "started", "processed", "completed")
+
+
+def _check_progress(state: Mapping[str, Any], key: str) -> None:
+    """Lightning's progress counts as its loops keep them: an item is ready, then started,
+    processed and completed, so each count is at most the one before; the current epoch's
+    (``current``) at most the whole run's (``total``). Lightning takes others as they come
+    and decides from them where a resumed epoch stands."""
+    if {"total", "current"} <= state.keys() and isinstance(state["total"], Mapping):
+        total, current = state["total"], state["current"]
+        for scope, counts in (("total", total), ("current", current)):
+            present = [stage for stage in PROGRESS_STAGES if stage in counts]
+            for before, after in itertools.pairwise(present):
+                if counts[after] > counts[before]:
+                    raise Refused(
+                        f"{key}.{scope}.{after}",
+                        f"{counts[after]} is more than {before} ({counts[before]})",
+                    )
+        for stage in PROGRESS_STAGES:
+            if stage in current and current[stage] > total.get(stage, current[stage]):
+                raise Refused(
+                    f"{key}.current.{stage}",
+                    f"{current[stage]} is more than the run's total ({total[stage]})",
+                )
+    for name, value in state.items():
+        if isinstance(value, Mapping):
+            _check_progress(value, f"{key}.{name}")
 
 
 def _check_precision_state(contents: Mapping[str, Any], trainer: Any) -> None:

@@ -124,6 +124,10 @@ SCHEDULE_PROGRESS = (
 )
 
 
+# what a scheduler counts its steps in (from 0: a new scheduler has made one step, at 0)
+STEP_COUNTS = ("last_epoch", "_step_count")
+
+
 def _check_scheduler_state(state: Any, expected: dict) -> None:
     """A scheduler restores whatever it is given as its attributes: its settings (the phases of
     a one-cycle schedule, its anneal function...) must be the ones the model's
@@ -136,6 +140,9 @@ def _check_scheduler_state(state: Any, expected: dict) -> None:
                 f"lr_schedulers.0.{name}",
                 f"is {value!r}, where the model's scheduler has {expected[name]!r}",
             )
+    for name in STEP_COUNTS:  # (a negative one runs a schedule backwards, silently)
+        if name in state and type(state[name]) is int and state[name] < 0:
+            raise Refused(f"lr_schedulers.0.{name}", f"{state[name]} is not a count of steps")
 
 
 def _same(value: Any, reference: Any) -> bool:

@@ -270,6 +270,19 @@ CRAFTED = {
         lambda c: c["loops"]["fit_loop"]["epoch_progress"]["total"].update(ready=-3),
         "loops.fit_loop.epoch_progress.total.ready: is not a count",
     ),
+    # Lightning decides from these where a resumed epoch stands, and takes any
+    "loop-completed-past-ready": (
+        lambda c: c["loops"]["fit_loop"]["epoch_loop.batch_progress"]["total"].update(
+            completed=10**6
+        ),
+        "loops.fit_loop.epoch_loop.batch_progress.total.completed: 1000000 is more than processed",
+    ),
+    "loop-epoch-past-the-run": (
+        lambda c: c["loops"]["fit_loop"]["epoch_loop.batch_progress"]["current"].update(
+            ready=50, started=50, processed=50, completed=50
+        ),
+        "loops.fit_loop.epoch_loop.batch_progress.current.ready: 50 is more than the run's total",
+    ),
     "loop-key-foreign": (
         lambda c: c["loops"]["fit_loop"]["epoch_progress"]["total"].update(evil=1),
         "loops.fit_loop.epoch_progress.total.evil: is not a key that Lightning writes there",
@@ -623,6 +636,10 @@ CRAFTED_STEPS = {
     "schedule-past-its-end": (
         lambda c: c["lr_schedulers"][0].update(last_epoch=10**6),
         "lr_schedulers.0: cannot make a step (ValueError: Tried to step",
+    ),
+    "schedule-step-negative": (  # the schedule ran backwards
+        lambda c: c["lr_schedulers"][0].update(last_epoch=-5),
+        "lr_schedulers.0.last_epoch: -5 is not a count of steps",
     ),
     "schedule-phase-of-no-length": (
         lambda c: c["lr_schedulers"][0]["_schedule_phases"][1].update(end_step=0),
