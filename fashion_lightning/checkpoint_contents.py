@@ -150,7 +150,7 @@ def check_contents(contents: Mapping[str, Any]) -> None:
         if name == "ResumableTraining":
             _check_resume_state(state, key, contents.get("epoch"))
         elif name == "HParamsSummary":
-            _check_best_so_far(state, key)
+            _check_best_so_far(state, key, contents.get("epoch"))
         elif _is_checkpoint_state(state):
             check_checkpoint_state(state, key)
     for i, state in enumerate(
@@ -246,12 +246,18 @@ def _check_rng(state: Any, key: str) -> None:
         )
 
 
-def _check_best_so_far(state: Mapping[str, Any], key: str) -> None:
-    """``HParamsSummary``'s best validation accuracy so far (NaN: none yet) and its epoch."""
+def _check_best_so_far(state: Mapping[str, Any], key: str, epoch: Any) -> None:
+    """``HParamsSummary``'s best validation accuracy so far (NaN: none yet), a fraction, and
+    its epoch, counted from 1, not past the checkpoint's (``epoch``, counted from 0)."""
     best = state.get("best", math.nan)
-    if type(best) not in (int, float) or math.isinf(best):
-        raise Refused(f"{key}.best", f"{best!r} is not an accuracy")
-    expect_count(state.get("best_epoch", 0), f"{key}.best_epoch")
+    if type(best) not in (int, float) or not (math.isnan(best) or 0 <= best <= 1):
+        raise Refused(f"{key}.best", f"{best!r} is not an accuracy (a fraction, 0 to 1)")
+    best_epoch = state.get("best_epoch", 0)
+    expect_count(best_epoch, f"{key}.best_epoch")
+    if type(epoch) is int and best_epoch > epoch + 1:
+        raise Refused(
+            f"{key}.best_epoch", f"{best_epoch} is past the checkpoint's epoch ({epoch + 1})"
+        )
     if set(state) - {"best", "best_epoch"}:
         raise Refused(key, f"holds {sorted(set(state) - {'best', 'best_epoch'})}, never written")
 

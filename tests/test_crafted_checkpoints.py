@@ -365,6 +365,14 @@ CRAFTED = {
         lambda c: c["callbacks"]["HParamsSummary"].update(best="x"),
         "callbacks.HParamsSummary.best: 'x' is not an accuracy",
     ),
+    "best-accuracy-past-one": (  # shown as the run's best in TensorBoard's HParams
+        lambda c: c["callbacks"]["HParamsSummary"].update(best=5.0),
+        "callbacks.HParamsSummary.best: 5.0 is not an accuracy (a fraction, 0 to 1)",
+    ),
+    "best-epoch-in-the-future": (
+        lambda c: c["callbacks"]["HParamsSummary"].update(best_epoch=10**9),
+        "callbacks.HParamsSummary.best_epoch: 1000000000 is past the checkpoint's epoch (1)",
+    ),
     "checkpoint-score-nan": (
         lambda c: next(v for k, v in c["callbacks"].items() if "Checkpoint" in k).update(
             best_model_score=torch.tensor(float("nan"))
