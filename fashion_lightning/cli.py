@@ -83,6 +83,7 @@ from fashion_lightning.terminal import (
     quiet_what_does_not_apply,
     results_table,
 )
+from fashion_lightning.trainer import FashionTrainer
 from fashion_lightning.visuals import ClassificationImages, HParamsSummary
 
 # what `fit` runs without a config: configs/sgd.yaml's values beyond the arguments' defaults
@@ -135,6 +136,7 @@ class FashionCLI(LightningCLI):
                 # offer --optimizer, which replaces it in training but not in hparams.yaml or
                 # TensorBoard
                 auto_configure_optimizers=False,
+                trainer_class=FashionTrainer,  # --trainer.limit_train_batches 1 is one batch
                 **kwargs,
             )
 

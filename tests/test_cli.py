@@ -233,3 +233,27 @@ def test_the_progress_bar_names_the_whole_run(data_dir, tmp_path, capsys):
     args = fit_args(data_dir, tmp_path, *TINY, "--trainer.enable_progress_bar=true")
     main(args)
     assert "v_num=sgd_0" in capsys.readouterr().out  # Lightning alone would show "gd_0"
+
+
+@pytest.mark.parametrize(
+    ("given", "limit"),
+    [("1", 1), ("3", 3), ("1.0", 1.0), ("0.25", 0.25), ("0", 0)],
+)
+def test_a_batch_limit_is_batches_when_whole_and_a_fraction_otherwise(given, limit, data_dir):
+    # Lightning's CLI read `--trainer.limit_train_batches 1` as 1.0: the whole epoch
+    args = ["--config", str(SGD_CONFIG), f"--data.data_dir={data_dir}"]
+    limits = [f"--trainer.limit_{kind}_batches={given}" for kind in ("train", "val", "test")]
+    cli = built_cli(*args, *limits, f"--trainer.overfit_batches={given}")
+    trainer = cli.trainer
+    for value in (trainer.limit_train_batches, trainer.limit_val_batches, trainer.overfit_batches):
+        assert value == limit and type(value) is type(limit)
+
+
+def test_one_batch_a_epoch_trains_one_batch_and_its_config_says_so(data_dir, tmp_path):
+    args = fit_args(data_dir, tmp_path, "--trainer.max_epochs=2", "--model.steps_per_call=1")
+    main([*args, "--trainer.limit_train_batches=1", "--trainer.limit_val_batches=0.5"])
+    run = tmp_path / "lightning_logs" / "sgd_0"
+    last = torch.load(run / "checkpoints" / "last.ckpt", weights_only=True)
+    assert last["global_step"] == 2
+    saved = (run / "config.yaml").read_text()
+    assert "limit_train_batches: 1\n" in saved and "limit_val_batches: 0.5\n" in saved
