@@ -7,7 +7,7 @@ from __future__ import annotations
 import os
 import tempfile
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from pathlib import Path
 from typing import IO
 
@@ -98,14 +98,22 @@ def process_started_at(pid: int) -> float | None:
 
 
 def ensure_writable_dir(path: Path) -> None:
-    """Create ``path`` if needed and prove that a file can be written there (raises OSError).
+    """Prove that a file can be written in ``path`` (raises OSError), creating it for the
+    proof and removing again what the proof created: a command refused later leaves nothing.
 
     A real write, not ``os.access``: root passes every permission check but still cannot
     write to a read-only file system or under a regular file.
     """
+    path = Path(os.path.abspath(path))
+    made = [folder for folder in (path, *path.parents) if not folder.exists()]
     path.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryFile(dir=path):
-        pass
+    try:
+        with tempfile.TemporaryFile(dir=path):
+            pass
+    finally:
+        for folder in made:  # deepest first
+            with suppress(OSError):  # (another process wrote there meanwhile)
+                folder.rmdir()
 
 
 def claim_file(folder: Path, stem: str, suffix: str) -> str:

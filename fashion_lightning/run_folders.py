@@ -8,6 +8,7 @@ pick the same one and mix their logs and checkpoints. Here the folder is created
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import glob
 import os
@@ -75,6 +76,7 @@ class RunFolderLogger(TensorBoardLogger):
         self._claims = version is None and rank_zero_only.rank == 0 and "://" not in str(save_dir)
         self._folder_prefix = f"{run_name}_" if run_name else "version_"
         self.claimed: Path | None = None  # the folder this logger created, while it may be unused
+        self._made_root = False  # whether claiming it made lightning_logs/ too
         # epochs drawn before a resume: tag -> last step (see continued_logger)
         self.epochs_drawn: dict[str, int] = {}
 
@@ -82,6 +84,7 @@ class RunFolderLogger(TensorBoardLogger):
     def version(self) -> int | str:
         if self._claims and self.claimed is None:
             folder = Path(self.root_dir)
+            self._made_root = not folder.exists()
             self.claimed = folder / claim_version(folder, self._folder_prefix)
         if self.claimed is not None:
             number = self.claimed.name.removeprefix("version_")
@@ -129,6 +132,13 @@ class RunFolderLogger(TensorBoardLogger):
             for path in files:
                 path.unlink()
             claimed.rmdir()
+            self._give_back_root()
+
+    def _give_back_root(self) -> None:
+        """``lightning_logs/`` goes too if claiming the run's folder made it and it is empty."""
+        if self._made_root and self.claimed is not None:
+            with contextlib.suppress(OSError):  # (not empty: another run's folder is there)
+                self.claimed.parent.rmdir()
 
     def forget_this_command(self, config_file: Path | None) -> None:
         """Remove what this command wrote into its run folder when it failed before anything
@@ -137,6 +147,7 @@ class RunFolderLogger(TensorBoardLogger):
         if self.claimed is not None:
             if not any(self.claimed.rglob("*.ckpt")):  # (a checkpoint says something ran)
                 shutil.rmtree(self.claimed, ignore_errors=True)
+                self._give_back_root()
             return
         if config_file is not None:
             config_file.unlink(missing_ok=True)
