@@ -344,7 +344,9 @@ class FashionCLI(LightningCLI):
             restored = self.checkpoint if self._restoring() and not began else None
             failure = command_failure(err, self.trainer, self.subcommand, restored)
             ran = ran_anything(self.trainer, began, failure or err)
-            give_back_run_folder(self.trainer, ran=ran or isinstance(err, Stopped))
+            # a stopped fit keeps its run; a stopped evaluation has no result yet to keep
+            kept = isinstance(err, Stopped) and self.subcommand == "fit"
+            give_back_run_folder(self.trainer, ran=kept or (ran and not isinstance(err, Stopped)))
             if not isinstance(err, Stopped):  # (a stop ends ddp's processes itself)
                 self.resumable.stop_started_processes()
             if failure is None:

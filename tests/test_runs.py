@@ -334,3 +334,4 @@ def test_a_signal_during_test_stops_with_its_exit_code_and_one_line(
     assert "Traceback" not in result.stderr
     name = signal.Signals(signum).name
     assert last_line(result.stderr) == f"error: stopped by {name}; nothing was saved"
+    assert not (tmp_path / "lightning_logs").exists()  # no folder `runs` would call failed
