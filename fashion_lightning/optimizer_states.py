@@ -55,6 +55,8 @@ def check_optimizer_and_schedule(optimizers: list, schedulers: list, model: Any)
         _check_settings_as_built(optimizers[0], built, SCHEDULED if scheduler is not None else ())
     if schedulers:
         _check_scheduler_state(schedulers[0], scheduler.state_dict())
+        if optimizers:
+            _check_rates_as_scheduled(optimizers[0], schedulers[0])
     try:
         if optimizers:
             optimizer.load_state_dict(copy.deepcopy(optimizers[0]))
@@ -122,6 +124,21 @@ SCHEDULE_PROGRESS = (
     "num_bad_epochs",
     "cooldown_counter",
 )
+
+
+def _check_rates_as_scheduled(optimizer: Mapping[str, Any], scheduler: Mapping[str, Any]) -> None:
+    """Under a scheduler, each group's learning rate is the one the scheduler last set
+    (``_last_lr``): the first step after a resume trains at it, before the scheduler sets the
+    next."""
+    last = scheduler.get("_last_lr")
+    if not isinstance(last, list) or len(last) != len(optimizer["param_groups"]):
+        return
+    for i, (group, rate) in enumerate(zip(optimizer["param_groups"], last, strict=True)):
+        if group.get("lr") != rate:
+            raise Refused(
+                f"optimizer_states.0.param_groups.{i}.lr",
+                f"is {group.get('lr')!r}, where the scheduler last set {rate!r}",
+            )
 
 
 # what a scheduler counts its steps in (from 0: a new scheduler has made one step, at 0)

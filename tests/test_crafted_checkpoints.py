@@ -645,6 +645,10 @@ CRAFTED_STEPS = {
         lambda c: c["lr_schedulers"][0].update(last_epoch=10**6),
         "lr_schedulers.0: cannot make a step (ValueError: Tried to step",
     ),
+    "rate-not-the-scheduled-one": (  # the first step after the resume trained at it
+        lambda c: c["optimizer_states"][0]["param_groups"][0].update(lr=5.0),
+        "optimizer_states.0.param_groups.0.lr: is 5.0, where the scheduler last set ",
+    ),
     "schedule-step-negative": (  # the schedule ran backwards
         lambda c: c["lr_schedulers"][0].update(last_epoch=-5),
         "lr_schedulers.0.last_epoch: -5 is not a count of steps",
