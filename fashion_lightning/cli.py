@@ -59,6 +59,7 @@ from fashion_lightning.errors import (
 )
 from fashion_lightning.failures import (
     command_failure,
+    end_their_progress_bar,
     give_back_run_folder,
     quiet_write_errors_in_threads,
     ran_anything,
@@ -80,6 +81,7 @@ from fashion_lightning.steps import choose_training_loop
 from fashion_lightning.terminal import (
     RunSummary,
     WarningsThatApply,
+    quiet_the_resource_tracker,
     quiet_what_does_not_apply,
     results_table,
 )
@@ -331,19 +333,23 @@ class FashionCLI(LightningCLI):
     def _run(self, method, **kwargs) -> Any:
         """Run a Trainer method with the project's signal handling; a failed write (a full
         disk) becomes one line that names the file, the cause and what is kept."""
-        self.resumable.listen(self.trainer.strategy.launcher)
+        self.resumable.listen(self.trainer.strategy.launcher, self.subcommand == "fit")
         claim_before_launch(self.trainer)
+        quiet_the_resource_tracker(self.trainer)
         try:
             return method(**kwargs)
         except Exception as err:
             stopped = stop_in_processes(err, self.resumable.signal_received)
             if stopped is not None:  # the processes ddp_spawn started stopped for a signal
-                give_back_run_folder(self.trainer, ran=True)
+                end_their_progress_bar(self.trainer)
+                give_back_run_folder(self.trainer, ran=self.subcommand == "fit")
                 raise stopped from None
             began = self.resumable.stage_began
             restored = self.checkpoint if self._restoring() and not began else None
             failure = command_failure(err, self.trainer, self.subcommand, restored)
             ran = ran_anything(self.trainer, began, failure or err)
+            if ran and not began:  # started processes ran it, and may have drawn a bar
+                end_their_progress_bar(self.trainer)
             # a stopped fit keeps its run; a stopped evaluation has no result yet to keep
             kept = isinstance(err, Stopped) and self.subcommand == "fit"
             give_back_run_folder(self.trainer, ran=kept or (ran and not isinstance(err, Stopped)))

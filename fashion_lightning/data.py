@@ -293,7 +293,8 @@ class FashionMNISTDataModule(L.LightningDataModule):
         processes = self.trainer.world_size if self.trainer is not None else 1
         if count < processes:
             raise DataError(
-                f"{option}: {count} {noun}, fewer than the {processes} processes, each of which "
+                f"{option}: {count} {noun if count != 1 else noun[:-1]}, fewer than the "
+                f"{processes} processes, each of which "
                 f"evaluates one at least; run on fewer (--trainer.devices {max(count, 1)})"
             )
 

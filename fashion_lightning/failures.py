@@ -121,6 +121,14 @@ def ran_anything(trainer: Trainer, began: bool, failure: BaseException | None) -
     return not isinstance(failure, REFUSALS)
 
 
+def end_their_progress_bar(trainer: Trainer) -> None:
+    """End the line that the progress bar of the processes ddp_spawn started may have left
+    (they end without Lightning's ``on_exception``), so that the command's error starts one of
+    its own."""
+    if trainer.progress_bar_callback is not None:
+        print(flush=True)
+
+
 def what_is_kept(trainer: Trainer, subcommand: str, remedy: str = "free space") -> str:
     """What a user whose run failed (a full disk: ``remedy``) still has, and what to do next."""
     first = f"{remedy} and " if remedy else ""

@@ -336,7 +336,7 @@ class ImageClassifier(L.LightningModule):
         kept = f"the last good checkpoint is {kept}" if kept else "no checkpoint was written yet"
         raise NonFiniteLossError(
             f"training loss became {loss.item()} at step {self.global_step} "
-            f"(epoch {self.current_epoch}, batch {batch_idx}); {kept}. "
+            f"(epoch {self.current_epoch + 1}, batch {batch_idx + 1}); {kept}. "
             "Lower the learning rate (--model.optimizer.init_args.lr)"
         )
 

@@ -90,6 +90,7 @@ class ResumableTraining(Callback):
         self._resume_at: dict[str, Any] | None = None
         self._stopping: TrainingInterrupted | None = None  # raised at the next batch's start
         self._launcher: Any = None  # what started this command's processes, if this one did
+        self._fitting = True
         self._stopped: str | None = None  # what the stop said, once its checkpoint is written
         self.checkpoint_path: Path | None = None  # the checkpoint a run resumes, for messages
 
@@ -100,9 +101,11 @@ class ResumableTraining(Callback):
 
     # --- signals -------------------------------------------------------------------------
 
-    def listen(self, launcher: Any = None) -> None:
+    def listen(self, launcher: Any = None, fitting: bool = True) -> None:
         """Take SIGINT and SIGTERM for this command (called before the Trainer runs);
-        ``launcher``: the strategy's, which may start the processes that train (ddp_spawn)."""
+        ``launcher``: the strategy's, which may start the processes that train (ddp_spawn);
+        ``fitting``: the command trains (a stop then saves a checkpoint)."""
+        self._fitting = fitting
         self._signal = None
         self._training = False
         self.stage_began = False
@@ -201,7 +204,7 @@ class ResumableTraining(Callback):
         first = self._signal is None
         self._signal = signum if first else self._signal
         self._launcher.kill(FORWARDED if first else signum)
-        if first:
+        if first and self._fitting:  # (an evaluation stops at once: nothing to save)
             _say_received(signal.Signals(signum).name)
         return True
 
@@ -276,7 +279,7 @@ class ResumableTraining(Callback):
         self._epoch, self._images_done, self._epoch_finished = trainer.current_epoch, 0, False
         signum = self._agreed_signal(trainer)
         if signum is not None:  # landed at the end of the previous epoch
-            where = f"after epoch {trainer.current_epoch - 1}"
+            where = f"after epoch {trainer.current_epoch}"  # (counted from 1, as checkpoints)
             self._stop(trainer, signum, where, at_epoch_end=True)
 
     def on_train_batch_start(self, trainer: L.Trainer, pl_module, batch, batch_idx) -> None:
@@ -294,7 +297,7 @@ class ResumableTraining(Callback):
             self._images_done += outputs["images"] if isinstance(outputs, dict) else len(batch[1])
         signum = self._agreed_signal(trainer) if self._can_stop_after(trainer, batch_idx) else None
         if signum is not None:
-            where = f"at epoch {trainer.current_epoch}, batch {batch_idx}"
+            where = f"at epoch {trainer.current_epoch + 1}, batch {batch_idx + 1}"
             try:
                 self._stop(trainer, signum, where)
             except TrainingInterrupted as stopping:

@@ -194,7 +194,7 @@ class RunCheckpoint(ModelCheckpoint):
         self._write_last(trainer)
         if trainer.is_global_zero and self.written_step == trainer.global_step:
             print(
-                f"note: training stops within epoch {trainer.current_epoch} (step "
+                f"note: training stops within epoch {trainer.current_epoch + 1} (step "
                 f"{trainer.global_step}, --trainer.max_time or a callback); {self.last_model_path}"
                 " continues it exactly with --ckpt_path last",
                 file=sys.stderr,

@@ -143,7 +143,7 @@ class RunFolderLogger(TensorBoardLogger):
     def forget_this_command(self, config_file: Path | None) -> None:
         """Remove what this command wrote into its run folder when it failed before anything
         ran: a folder it claimed goes whole (nothing else writes into a claimed folder); in a
-        continued run's folder, its config file and the events files of this process."""
+        continued run's folder, the config and events files written since it started."""
         if self.claimed is not None:
             if not any(self.claimed.rglob("*.ckpt")):  # (a checkpoint says something ran)
                 shutil.rmtree(self.claimed, ignore_errors=True)
@@ -151,10 +151,11 @@ class RunFolderLogger(TensorBoardLogger):
             return
         if config_file is not None:
             config_file.unlink(missing_ok=True)
-        folder = Path(self.log_dir)
-        for events in folder.glob(f"events.out.tfevents.*.{os.getpid()}.*"):
-            if events.stat().st_mtime >= PROCESS_STARTED:
-                events.unlink()
+        # (also what the processes ddp_spawn started wrote, whose names this one never learns)
+        for path in Path(self.log_dir).iterdir():
+            ours = path.is_file() and path.stat().st_mtime >= PROCESS_STARTED
+            if ours and (path.name.startswith(EVENTS_PREFIX) or CONFIG_FILE.match(path.name)):
+                path.unlink()
 
 
 def claim_before_launch(trainer: Any) -> None:

@@ -68,6 +68,8 @@ def choose_training_loop(model: Any, trainer: L.Trainer, checkpoint: Checkpoint 
         steps, why = 1, "a validation within an epoch comes after a batch, not a call"
     elif isinstance(trainer.limit_train_batches, float) and trainer.limit_train_batches < 1:
         steps, why = 1, "--trainer.limit_train_batches is a fraction of the calls"
+    elif trainer.overfit_batches > 0:  # Lightning replaces the order, and counts calls
+        steps, why = 1, "--trainer.overfit_batches counts calls"
     elif per_batch := per_batch_callbacks(trainer.callbacks):
         _check_stopped_epoch_takes_one_batch_a_call(checkpoint, per_batch)
         verb = "expects" if len(per_batch) == 1 else "expect"

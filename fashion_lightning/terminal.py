@@ -21,6 +21,7 @@ from typing import Any
 
 import lightning as L
 from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.strategies.launchers.multiprocessing import _MultiProcessingLauncher
 from lightning.pytorch.utilities.rank_zero import rank_zero_info
 from torch import nn
 
@@ -34,6 +35,10 @@ TIP_LOGGER = "lightning.pytorch.utilities.rank_zero"
 # command says the failure itself, in one line
 TERMINATING = "Terminating process %s via signal SIGTERM"
 TERMINATING_LOGGER = "torch.multiprocessing.spawn"
+# multiprocessing's resource tracker, a process of its own that ddp_spawn starts, warns as it
+# ends about the semaphores of a started process that was killed (kill -9, out of memory),
+# after the command has said what happened in one line
+TRACKER_WARNING = "ignore:resource_tracker:UserWarning"
 # (message, category, module that issues it) of warnings that never apply to this project's
 # commands, with the pinned versions of constraints.txt
 IRRELEVANT = (
@@ -95,6 +100,16 @@ def quiet_what_does_not_apply() -> Iterator[None]:
     finally:
         for logger, quiet in filters:
             logger.removeFilter(quiet)
+
+
+def quiet_the_resource_tracker(trainer: L.Trainer) -> None:
+    """Before ddp_spawn starts its processes: the resource tracker reads its warning filters
+    from ``PYTHONWARNINGS`` when it starts (this process's filters do not reach it)."""
+    if not isinstance(trainer.strategy.launcher, _MultiProcessingLauncher):
+        return
+    current = os.environ.get("PYTHONWARNINGS", "")
+    if TRACKER_WARNING not in current:
+        os.environ["PYTHONWARNINGS"] = f"{current},{TRACKER_WARNING}".lstrip(",")
 
 
 def _ignore_irrelevant() -> None:

@@ -76,6 +76,21 @@ def run_cli(
     )
 
 
+def lines_on_a_terminal(*args: str, timeout: float = 300) -> tuple[int, list[str]]:
+    """``python -m fashion_lightning ARGS`` with the progress bar on: its exit code, and the
+    lines a terminal shows, where stdout (the bar) and stderr (the errors) share each line."""
+    args_shown = [arg for arg in args if arg != "--trainer.enable_progress_bar=false"]
+    result = subprocess.run(
+        [sys.executable, "-m", "fashion_lightning", *args_shown],
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        timeout=timeout,
+    )
+    return result.returncode, result.stdout.replace("\r", "\n").splitlines()
+
+
 def start_cli(*args: str) -> subprocess.Popen:
     """Like :func:`run_cli`, without waiting (for tests that signal or kill it)."""
     return subprocess.Popen(
@@ -275,16 +290,24 @@ class NeedsAMissingPackage(Callback):
 
 
 class SendSignalInEvaluation(Callback):
-    """Sends a real signal to this process at the first test or prediction batch."""
+    """Sends a real signal to this process at the first test or prediction batch (with
+    ``group``, from process 0, to the whole process group, as a terminal's Ctrl+C)."""
 
-    def __init__(self, signum: int) -> None:
+    def __init__(self, signum: int, group: bool = False) -> None:
         self.signum = signum
+        self.group = group
+
+    def _send(self, trainer) -> None:
+        if not self.group:
+            os.kill(os.getpid(), self.signum)
+        elif trainer.global_rank == 0:
+            os.killpg(os.getpgid(0), self.signum)
 
     def on_test_batch_start(self, trainer, pl_module, batch, batch_idx, dataloader_idx=0):
-        os.kill(os.getpid(), self.signum)
+        self._send(trainer)
 
     def on_predict_batch_start(self, trainer, pl_module, batch, batch_idx, dataloader_idx=0):
-        os.kill(os.getpid(), self.signum)
+        self._send(trainer)
 
 
 class StopTrainingAt(Callback):

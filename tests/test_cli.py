@@ -257,3 +257,12 @@ def test_one_batch_a_epoch_trains_one_batch_and_its_config_says_so(data_dir, tmp
     assert last["global_step"] == 2
     saved = (run / "config.yaml").read_text()
     assert "limit_train_batches: 1\n" in saved and "limit_val_batches: 0.5\n" in saved
+
+
+def test_overfit_batches_counts_batches_like_the_limits(data_dir, tmp_path, capsys):
+    # Lightning replaces the loader's order and counts calls: 16 batches a call with the configs
+    args = fit_args(data_dir, tmp_path, "--trainer.max_epochs=2", "--trainer.limit_test_batches=2")
+    main([*args, "--trainer.overfit_batches=1"])
+    last = tmp_path / "lightning_logs" / "sgd_0" / "checkpoints" / "last.ckpt"
+    assert torch.load(last, weights_only=True)["global_step"] == 2
+    assert "(--trainer.overfit_batches counts calls)" in capsys.readouterr().err

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import signal
+from pathlib import Path
 
 import pytest
 import torch
@@ -12,7 +13,7 @@ from torchvision.datasets import FashionMNIST
 
 from fashion_lightning.cli import main
 from fashion_lightning.data import EpochShuffleSampler
-from tests.helpers import SGD_CONFIG, fit_args, run_cli
+from tests.helpers import SGD_CONFIG, TINY, fit_args, lines_on_a_terminal, run_cli
 
 DDP_ON_TWO = ("--trainer.accelerator=cpu", "--trainer.devices=2", "--model.steps_per_call=1")
 
@@ -197,7 +198,7 @@ def test_a_signal_to_the_command_stops_every_process_at_one_step_with_a_checkpoi
     stopped = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
     assert len(stopped) == 1, result.stderr[-3000:]  # said once, by the command
     step = torch.load(last, weights_only=True)["global_step"]
-    assert stopped[0].startswith(f"error: stopped by {signum.name} at epoch 0, batch ")
+    assert stopped[0].startswith(f"error: stopped by {signum.name} at epoch 1, batch ")
     assert f"(step {step}); saved {last}. " in stopped[0]
     assert 5 <= step < 20  # the processes stopped together, in the first epoch
     assert "Traceback" not in result.stderr
@@ -366,7 +367,7 @@ def test_predict_on_two_processes_needs_a_picture_each_and_names_a_skipped_file_
     result = run_cli(*predict, timeout=120)
     assert result.returncode == 1, result.stderr[-3000:]
     assert _error_lines(result.stderr) == [
-        f"error: --data.predict_dir {pictures}: 1 pictures, fewer than the 2 processes, each "
+        f"error: --data.predict_dir {pictures}: 1 picture, fewer than the 2 processes, each "
         "of which evaluates one at least; run on fewer (--trainer.devices 1)"
     ]
     assert "Traceback" not in result.stderr
@@ -389,3 +390,53 @@ def test_a_run_ddp_spawn_cannot_copy_is_one_line(data_dir, tmp_path):
         "use --trainer.strategy ddp or ddp_fork, which do not copy it"
     ]
     assert not (tmp_path / "lightning_logs").exists()
+
+
+def _run_in(folder: Path) -> dict[str, bytes]:
+    return {path.name: path.read_bytes() for path in folder.iterdir() if path.is_file()}
+
+
+def test_under_ddp_spawn_a_refused_resume_leaves_the_run_folder_as_it_was(data_dir, tmp_path):
+    # the started processes wrote a config and an events file that this process never heard of
+    args = fit_args(data_dir, tmp_path, "--trainer.strategy=ddp_spawn", *DDP_ON_TWO, *TINY)
+    result = run_cli(*args, timeout=120)
+    assert result.returncode == 0, result.stderr[-3000:]
+    run = tmp_path / "lightning_logs" / "sgd_0"
+    last = run / "checkpoints" / "last.ckpt"
+    checkpoint = torch.load(last, weights_only=True)
+    checkpoint["callbacks"]["ResumableTraining"].update(epoch_finished=False, images_done=10**6)
+    torch.save(checkpoint, last)
+    before = _run_in(run)
+    result = run_cli(*args, "--trainer.max_epochs=2", "--ckpt_path=last", timeout=120)
+    assert result.returncode == 1, result.stderr[-3000:]
+    assert len(_error_lines(result.stderr)) == 1, result.stderr[-3000:]
+    assert _run_in(run) == before
+
+
+@pytest.mark.parametrize("command", ["test", "predict"])
+def test_under_ddp_spawn_a_stopped_evaluation_leaves_no_run_folder(
+    command, trained_run, data_dir, tmp_path
+):
+    result = run_cli(
+        command,
+        *fit_args(data_dir, tmp_path, "--trainer.strategy=ddp_spawn", *DDP_ON_TWO)[1:],
+        f"--ckpt_path={trained_run / 'checkpoints' / 'last.ckpt'}",
+        "--trainer.callbacks+=tests.helpers.SendSignalInEvaluation",
+        f"--trainer.callbacks.signum={int(signal.SIGINT)}",
+        "--trainer.callbacks.group=true",
+        new_session=True,
+        timeout=120,
+    )
+    assert result.returncode == 130, result.stderr[-3000:]
+    assert _error_lines(result.stderr) == ["error: stopped by SIGINT; nothing was saved"]
+    assert "saving a checkpoint" not in result.stderr  # there is none to save
+    assert not (tmp_path / "lightning_logs").exists()
+
+
+def test_under_ddp_spawn_an_error_in_training_starts_a_line_of_its_own(data_dir, tmp_path):
+    # the started processes' bar, the command's error: they end without Lightning's on_exception
+    args = fit_args(data_dir, tmp_path, "--trainer.strategy=ddp_spawn", *DDP_ON_TWO, *TINY)
+    code, lines = lines_on_a_terminal(*args, "--model.optimizer.init_args.lr=1e6", timeout=120)
+    assert code == 1 and any(line.startswith("Epoch 0:") for line in lines), lines[-20:]
+    errors = [line for line in lines if "error:" in line]
+    assert len(errors) == 1 and errors[0].startswith("error: training loss became nan"), errors

@@ -13,7 +13,15 @@ import torch
 from lightning.pytorch.demos.boring_classes import BoringModel
 
 from fashion_lightning.cli import main
-from tests.helpers import ROOT, SGD_CONFIG, TINY, fit_args, last_line, run_cli
+from tests.helpers import (
+    ROOT,
+    SGD_CONFIG,
+    TINY,
+    fit_args,
+    last_line,
+    lines_on_a_terminal,
+    run_cli,
+)
 
 
 def _fails(args: list[str], capsys, exit_code: int = 1) -> str:
@@ -119,23 +127,11 @@ def test_nan_loss_stops_at_once_and_keeps_the_last_good_checkpoint(data_dir, tmp
 
 @pytest.mark.slow
 def test_an_error_in_training_starts_a_line_of_its_own_after_the_progress_bar(data_dir, tmp_path):
-    # the bar (on stdout) and the error (on stderr) share a terminal's line
     args = fit_args(data_dir, tmp_path, "--model.optimizer.init_args.lr=1e6")
-    args.remove("--trainer.enable_progress_bar=false")
-    result = subprocess.run(
-        [sys.executable, "-m", "fashion_lightning", *args, "--model.steps_per_call=1"],
-        cwd=ROOT,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-        timeout=300,
-    )
-    assert result.returncode == 1, result.stdout[-3000:]
-    lines = result.stdout.replace("\r", "\n").splitlines()
-    assert "Epoch 0:" in result.stdout
-    assert any(line.startswith("error: training loss became nan at step ") for line in lines), (
-        result.stdout[-1000:]
-    )
+    code, lines = lines_on_a_terminal(*args, "--model.steps_per_call=1")
+    assert code == 1 and any(line.startswith("Epoch 0:") for line in lines), lines[-20:]
+    errors = [line for line in lines if "error:" in line]
+    assert len(errors) == 1 and errors[0].startswith("error: training loss became nan"), errors
 
 
 def test_damaged_data_file_is_one_line_through_the_cli(raw_copy, tmp_path, capsys):

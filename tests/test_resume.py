@@ -109,17 +109,17 @@ SIGINT, SIGTERM = int(signal.SIGINT), int(signal.SIGTERM)
             ["--model.dropout=0.3"],
             "SendSignalAt",
             {"signum": SIGINT, "step": 40},
-            "stopped by SIGINT at epoch 1, batch 10 (step 41); saved ",  # the batch in flight
+            "stopped by SIGINT at epoch 2, batch 11 (step 41); saved ",  # the batch in flight
         ),
         # inside an accumulation window the gradients are not saved: stop at the window's end
         (
             ["--trainer.accumulate_grad_batches=4"],
             "SendSignalAt",
             {"signum": SIGTERM, "step": 9},
-            "at epoch 1, batch 7 (step 10)",
+            "at epoch 2, batch 8 (step 10)",
         ),
         # worker processes load the batches: the order continues where it stopped
-        (["--data.num_workers=2"], "SendSignalAt", {"signum": SIGTERM, "step": 40}, "at epoch 1"),
+        (["--data.num_workers=2"], "SendSignalAt", {"signum": SIGTERM, "step": 40}, "at epoch 2"),
         # what configs/fast.yaml adds (AdamW's fused step, cutout drawn from the step), in
         # the bf16 matrix products a GPU would run it with: as repeatable on a CPU
         (
@@ -131,23 +131,23 @@ SIGINT, SIGTERM = int(signal.SIGINT), int(signal.SIGTERM)
             ],
             "SendSignalAt",
             {"signum": SIGTERM, "step": 40},
-            "at epoch 1",
+            "at epoch 2",
         ),
         # the epoch's last batch: its validation, train/acc and checkpoint come first
-        ([], "SendSignalAt", {"signum": SIGINT, "step": 29}, "after epoch 0 (step 30)"),
+        ([], "SendSignalAt", {"signum": SIGINT, "step": 29}, "after epoch 1 (step 30)"),
         # a validation is due after the batch: it runs, then the run stops
         (
             ["--trainer.val_check_interval=0.25"],
             "SendSignalAt",
             {"signum": SIGINT, "step": 6},
-            "at epoch 0, batch 7 (step 8)",
+            "at epoch 1, batch 8 (step 8)",
         ),
         # a signal during a validation in the middle of an epoch: it finishes, then a batch
         (
             ["--trainer.val_check_interval=0.25"],
             "SendSignalInValidation",
             {"signum": SIGTERM, "nth": 2},
-            "at epoch 0, batch 14 (step 15)",
+            "at epoch 1, batch 15 (step 15)",
         ),
     ],
     ids=[
@@ -211,7 +211,7 @@ def test_a_stop_within_an_epoch_by_should_stop_resumes_exactly(
         f"--trainer.callbacks.{stop_at}",
     )
     assert stopped.returncode == 0, stopped.stderr[-3000:]
-    note = f"note: training stops within epoch 1 (step {stopped_at_step},"
+    note = f"note: training stops within epoch 2 (step {stopped_at_step},"
     assert note in stopped.stderr, stopped.stderr[-3000:]
     last = _final_state(tmp_path / "run")
     assert last["global_step"] == stopped_at_step
@@ -228,7 +228,7 @@ def test_max_time_stops_within_an_epoch_and_the_run_resumes_exactly(data_dir, tm
     run = tmp_path / "run"
     stopped = run_cli(*fit_args(data_dir, run, *args, "--trainer.max_time=00:00:00:01"))
     assert stopped.returncode == 0, stopped.stderr[-3000:]
-    assert "note: training stops within epoch 0" in stopped.stderr  # 1 s of 3 s of steps
+    assert "note: training stops within epoch 1" in stopped.stderr  # 1 s of 3 s of steps
     assert "test/acc" in stopped.stdout  # Lightning's end: the best checkpoint is tested
     stop = _final_state(run)["global_step"]
     assert 0 < stop < 30
@@ -352,7 +352,7 @@ def test_a_stop_with_weights_only_checkpoints_says_what_its_checkpoint_can_do(da
     line = _stop(data_dir, tmp_path, args, "SendSignalAt", 128 + SIGTERM, signum=SIGTERM, step=5)
     last = tmp_path / "lightning_logs" / "sgd_0" / "checkpoints" / "last.ckpt"
     assert line == (
-        f"error: stopped by SIGTERM at epoch 0, batch 5 (step 6); saved {last}. It holds the "
+        f"error: stopped by SIGTERM at epoch 1, batch 6 (step 6); saved {last}. It holds the "
         "weights only (--checkpoint.save_weights_only), which validate, test and predict take: "
         "training cannot continue from it"
     )
