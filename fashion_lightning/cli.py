@@ -68,7 +68,7 @@ from fashion_lightning.help import CONFIG_HELP, DESCRIPTION, OneLineErrorParser
 from fashion_lightning.model import ImageClassifier
 from fashion_lightning.predict import PredictionWriter
 from fashion_lightning.progress import StepProgressBar
-from fashion_lightning.resume import ResumableTraining, stop_in_processes
+from fashion_lightning.resume import ResumableTraining
 from fashion_lightning.run_checkpoints import ResumableCheckpointIO, RunCheckpoint, run_checkpoint
 from fashion_lightning.run_folders import (
     RunFolderLogger,
@@ -78,6 +78,7 @@ from fashion_lightning.run_folders import (
 )
 from fashion_lightning.run_records import run_name
 from fashion_lightning.steps import choose_training_loop
+from fashion_lightning.stops import stop_in_processes
 from fashion_lightning.terminal import (
     RunSummary,
     WarningsThatApply,

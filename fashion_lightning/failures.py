@@ -79,7 +79,7 @@ def error_in_started_processes(err: Exception) -> UserError | None:
     """The error that ended the processes ddp_spawn or ddp_fork started, as this process's own
     one line, or None. torch hands it over as the text of its traceback
     (``ProcessRaisedException``); the project's errors and Lightning's refusal of a value are
-    recognised by their last line (a stop: :func:`~fashion_lightning.resume.stop_in_processes`)."""
+    recognised by their last line (a stop: :func:`~fashion_lightning.stops.stop_in_processes`)."""
     if not isinstance(err, ProcessRaisedException):
         return None
     found = LAST_LINE.findall(err.msg)

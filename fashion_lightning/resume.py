@@ -9,13 +9,10 @@ on CPU: the tests compare weights, optimizer state and logged values.
 from __future__ import annotations
 
 import multiprocessing
-import os
-import re
 import signal
-import sys
 import threading
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import Any
 
 import lightning as L
 import torch
@@ -23,23 +20,25 @@ from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.strategies.launchers import _SubprocessScriptLauncher
 from lightning.pytorch.strategies.launchers.multiprocessing import _MultiProcessingLauncher
 from lightning.pytorch.utilities import rank_zero_warn
-from torch.multiprocessing import ProcessExitedException, ProcessRaisedException
 
 from fashion_lightning.data import EpochShuffleSampler
 from fashion_lightning.errors import (
     CheckpointError,
     Stopped,
     TrainingInterrupted,
-    say_error,
     speaks_for_the_command,
 )
 from fashion_lightning.run_checkpoints import RunCheckpoint, run_checkpoint, save_last_checkpoint
-
-SIGNALS = (signal.SIGINT, signal.SIGTERM)
-# What the command's own process sends the processes it started (ddp_spawn, ddp_fork) when it is
-# signalled: stop as after a first signal. Not the signal itself: when the whole process group
-# is signalled (Ctrl+C), each process has it already, and a second one would stop it at once.
-FORWARDED = signal.SIGUSR2
+from fashion_lightning.stops import (
+    FORWARDED,
+    SIGNALS,
+    at_once,
+    end_process_at_once,
+    ignore_late_signal,
+    in_process_group,
+    leave_process_group,
+    say_received,
+)
 
 
 def rng_state() -> dict[str, Any]:
@@ -122,7 +121,7 @@ class ResumableTraining(Callback):
             if signum == FORWARDED and not callable(handler):
                 # late from the command's process, it must not end this one; and a function,
                 # not SIG_IGN: one already pending would be "ignored due to race condition"
-                handler = _ignore
+                handler = ignore_late_signal
             signal.signal(signum, handler)
         self._previous_handlers.clear()
 
@@ -139,13 +138,13 @@ class ResumableTraining(Callback):
         together with the others after a stop they agreed on (a clean stop in training; under
         several processes a stop at once never gets here, it exits at once)."""
         if isinstance(exception, Stopped):
-            _leave_process_group(together=isinstance(exception, TrainingInterrupted))
+            leave_process_group(together=isinstance(exception, TrainingInterrupted))
 
     def teardown(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         """A process that ddp_spawn or ddp_fork started ends with its stage: it leaves the
         process group with the others."""
         if multiprocessing.parent_process() is not None:
-            _leave_process_group(together=True)
+            leave_process_group(together=True)
 
     def _take_back_signals(self) -> None:
         """Lightning installs its own SIGTERM handler when a stage starts (it would raise
@@ -165,7 +164,7 @@ class ResumableTraining(Callback):
                 return  # this process has it already: the whole group was signalled
             signum = signal.SIGTERM
         if self._stopped is not None:  # the stop is saved: end now, as it said
-            _end_process_at_once(self._stopped, signum, self.stop_started_processes)
+            end_process_at_once(self._stopped, signum, self.stop_started_processes)
         name = signal.Signals(signum).name
         if not self._training:  # not training: nothing new to save
             self.stop_started_processes()  # ddp's others, which may be waiting for this one
@@ -175,13 +174,13 @@ class ResumableTraining(Callback):
                 self._stopped = f"stopped by {name}; nothing was saved"
             raise Stopped(self._stopped, signum)
         if self._signal is not None:  # asked twice: stop now
-            self._stopped = _at_once(name)
-            if _in_process_group():
-                _end_process_at_once(self._stopped, signum, self.stop_started_processes)
+            self._stopped = at_once(name)
+            if in_process_group():
+                end_process_at_once(self._stopped, signum, self.stop_started_processes)
             raise TrainingInterrupted(self._stopped, signum)
         self._signal = signum
         if speaks_for_the_command():
-            _say_received(name)
+            say_received(name)
 
     def stop_started_processes(self) -> None:
         """Under ddp, the command's process (process 0) ends the others it started: stopping
@@ -205,7 +204,7 @@ class ResumableTraining(Callback):
         self._signal = signum if first else self._signal
         self._launcher.kill(FORWARDED if first else signum)
         if first and self._fitting:  # (an evaluation stops at once: nothing to save)
-            _say_received(signal.Signals(signum).name)
+            say_received(signal.Signals(signum).name)
         return True
 
     @property
@@ -220,7 +219,7 @@ class ResumableTraining(Callback):
         signum = self._signal or 0
         if trainer.world_size > 1:
             mine = torch.tensor(signum, device=trainer.strategy.root_device)
-            if _in_process_group():
+            if in_process_group():
                 torch.distributed.all_reduce(mine, op=torch.distributed.ReduceOp.MAX)
             else:  # a strategy of its own kind (Lightning's reduce adds a barrier before it)
                 mine = trainer.strategy.reduce(mine, reduce_op="max")
@@ -370,79 +369,6 @@ class ResumableTraining(Callback):
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self._resume_at = dict(state_dict)
-
-
-# the last line of a started process's traceback, when the project's stop ended it
-STOP_LINE = re.compile(
-    r"^fashion_lightning\.errors\.(Stopped|TrainingInterrupted): stopped by (SIG[A-Z]+)(.*)$",
-    re.MULTILINE,
-)
-
-
-def stop_in_processes(err: BaseException, signum: int | None) -> Stopped | None:
-    """The stop of the processes that ddp_spawn or ddp_fork started, as this command's own, or
-    None if ``err`` is no such stop. torch hands their error over as the text of its traceback
-    (``ProcessRaisedException``), whose last line is the project's; the signal is the one this
-    process received (they were passed a forwarded one), else theirs."""
-    if isinstance(err, ProcessExitedException) and signum is not None:  # a second signal
-        return TrainingInterrupted(_at_once(signal.Signals(signum).name), signum)
-    if not isinstance(err, ProcessRaisedException):
-        return None
-    found = STOP_LINE.findall(err.msg)
-    if not found:
-        return None
-    kind, theirs, rest = found[-1]
-    signum = signum or signal.Signals[theirs]
-    message = f"stopped by {signal.Signals(signum).name}{rest}"
-    if kind == "TrainingInterrupted":
-        return TrainingInterrupted(message, signum)
-    return Stopped(message, signum)
-
-
-def _end_process_at_once(message: str, signum: int, stop_others: Any) -> NoReturn:
-    """End this process of several now, as a second signal asks. Not by an exception: raised
-    from a signal handler in the middle of a collective, Lightning swallows it
-    (``_broadcast_sigterm_tensor`` catches every Exception) and the processes fall out of
-    step and wait for each other forever."""
-    stop_others()
-    if speaks_for_the_command():
-        say_error(message)
-    sys.stdout.flush()
-    os._exit(128 + signum)
-
-
-def _at_once(name: str) -> str:
-    return f"stopped by {name} at once, without a checkpoint of the last steps"
-
-
-def _in_process_group() -> bool:
-    """Whether this process is one of several, joined by torch.distributed."""
-    return torch.distributed.is_available() and torch.distributed.is_initialized()
-
-
-def _ignore(signum: int, frame: Any) -> None:
-    """A forwarded signal that came after this process stopped listening."""
-
-
-def _leave_process_group(together: bool) -> None:
-    """Leave the process group of several processes, after the others reached this point too
-    (``together``). Left to the interpreter's exit (Lightning's atexit handler), the group's
-    teardown could meet another process that had already gone, and abort this one ('terminate
-    called without an active exception', exit -6) after its work was done and said."""
-    if not _in_process_group():
-        return
-    if together:
-        torch.distributed.barrier()
-    torch.distributed.destroy_process_group()
-
-
-def _say_received(name: str) -> None:
-    print(
-        f"\n{name} received: finishing the current step, then saving a checkpoint "
-        "(send it again to stop at once).",
-        file=sys.stderr,
-        flush=True,
-    )
 
 
 def _check_images_done(done: int, trainer: L.Trainer, path: Path | None) -> None:
