@@ -149,10 +149,13 @@ class RunFolderLogger(TensorBoardLogger):
                 shutil.rmtree(self.claimed, ignore_errors=True)
                 self._give_back_root()
             return
+        folder = Path(self.log_dir)
+        if rank_zero_only.rank != 0 or not folder.is_dir():  # (process 0 writes the run's files)
+            return
         if config_file is not None:
             config_file.unlink(missing_ok=True)
         # (also what the processes ddp_spawn started wrote, whose names this one never learns)
-        for path in Path(self.log_dir).iterdir():
+        for path in folder.iterdir():
             ours = path.is_file() and path.stat().st_mtime >= PROCESS_STARTED
             if ours and (path.name.startswith(EVENTS_PREFIX) or CONFIG_FILE.match(path.name)):
                 path.unlink()

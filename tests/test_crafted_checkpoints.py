@@ -277,11 +277,9 @@ CRAFTED = {
         ),
         "loops.fit_loop.epoch_loop.batch_progress.total.completed: 1000000 is more than processed",
     ),
-    "loop-epoch-past-the-run": (
-        lambda c: c["loops"]["fit_loop"]["epoch_loop.batch_progress"]["current"].update(
-            ready=50, started=50, processed=50, completed=50
-        ),
-        "loops.fit_loop.epoch_loop.batch_progress.current.ready: 50 is more than the run's total",
+    "loop-started-past-ready": (
+        lambda c: c["loops"]["fit_loop"]["epoch_loop.batch_progress"]["current"].update(started=50),
+        "loops.fit_loop.epoch_loop.batch_progress.current.started: 50 is more than ready",
     ),
     "loop-key-foreign": (
         lambda c: c["loops"]["fit_loop"]["epoch_progress"]["total"].update(evil=1),
