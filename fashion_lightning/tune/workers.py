@@ -19,6 +19,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 
 from fashion_lightning.errors import SearchStopped
+from fashion_lightning.stops import FORWARDED
 
 SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
@@ -39,13 +40,16 @@ class StopSignals:
         self._raise_at_once = True
 
     def install(self) -> None:
-        """Take SIGINT and SIGTERM, and let through those that came while they were blocked
-        (a worker starts with them blocked: see :func:`run_workers`)."""
-        for signum in SIGNALS:
+        """Take SIGINT and SIGTERM (and the word that the command died, see
+        :func:`stop_when_parent_dies`), and let through those that came while they were
+        blocked (a worker starts with them blocked: see :func:`run_workers`)."""
+        for signum in (*SIGNALS, FORWARDED):
             signal.signal(signum, self._received)
         signal.pthread_sigmask(signal.SIG_UNBLOCK, SIGNALS)
 
     def _received(self, signum: int, frame) -> None:
+        if signum == FORWARDED:  # the command died: stop as after its SIGTERM
+            signum = signal.SIGTERM
         first = self.signum is None
         if first:
             self.signum = signum
@@ -93,15 +97,20 @@ STOPS = StopSignals()
 
 
 def stop_when_parent_dies(parent_pid: int) -> None:
-    """A worker gets SIGTERM when the command that started it dies, even by ``kill -9``: its
+    """A worker is told when the command that started it dies, even by ``kill -9``: its
     trial stops with its checkpoint and is tried again later, rather than the search going on
-    unseen. Linux's ``prctl(PR_SET_PDEATHSIG)``, which Python's library does not offer."""
+    unseen. Linux's ``prctl(PR_SET_PDEATHSIG)``, which Python's library does not offer.
+
+    The kernel may say it more than once (seen twice, from the dead command's pid): not with
+    SIGTERM, whose second one stops a trial at once without its checkpoint, but with the
+    signal the command passes on to the processes it started (``stops.FORWARDED``), which a
+    trial takes once and a stop under way ignores."""
     try:
-        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # 1: PR_SET_PDEATHSIG
+        ctypes.CDLL(None, use_errno=True).prctl(1, FORWARDED)  # 1: PR_SET_PDEATHSIG
     except (OSError, AttributeError):  # not Linux: the worker finishes its trials
         return
     if parent_pid and os.getppid() != parent_pid:  # the parent died before the call
-        os.kill(os.getpid(), signal.SIGTERM)
+        os.kill(os.getpid(), FORWARDED)
 
 
 def run_workers(argv: list[str], workers: int) -> int:
