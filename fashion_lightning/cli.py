@@ -351,10 +351,10 @@ class FashionCLI(LightningCLI):
             ran = ran_anything(self.trainer, began, failure or err)
             if ran and not began:  # started processes ran it, and may have drawn a bar
                 end_their_progress_bar(self.trainer)
+            stopped = isinstance(err, Stopped)
             # a stopped fit keeps its run; a stopped evaluation has no result yet to keep
-            kept = isinstance(err, Stopped) and self.subcommand == "fit"
-            give_back_run_folder(self.trainer, ran=kept or (ran and not isinstance(err, Stopped)))
-            if not isinstance(err, Stopped):  # (a stop ends ddp's processes itself)
+            give_back_run_folder(self.trainer, ran=self.subcommand == "fit" if stopped else ran)
+            if not stopped:  # (a stop ends ddp's processes itself)
                 self.resumable.stop_started_processes()
             if failure is None:
                 raise
